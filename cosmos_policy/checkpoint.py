@@ -1,0 +1,351 @@
+"""Checkpoints: our format, and offline import of NVIDIA's files.
+
+Our format is a directory written atomically (a temporary directory renamed into place):
+    manifest.json             format version, SHA-256 of every file, free-form metadata
+    config.yaml               the model config and the latent layout
+    denoiser.safetensors      DiT weights (diffusers names)
+    vae.safetensors           VAE weights (diffusers names)
+    dataset_statistics.json   normalization statistics (official JSON keys), optional
+    t5_embeddings.pkl         instruction embeddings (official pickle format), optional
+
+NVIDIA's base ``model-480p-16fps.pt`` and the released Cosmos Policy ``.pt`` files hold the DiT
+under ``net.`` (and, for the base model, an EMA copy under ``net_ema.``, which the official
+fine-tuning loads into the trainable weights). They are renamed to diffusers' layout with
+diffusers' own converter (``convert_cosmos_transformer_checkpoint_to_diffusers``) and loaded into
+a network built from a local config, so nothing touches the network. The Wan VAE comes from a
+local diffusers-format directory or a Wan 2.1 ``.pth`` state dict (diffusers' Wan VAE converter).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cosmos_policy.codec import NormalizationStats
+from cosmos_policy.config import ModelConfig, load_model_config, model_config_from_dict, model_config_to_dict
+from cosmos_policy.errors import CheckpointError, ConfigError, StatisticsError
+from cosmos_policy.layout import LatentLayout, layout_from_dict, load_layout
+from cosmos_policy.model import CosmosPolicyModel
+from cosmos_policy.text import TextEmbeddingCache
+
+FORMAT = "cosmos-policy-online/checkpoint"
+FORMAT_VERSION = 1
+DENOISER_FILE = "denoiser.safetensors"
+VAE_FILE = "vae.safetensors"
+STATS_FILE = "dataset_statistics.json"
+TEXT_FILE = "t5_embeddings.pkl"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model with what it needs to act: statistics and instruction embeddings."""
+
+    model: CosmosPolicyModel
+    stats: NormalizationStats | None = None
+    text: TextEmbeddingCache | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- our format ------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | Path,
+    model: CosmosPolicyModel,
+    stats: NormalizationStats | None = None,
+    text: TextEmbeddingCache | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory; an existing one at ``path`` is replaced only when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(_contiguous(model.denoiser.net.state_dict()), str(tmp / DENOISER_FILE))
+        save_file(_contiguous(model.tokenizer.vae.state_dict()), str(tmp / VAE_FILE))
+        config = {"model": model_config_to_dict(model.config), "layout": model.layout.to_dict()}
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        if stats is not None:
+            stats.save(tmp / STATS_FILE)
+        if text is not None:
+            text.save(tmp / TEXT_FILE)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "files": files,
+            "metadata": metadata or {},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    expected_layout: LatentLayout | None = None,
+    verify: bool = True,
+) -> LoadedCheckpoint:
+    """Load a checkpoint directory written by ``save_checkpoint``.
+
+    ``verify`` checks every file's SHA-256 against the manifest first, so a truncated or
+    corrupted file is reported by name instead of as a shape error later.
+    """
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing (not a checkpoint written by save_checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r} v{manifest.get('version')} is not {FORMAT!r} v{FORMAT_VERSION}")
+    files: dict[str, str] = manifest.get("files", {})
+    for required in (DENOISER_FILE, VAE_FILE, "config.yaml"):
+        if required not in files:
+            raise CheckpointError(f"{manifest_path}: lists no {required}")
+    for name in files:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing (listed in the manifest)")
+    for name, digest in files.items():
+        if verify and _sha256(path / name) != digest:
+            raise CheckpointError(f"{path / name}: checksum mismatch, the file is corrupt or was modified after saving")
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+        config = model_config_from_dict(data["model"], source=f"{path / 'config.yaml'}:model")  # type: ignore[index]
+        layout = layout_from_dict(data["layout"])  # type: ignore[index]
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / 'config.yaml'}: invalid ({exc})") from exc
+    if expected_layout is not None and layout != expected_layout:
+        raise CheckpointError(f"{path}: checkpoint layout {layout.name!r} differs from the expected layout {expected_layout.name!r}")
+
+    with torch.device("meta"):
+        model = CosmosPolicyModel(config, layout)
+    _load_weights(model.denoiser.net, _read_safetensors(path / DENOISER_FILE), path / DENOISER_FILE)
+    _load_weights(model.tokenizer.vae, _read_safetensors(path / VAE_FILE), path / VAE_FILE)
+    model = _materialize(model, device, dtype)
+    stats = _load_stats(path / STATS_FILE) if STATS_FILE in files else None
+    text = TextEmbeddingCache.load(path / TEXT_FILE) if TEXT_FILE in files else None
+    return LoadedCheckpoint(model=model, stats=stats, text=text, metadata=manifest.get("metadata", {}))
+
+
+# ---- NVIDIA files ----------------------------------------------------------------------
+_COSMOS2_MARKER = "net.blocks.0.self_attn.q_proj.weight"
+# Entries of NVIDIA's training state that are not network weights.
+_NON_WEIGHT_MARKERS = ("accum_", "_extra_state", "pos_embedder.", "logvar")
+
+
+def import_nvidia_checkpoint(
+    weights: str | Path,
+    vae: str | Path,
+    config: ModelConfig | str = "2b",
+    layout: LatentLayout | str = "libero",
+    statistics: str | Path | None = None,
+    text_embeddings: str | Path | None = None,
+    prefer_ema: bool = True,
+    allow_pickle: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedCheckpoint:
+    """Import NVIDIA's DiT ``.pt`` (base Predict2 or released Cosmos Policy) with its side files.
+
+    Args:
+        weights: the ``.pt`` file (``model-480p-16fps.pt``, ``Cosmos-Policy-LIBERO-Predict2-2B.pt``...).
+        vae: a diffusers-format ``AutoencoderKLWan`` directory, or a Wan 2.1 VAE ``.pth`` state dict.
+        config / layout: names under ``configs/`` or objects; the network is built from the config.
+        statistics / text_embeddings: the official ``*_dataset_statistics.json`` and ``*_t5_embeddings.pkl``.
+        prefer_ema: use ``net_ema.`` weights when the file has them (the official base-model recipe).
+        allow_pickle: permit arbitrary pickled objects in ``weights``; only for files you trust.
+    """
+    cfg = load_model_config(config) if isinstance(config, str) else config
+    lay = load_layout(layout) if isinstance(layout, str) else layout
+    weights = Path(weights)
+    raw = _torch_load(weights, allow_pickle)
+    net_state = extract_network_state(raw, prefer_ema, source=str(weights))
+    with torch.device("meta"):
+        model = CosmosPolicyModel(cfg, lay)
+    _load_weights(model.denoiser.net, convert_nvidia_network_state(net_state, source=str(weights)), weights)
+    _load_vae_into(model.tokenizer.vae, Path(vae), allow_pickle)
+    model = _materialize(model, device, dtype)
+    stats = _load_stats(Path(statistics)) if statistics is not None else None
+    text = TextEmbeddingCache.load(text_embeddings) if text_embeddings is not None else None
+    return LoadedCheckpoint(model=model, stats=stats, text=text, metadata={"imported_from": str(weights)})
+
+
+def extract_network_state(raw: Any, prefer_ema: bool, source: str) -> dict[str, torch.Tensor]:
+    """Find the ``net.``-prefixed DiT tensors in a loaded NVIDIA checkpoint object."""
+    candidates = [raw]
+    while candidates:
+        obj = candidates.pop(0)
+        if not isinstance(obj, Mapping):
+            continue
+        keys = [k for k in obj if isinstance(k, str)]
+        ema = {k[len("net_ema.") :]: v for k, v in obj.items() if isinstance(k, str) and k.startswith("net_ema.")}
+        net = {k[len("net.") :]: v for k, v in obj.items() if isinstance(k, str) and k.startswith("net.")}
+        chosen = ema if (prefer_ema and ema) or not net else net
+        if chosen:
+            state = {f"net.{k}": v for k, v in chosen.items() if isinstance(v, torch.Tensor)}
+            if _COSMOS2_MARKER not in state:
+                raise CheckpointError(
+                    f"{source}: found 'net.' weights but no {_COSMOS2_MARKER!r}; not a Cosmos-Predict2 (2.0) DiT checkpoint"
+                )
+            return state
+        for k in ("model", "state_dict", "ema", "module", "net"):
+            if k in keys:
+                candidates.append(obj[k])
+    raise CheckpointError(f"{source}: no 'net.'-prefixed DiT weights found (looked at the top level and model/state_dict/ema)")
+
+
+def convert_nvidia_network_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """NVIDIA ``net.*`` names -> diffusers ``CosmosTransformer3DModel`` names (diffusers' converter)."""
+    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+
+    kept = {k: v for k, v in state.items() if not any(m in k for m in _NON_WEIGHT_MARKERS)}
+    try:
+        return convert_cosmos_transformer_checkpoint_to_diffusers(dict(kept))
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{source}: diffusers could not convert the DiT weights ({exc})") from exc
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: holds pickled objects besides tensors; pass allow_pickle=True only if you trust this file ({exc})"
+            ) from exc
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({exc})") from exc
+
+
+def _load_vae_into(vae: nn.Module, path: Path, allow_pickle: bool) -> None:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not (path / "config.json").is_file() or not files:
+            raise CheckpointError(f"{path}: expected a diffusers AutoencoderKLWan directory (config.json + *.safetensors)")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(_read_safetensors(f))
+        _check_vae_config(vae, path / "config.json")
+        _load_weights(vae, state, path)
+        return
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    raw = _torch_load(path, allow_pickle)
+    if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping) or not any(str(k).startswith(("encoder.", "decoder.")) for k in raw):
+        raise CheckpointError(f"{path}: not a Wan 2.1 VAE state dict (no encoder./decoder. keys)")
+    _load_weights(vae, convert_wan_vae_to_diffusers(dict(raw)), path)
+
+
+def _check_vae_config(vae: nn.Module, config_path: Path) -> None:
+    theirs = json.loads(config_path.read_text())
+    for key in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample"):
+        if key in theirs and list(_as_list(theirs[key])) != list(_as_list(vae.config[key])):
+            raise CheckpointError(f"{config_path}: VAE {key} is {theirs[key]}, the model config expects {vae.config[key]}")
+    for key in ("latents_mean", "latents_std"):
+        if key in theirs and [float(x) for x in theirs[key]] != [float(x) for x in vae.config[key]]:
+            raise CheckpointError(f"{config_path}: VAE {key} differs from the Wan 2.1 statistics the model normalizes with")
+
+
+def _as_list(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({exc})") from exc
+
+
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Strict load with a readable report of missing, unexpected and mis-shaped tensors."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if shapes:
+        problems.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the model config: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _materialize(model: CosmosPolicyModel, device: torch.device | str, dtype: torch.dtype | None) -> CosmosPolicyModel:
+    """Finish a model built on the meta device and filled by ``_load_weights``, then move it."""
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"tensors without values after loading: {leftover[:5]}")
+    model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def _load_stats(path: Path) -> NormalizationStats:
+    try:
+        return NormalizationStats.load(path)
+    except StatisticsError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())

@@ -1,0 +1,182 @@
+"""Model configuration: one OmegaConf schema for every model size.
+
+The YAML files in ``configs/model/`` fill this schema; anything not given keeps the method's
+numbers (``cosmos_policy_method.md`` sections 3 and 4). Validation happens once, here, so a
+typo in a config fails at load time with the field's name instead of deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cosmos_policy.errors import ConfigError
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+# The Wan 2.1 VAE compresses 8x in space and 4x in time; the DiT patches 2x2 in space.
+VAE_SPATIAL_COMPRESSION = 8
+VAE_TEMPORAL_COMPRESSION = 4
+
+
+@dataclass
+class NetworkConfig:
+    """Arguments of diffusers' ``CosmosTransformer3DModel`` that differ between sizes."""
+
+    num_layers: int = 28
+    num_attention_heads: int = 16
+    attention_head_dim: int = 128
+    mlp_ratio: float = 4.0
+    adaln_lora_dim: int = 256
+    max_size: list[int] = field(default_factory=lambda: [128, 240, 240])
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    rope_scale: list[float] = field(default_factory=lambda: [1.0, 3.0, 3.0])
+
+
+@dataclass
+class VAEConfig:
+    """Arguments of diffusers' ``AutoencoderKLWan``; the defaults are Wan 2.1's."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
+
+
+@dataclass
+class TextConfig:
+    """Shape of the text embeddings the network cross-attends to (T5-11B encoder: 512 x 1024)."""
+
+    embed_dim: int = 1024
+    max_length: int = 512
+
+
+@dataclass
+class TrainingNoiseConfig:
+    """Hybrid sigma distribution of training (method 3.2)."""
+
+    lognormal_probability: float = 0.7
+    lognormal_mean: float = math.log(4.0)
+    lognormal_std: float = 1.2
+    uniform_low: float = 1.0
+    uniform_high: float = 85.0
+    # Base Predict2's adjust_video_noise: sigma times sqrt(number of latent frames).
+    scale_by_sqrt_frames: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    """Preconditioning and loss (method 3.1)."""
+
+    sigma_data: float = 1.0
+    sigma_conditional: float = 0.0
+    loss_scale: float = 10.0
+    noise: TrainingNoiseConfig = field(default_factory=TrainingNoiseConfig)
+
+
+@dataclass
+class SamplerConfig:
+    """Inference sampler (method 4.1): Karras ladder 80 -> 4, second-order multistep."""
+
+    sigma_max: float = 80.0
+    sigma_min: float = 4.0
+    rho: float = 7.0
+    solver: str = "2ab"
+    steps: int = 5
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a Cosmos Policy model of one size."""
+
+    name: str = "custom"
+    image_size: int = 224
+    dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    @property
+    def latent_frame_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one latent frame, e.g. (16, 28, 28) at 224 pixels."""
+        side = self.image_size // VAE_SPATIAL_COMPRESSION
+        return (self.vae.z_dim, side, side)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_SOLVERS = ("2ab", "euler")
+
+
+def validate_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Check the values no schema type can check; raise ``ConfigError`` naming the field."""
+    patch = VAE_SPATIAL_COMPRESSION * cfg.network.patch_size[1]
+    if cfg.image_size <= 0 or cfg.image_size % patch:
+        raise ConfigError(f"model.image_size: expected a positive multiple of {patch}, got {cfg.image_size}")
+    if cfg.dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype: expected one of {_DTYPES}, got {cfg.dtype!r}")
+    if list(cfg.network.patch_size)[0] != 1:
+        raise ConfigError("model.network.patch_size: the temporal patch must be 1 (per-frame timesteps need it)")
+    for name in ("num_layers", "num_attention_heads", "attention_head_dim", "adaln_lora_dim"):
+        if getattr(cfg.network, name) <= 0:
+            raise ConfigError(f"model.network.{name}: expected a positive integer, got {getattr(cfg.network, name)}")
+    if cfg.text.embed_dim <= 0 or cfg.text.max_length <= 0:
+        raise ConfigError("model.text: embed_dim and max_length must be positive")
+    s = cfg.sampler
+    if not 0 < s.sigma_min < s.sigma_max:
+        raise ConfigError(f"model.sampler: expected 0 < sigma_min < sigma_max, got {s.sigma_min}, {s.sigma_max}")
+    if s.solver not in _SOLVERS:
+        raise ConfigError(f"model.sampler.solver: expected one of {_SOLVERS}, got {s.solver!r}")
+    if s.steps < 1:
+        raise ConfigError(f"model.sampler.steps: expected >= 1, got {s.steps}")
+    n = cfg.diffusion.noise
+    if not 0.0 <= n.lognormal_probability <= 1.0:
+        raise ConfigError(f"model.diffusion.noise.lognormal_probability: expected [0, 1], got {n.lognormal_probability}")
+    if not 0 < n.uniform_low < n.uniform_high:
+        raise ConfigError("model.diffusion.noise: expected 0 < uniform_low < uniform_high")
+    if abs(cfg.diffusion.sigma_data - 1.0) > 1e-9:
+        raise ConfigError("model.diffusion.sigma_data: rectified-flow preconditioning requires 1.0")
+    return cfg
+
+
+def load_model_config(name_or_path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> ModelConfig:
+    """Load ``configs/model/<name>.yaml`` (or a YAML path) onto the schema, apply overrides.
+
+    Overrides are a dict or dotlist (``["sampler.steps=10"]``); unknown keys are errors.
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_ROOT / "model" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
+        raise ConfigError(f"model config {str(name_or_path)!r}: no file {path} (known sizes: {known})")
+    return model_config_from_dict(OmegaConf.load(path), overrides, source=str(path))
+
+
+def model_config_from_dict(
+    data: DictConfig | dict[str, Any], overrides: dict[str, Any] | list[str] | None = None, source: str = "config"
+) -> ModelConfig:
+    """Merge plain data (e.g. a checkpoint's saved config) onto the schema and validate it."""
+    schema = OmegaConf.structured(ModelConfig)
+    try:
+        merged = OmegaConf.merge(schema, data)
+        if overrides:
+            extra = OmegaConf.from_dotlist(list(overrides)) if isinstance(overrides, list) else OmegaConf.create(overrides)
+            merged = OmegaConf.merge(merged, extra)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return validate_model_config(cfg)
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """Plain-data form for saving next to weights."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

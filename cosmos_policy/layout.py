@@ -1,0 +1,290 @@
+"""The latent layout: which latent frame holds what, and which frames are clean per sample kind.
+
+Cosmos Policy encodes a robot "video" [blank, s, a, s', V] as a fixed sequence of latent frames
+(method sheet section 1). This module is the one place that knows that sequence. A layout is
+declared in YAML (``configs/layout/``) as a list of slots; everything else (indices, masks,
+pixel-frame counts) is derived from it, so a user-defined robot only needs a new YAML file.
+
+Each slot belongs to one group of the tuple (s, a, s', V):
+- ``state``  current proprio and current camera images (s)
+- ``action`` the action chunk (a)
+- ``future`` future proprio and future camera images (s')
+- ``value``  the value of the future state (V)
+The blank frame 0 is always clean: it absorbs the VAE's uncompressed first frame.
+
+A sample kind says, per group, whether its frames are CLEAN (conditioning, fed clean with
+t = 0), GENERATED (noised and in the loss) or MASKED (noised like generated frames but out of
+the loss: the planning model's input masking, method 1.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from cosmos_policy.config import CONFIG_ROOT, VAE_TEMPORAL_COMPRESSION
+from cosmos_policy.errors import ConfigError
+
+
+class SlotKind(str, Enum):
+    BLANK = "blank"
+    PROPRIO = "proprio"
+    IMAGE = "image"
+    ACTION = "action"
+    VALUE = "value"
+
+
+class SlotTime(str, Enum):
+    CURRENT = "current"
+    FUTURE = "future"
+
+
+class FrameRole(IntEnum):
+    CLEAN = 0
+    GENERATED = 1
+    MASKED = 2
+
+
+class SampleKind(str, Enum):
+    """What a sample teaches (training) or asks for (inference)."""
+
+    POLICY = "policy"  # p(a, s', V | s)
+    WORLD_MODEL = "world_model"  # p(s', V | s, a)
+    VALUE = "value"  # p(V | s, a, s')
+    VALUE_SPRIME = "value_sprime"  # p(V | s'): planning value, current state and action masked
+    Q_VALUE = "q_value"  # p(V | s, a): future state masked
+
+
+_C, _G, _M = FrameRole.CLEAN, FrameRole.GENERATED, FrameRole.MASKED
+# Per sample kind, the role of each group (state, action, future, value): method 1.3's tables.
+ROLE_TABLE: dict[SampleKind, dict[str, FrameRole]] = {
+    SampleKind.POLICY: {"state": _C, "action": _G, "future": _G, "value": _G},
+    SampleKind.WORLD_MODEL: {"state": _C, "action": _C, "future": _G, "value": _G},
+    SampleKind.VALUE: {"state": _C, "action": _C, "future": _C, "value": _G},
+    SampleKind.VALUE_SPRIME: {"state": _M, "action": _M, "future": _C, "value": _G},
+    SampleKind.Q_VALUE: {"state": _C, "action": _C, "future": _M, "value": _G},
+}
+SAMPLE_KINDS: tuple[SampleKind, ...] = tuple(SampleKind)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One latent frame of the layout."""
+
+    kind: SlotKind
+    time: SlotTime | None = None
+    camera: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Stable key, e.g. ``blank``, ``action``, ``current_proprio``, ``future_image.wrist``."""
+        if self.kind is SlotKind.IMAGE:
+            return f"{self.time.value}_image.{self.camera}"  # type: ignore[union-attr]
+        if self.kind is SlotKind.PROPRIO:
+            return f"{self.time.value}_proprio"  # type: ignore[union-attr]
+        return self.kind.value
+
+    @property
+    def group(self) -> str | None:
+        """The (s, a, s', V) group; None for the blank frame."""
+        if self.kind is SlotKind.BLANK:
+            return None
+        if self.kind is SlotKind.ACTION:
+            return "action"
+        if self.kind is SlotKind.VALUE:
+            return "value"
+        return "state" if self.time is SlotTime.CURRENT else "future"
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """A benchmark's latent frame sequence plus the action and proprio sizes it carries."""
+
+    name: str
+    action_chunk: int
+    action_dim: int
+    proprio_dim: int
+    slots: tuple[Slot, ...]
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def num_frames(self) -> int:
+        """Latent frames (``state_t``): 9 for LIBERO, 11 for RoboCasa and ALOHA."""
+        return len(self.slots)
+
+    @property
+    def num_pixel_frames(self) -> int:
+        """Frames of the pixel clip: the blank frame plus 4 copies of every other slot."""
+        return 1 + VAE_TEMPORAL_COMPRESSION * (self.num_frames - 1)
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        """Camera names in the order of the current-image slots."""
+        return tuple(s.camera for s in self.slots if s.kind is SlotKind.IMAGE and s.time is SlotTime.CURRENT)  # type: ignore[misc]
+
+    @property
+    def has_proprio(self) -> bool:
+        return any(s.kind is SlotKind.PROPRIO for s in self.slots)
+
+    @property
+    def action_size(self) -> int:
+        """Numbers in one flattened action chunk (K x d)."""
+        return self.action_chunk * self.action_dim
+
+    # ---- indices -----------------------------------------------------------------------
+    def index(self, name: str) -> int:
+        """Latent frame index of the slot named ``name`` (see ``Slot.name``)."""
+        for i, slot in enumerate(self.slots):
+            if slot.name == name:
+                return i
+        raise KeyError(f"layout {self.name!r} has no slot {name!r}; slots: {[s.name for s in self.slots]}")
+
+    @property
+    def action_index(self) -> int:
+        return self.index("action")
+
+    @property
+    def value_index(self) -> int:
+        return self.index("value")
+
+    def proprio_index(self, time: SlotTime | str) -> int | None:
+        name = f"{SlotTime(time).value}_proprio"
+        return self.index(name) if self.has_proprio else None
+
+    def image_index(self, time: SlotTime | str, camera: str) -> int:
+        return self.index(f"{SlotTime(time).value}_image.{camera}")
+
+    def image_indices(self, time: SlotTime | str) -> list[int]:
+        t = SlotTime(time)
+        return [i for i, s in enumerate(self.slots) if s.kind is SlotKind.IMAGE and s.time is t]
+
+    def injected_indices(self) -> list[int]:
+        """Frames whose latent is overwritten after encoding (everything but the images)."""
+        return [i for i, s in enumerate(self.slots) if s.kind is not SlotKind.IMAGE]
+
+    # ---- masks -------------------------------------------------------------------------
+    def frame_roles(self, kind: SampleKind | str) -> tuple[FrameRole, ...]:
+        """Role of every latent frame for one sample kind."""
+        table = ROLE_TABLE[SampleKind(kind)]
+        return tuple(FrameRole.CLEAN if s.group is None else table[s.group] for s in self.slots)
+
+    def role_tensor(self, kinds: Sequence[SampleKind | str], device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, T) int64 tensor of ``FrameRole`` values for a batch of sample kinds."""
+        rows = [[int(r) for r in self.frame_roles(k)] for k in kinds]
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+    def clean_prefix(self, kind: SampleKind | str) -> int:
+        """How many leading latent frames must be VAE-encoded to have every clean image frame.
+
+        The VAE is causal, so encoding this prefix of the clip gives exactly the latents a full
+        encode would give for those frames; later frames are either injected or generated.
+        """
+        roles = self.frame_roles(kind)
+        clean_images = [i for i, (s, r) in enumerate(zip(self.slots, roles)) if r is FrameRole.CLEAN and s.kind is SlotKind.IMAGE]
+        return (max(clean_images) + 1) if clean_images else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        slots = []
+        for s in self.slots:
+            entry: dict[str, Any] = {"kind": s.kind.value}
+            if s.time is not None:
+                entry["time"] = s.time.value
+            if s.camera is not None:
+                entry["camera"] = s.camera
+            slots.append(entry)
+        return {
+            "name": self.name,
+            "action_chunk": self.action_chunk,
+            "action_dim": self.action_dim,
+            "proprio_dim": self.proprio_dim,
+            "slots": slots,
+        }
+
+
+def _validate(layout: LatentLayout) -> None:
+    where = f"layout {layout.name!r}"
+    for field_name in ("action_chunk", "action_dim"):
+        value = getattr(layout, field_name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}: {field_name} must be a positive integer, got {value!r}")
+    if not isinstance(layout.proprio_dim, int) or layout.proprio_dim < 0:
+        raise ConfigError(f"{where}: proprio_dim must be a non-negative integer, got {layout.proprio_dim!r}")
+    slots = layout.slots
+    if len(slots) < 3:
+        raise ConfigError(f"{where}: needs at least blank, action and value slots, got {len(slots)}")
+    if slots[0].kind is not SlotKind.BLANK:
+        raise ConfigError(f"{where}: slot 0 must be 'blank' (it absorbs the VAE's uncompressed first frame)")
+    counts = {k: sum(s.kind is k for s in slots) for k in SlotKind}
+    for kind in (SlotKind.BLANK, SlotKind.ACTION, SlotKind.VALUE):
+        if counts[kind] != 1:
+            raise ConfigError(f"{where}: expected exactly one {kind.value!r} slot, got {counts[kind]}")
+    names = [s.name for s in slots]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: duplicate slots {sorted(n for n in names if names.count(n) > 1)}")
+    for i, s in enumerate(slots):
+        if s.kind in (SlotKind.IMAGE, SlotKind.PROPRIO) and s.time is None:
+            raise ConfigError(f"{where}: slot {i} ({s.kind.value}) needs time: current or future")
+        if s.kind is SlotKind.IMAGE and not s.camera:
+            raise ConfigError(f"{where}: slot {i} (image) needs a camera name")
+    current = [s.camera for s in slots if s.kind is SlotKind.IMAGE and s.time is SlotTime.CURRENT]
+    future = [s.camera for s in slots if s.kind is SlotKind.IMAGE and s.time is SlotTime.FUTURE]
+    if not current:
+        raise ConfigError(f"{where}: needs at least one current camera image")
+    if current != future:
+        raise ConfigError(f"{where}: future cameras {future} must match current cameras {current} in order")
+    proprio_times = [s.time for s in slots if s.kind is SlotKind.PROPRIO]
+    if proprio_times and sorted(t.value for t in proprio_times) != ["current", "future"]:  # type: ignore[union-attr]
+        raise ConfigError(f"{where}: proprio needs exactly one current and one future slot, got {proprio_times}")
+    if bool(proprio_times) != (layout.proprio_dim > 0):
+        raise ConfigError(f"{where}: proprio_dim is {layout.proprio_dim} but proprio slots are {'present' if proprio_times else 'absent'}")
+    # Frames must read (s, a, s', V) in time order so a prefix of the clip is the conditioning.
+    order = {"state": 0, "action": 1, "future": 2, "value": 3}
+    seq = [order[s.group] for s in slots if s.group is not None]
+    if seq != sorted(seq):
+        raise ConfigError(f"{where}: slots must be ordered current state, action, future state, value")
+
+
+def layout_from_dict(data: dict[str, Any]) -> LatentLayout:
+    """Build a layout from plain data (a YAML file or a checkpoint's saved config)."""
+    try:
+        raw_slots = data["slots"]
+        slots = []
+        for i, entry in enumerate(raw_slots):
+            if isinstance(entry, str):
+                entry = {"kind": entry}
+            kind = SlotKind(entry["kind"])
+            time = SlotTime(entry["time"]) if entry.get("time") is not None else None
+            slots.append(Slot(kind=kind, time=time, camera=entry.get("camera")))
+        return LatentLayout(
+            name=str(data.get("name", "custom")),
+            action_chunk=int(data["action_chunk"]),
+            action_dim=int(data["action_dim"]),
+            proprio_dim=int(data.get("proprio_dim", 0)),
+            slots=tuple(slots),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"layout: missing field {exc}") from exc
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"layout: {exc}") from exc
+
+
+def load_layout(name_or_path: str | Path) -> LatentLayout:
+    """Load ``configs/layout/<name>.yaml`` or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_ROOT / "layout" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "layout").glob("*.yaml"))
+        raise ConfigError(f"layout {str(name_or_path)!r}: no file {path} (known layouts: {known})")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return layout_from_dict(data)  # type: ignore[arg-type]

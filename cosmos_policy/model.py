@@ -1,0 +1,305 @@
+"""The Cosmos Policy model: layout + frozen VAE + denoiser, trained and sampled as the method says.
+
+``ModelBatch`` is what the model consumes: camera images per slot (uint8), proprio / actions /
+values already normalized to [-1, 1], text embeddings, and one ``SampleKind`` per sample. The
+model knows nothing of datasets, episodes or statistics files; the data pipeline and the policy
+normalize before and un-normalize after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cosmos_policy.codec import tile_into_frame, untile_from_frame, value_from_frame, value_into_frame
+from cosmos_policy.config import ModelConfig
+from cosmos_policy.denoiser import Denoiser, build_network
+from cosmos_policy.errors import InputError
+from cosmos_policy.layout import FrameRole, LatentLayout, SampleKind, SlotKind, SlotTime
+from cosmos_policy.objective import LossOutput, diffusion_loss
+from cosmos_policy.sampler import sample as run_sampler
+from cosmos_policy.sampler import seeded_noise
+from cosmos_policy.tokenizer import VideoTokenizer, build_vae
+
+
+@dataclass
+class ModelBatch:
+    """One batch of samples in model units.
+
+    Attributes:
+        kinds: the sample kind of every sample (policy, world model, value...).
+        text: instruction embeddings (B, max_length, embed_dim).
+        images: uint8 (B, H, W, 3) per image slot name, e.g. ``current_image.wrist``.
+        proprio: current proprio (B, d_p) in [-1, 1].
+        future_proprio: proprio at t + K (B, d_p) in [-1, 1].
+        actions: action chunk (B, K, d_a) in [-1, 1].
+        value: value label of the future state (B,) in [-1, 1].
+    """
+
+    kinds: list[SampleKind]
+    text: torch.Tensor
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    proprio: torch.Tensor | None = None
+    future_proprio: torch.Tensor | None = None
+    actions: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.kinds)
+
+    def select(self, indices: list[int], kinds: list[SampleKind] | None = None) -> "ModelBatch":
+        """The samples at ``indices`` (optionally asking for other sample kinds)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        return ModelBatch(
+            kinds=list(kinds) if kinds is not None else [self.kinds[i] for i in indices],
+            text=self.text[idx.to(self.text.device)],
+            images={k: v[idx.to(v.device)] for k, v in self.images.items()},
+            proprio=pick(self.proprio),
+            future_proprio=pick(self.future_proprio),
+            actions=pick(self.actions),
+            value=pick(self.value),
+        )
+
+
+@dataclass
+class Prediction:
+    """What one sampling pass produced, in model units (normalized)."""
+
+    latents: torch.Tensor  # (B, C, T, h, w) final x0 in float32
+    actions: torch.Tensor  # (B, K, d_a) in [-1, 1] space
+    future_proprio: torch.Tensor | None  # (B, d_p)
+    value: torch.Tensor  # (B,) in [0, 1]
+
+
+class CosmosPolicyModel(nn.Module):
+    def __init__(self, config: ModelConfig, layout: LatentLayout, network: nn.Module | None = None, vae: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.layout = layout
+        self.denoiser = Denoiser(network if network is not None else build_network(config), config.diffusion.sigma_conditional)
+        self.tokenizer = VideoTokenizer(vae if vae is not None else build_vae(config), layout, config.image_size)
+        frame = config.latent_frame_shape
+        if layout.action_size > frame[0] * frame[1] * frame[2]:
+            raise InputError(
+                f"layout {layout.name!r}: an action chunk of {layout.action_size} numbers does not fit a latent frame of "
+                f"{frame} at image_size {config.image_size}"
+            )
+
+    @classmethod
+    def build(cls, config: ModelConfig, layout: LatentLayout, seed: int = 0) -> "CosmosPolicyModel":
+        """A randomly initialized model (reproducible from ``seed``)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config, layout)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return self.config.latent_frame_shape
+
+    # ---- inputs --------------------------------------------------------------------------
+    def validate(self, batch: ModelBatch, kinds_need_targets: bool, latents_given: bool = False) -> None:
+        """Check shapes, dtypes and finiteness of what the batch holds.
+
+        With ``kinds_need_targets`` (training) every field is required; otherwise only what the
+        clean frames of each sample kind need, and nothing when ``latents_given`` (the clean
+        frames then come from precomputed latents).
+        """
+        layout, b = self.layout, batch.batch_size
+        if b == 0:
+            raise InputError("kinds: empty batch")
+        for k in batch.kinds:
+            try:
+                SampleKind(k)
+            except ValueError:
+                raise InputError(f"kinds: unknown sample kind {k!r}; expected one of {[s.value for s in SampleKind]}") from None
+        length, dim = self.config.text.max_length, self.config.text.embed_dim
+        _check(batch.text, "text", (b, length, dim))
+        required = set() if latents_given else self._required_fields(batch.kinds, everything=kinds_need_targets)
+        for name in sorted(required - {"images"}):
+            if getattr(batch, name) is None:
+                raise InputError(f"{name}: required for sample kinds {sorted({SampleKind(k).value for k in batch.kinds})}, got None")
+        checks = {
+            "proprio": (b, layout.proprio_dim),
+            "future_proprio": (b, layout.proprio_dim),
+            "actions": (b, layout.action_chunk, layout.action_dim),
+            "value": (b,),
+        }
+        for name, shape in checks.items():
+            if getattr(batch, name) is not None:
+                _check(getattr(batch, name), name, shape)
+        size = self.config.image_size
+        for name, img in batch.images.items():
+            if img.dtype != torch.uint8:
+                raise InputError(f"images[{name!r}]: expected uint8, got {img.dtype}")
+            if tuple(img.shape) != (b, size, size, 3):
+                raise InputError(f"images[{name!r}]: expected shape {(b, size, size, 3)}, got {tuple(img.shape)}")
+        needed = set() if latents_given else self._needed_images(batch.kinds, everything=kinds_need_targets)
+        missing = sorted(needed - set(batch.images))
+        if missing:
+            raise InputError(f"images: missing camera slots {missing} (layout {layout.name!r} expects {sorted(needed)})")
+
+    def _required_fields(self, kinds: list[SampleKind], everything: bool) -> set[str]:
+        if everything:
+            fields = {"actions", "value"}
+            if self.layout.has_proprio:
+                fields |= {"proprio", "future_proprio"}
+            return fields
+        fields: set[str] = set()
+        for kind in kinds:
+            roles = self.layout.frame_roles(kind)
+            for slot, role in zip(self.layout.slots, roles):
+                if role is not FrameRole.CLEAN:
+                    continue
+                if slot.kind is SlotKind.ACTION:
+                    fields.add("actions")
+                elif slot.kind is SlotKind.PROPRIO:
+                    fields.add("proprio" if slot.time is SlotTime.CURRENT else "future_proprio")
+        return fields
+
+    def _needed_images(self, kinds: list[SampleKind], everything: bool) -> set[str]:
+        layout = self.layout
+        names = set()
+        for kind in kinds:
+            roles = layout.frame_roles(kind)
+            for slot, role in zip(layout.slots, roles):
+                if slot.kind is SlotKind.IMAGE and (everything or role is FrameRole.CLEAN):
+                    names.add(slot.name)
+        return names
+
+    # ---- latents -------------------------------------------------------------------------
+    def encode(self, batch: ModelBatch, num_frames: int | None = None) -> torch.Tensor:
+        """VAE latents of the first ``num_frames`` slots (zeros after), before injection."""
+        layout = self.layout
+        k = layout.num_frames if num_frames is None else num_frames
+        device = self.device
+        images = {name: img.to(device) for name, img in batch.images.items()}
+        latents = self.tokenizer.encode(self.tokenizer.assemble_clip(images, k))
+        if k < layout.num_frames:
+            pad = latents.new_zeros(latents.shape[0], latents.shape[1], layout.num_frames - k, *latents.shape[3:])
+            latents = torch.cat([latents, pad], dim=2)
+        return latents
+
+    def inject(self, latents: torch.Tensor, batch: ModelBatch) -> torch.Tensor:
+        """Overwrite the proprio, action and value frames with the batch's tiled vectors."""
+        layout, frame = self.layout, self.frame_shape
+        out = latents.clone()
+        device = out.device
+        b = out.shape[0]
+        if batch.actions is not None:
+            out[:, :, layout.action_index] = tile_into_frame(batch.actions.reshape(b, -1).float().to(device), frame)
+        for time, vec in ((SlotTime.CURRENT, batch.proprio), (SlotTime.FUTURE, batch.future_proprio)):
+            idx = layout.proprio_index(time)
+            if idx is not None and vec is not None:
+                out[:, :, idx] = tile_into_frame(vec.float().to(device), frame)
+        if batch.value is not None:
+            out[:, :, layout.value_index] = value_into_frame(batch.value.float().to(device), frame)
+        return out
+
+    def targets(self, batch: ModelBatch) -> torch.Tensor:
+        """Training targets x0: the whole clip encoded, then every non-image frame injected."""
+        return self.inject(self.encode(batch), batch)
+
+    # ---- training ------------------------------------------------------------------------
+    def training_loss(self, batch: ModelBatch, generator: torch.Generator | None = None, x0: torch.Tensor | None = None) -> LossOutput:
+        """The method's loss on one batch; ``x0`` may be given when latents were precomputed."""
+        self.validate(batch, kinds_need_targets=True)
+        kinds = [SampleKind(k) for k in batch.kinds]
+        if x0 is None:
+            x0 = self.targets(batch)
+        roles = self.layout.role_tensor(kinds, device=x0.device)
+        text = batch.text.to(x0.device)
+        return diffusion_loss(self.denoiser, x0, roles, text, kinds, self.layout, self.config.diffusion, generator)
+
+    # ---- sampling ------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        batch: ModelBatch,
+        steps: int | None = None,
+        seed: int | list[int] = 0,
+        solver: str | None = None,
+        clean_latents: torch.Tensor | None = None,
+    ) -> Prediction:
+        """Generate every non-clean frame of each sample's kind.
+
+        ``seed`` is one seed for every sample or one per sample; a seed always gives the same
+        initial noise, on any device. ``clean_latents`` may carry conditioning latents computed
+        earlier (e.g. a generated action frame, for autoregressive world-model queries): they
+        are used as they are, nothing is encoded.
+        """
+        self.validate(batch, kinds_need_targets=False, latents_given=clean_latents is not None)
+        cfg = self.config.sampler
+        kinds = [SampleKind(k) for k in batch.kinds]
+        b = len(kinds)
+        seeds = [seed] * b if isinstance(seed, int) else list(seed)
+        if len(seeds) != b:
+            raise InputError(f"seed: expected one seed or {b} seeds, got {len(seeds)}")
+        if clean_latents is None:
+            prefix = max(self.layout.clean_prefix(k) for k in kinds)
+            clean_latents = self.inject(self.encode(batch, prefix), batch)
+        elif tuple(clean_latents.shape) != (b, *self._latent_shape()):
+            raise InputError(f"clean_latents: expected shape {(b, *self._latent_shape())}, got {tuple(clean_latents.shape)}")
+        clean_latents = clean_latents.to(self.device).float()
+        roles = self.layout.role_tensor(kinds, device=self.device)
+        clean = roles == FrameRole.CLEAN
+        text = batch.text.to(self.device)
+
+        def x0_fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(x.float(), sigma.float(), clean_latents, clean, text)
+
+        noise = seeded_noise(self._latent_shape(), seeds, self.device)
+        x0 = run_sampler(
+            x0_fn,
+            noise,
+            steps=cfg.steps if steps is None else steps,
+            sigma_min=cfg.sigma_min,
+            sigma_max=cfg.sigma_max,
+            rho=cfg.rho,
+            solver=cfg.solver if solver is None else solver,
+        ).float()
+        x0 = torch.where(clean.view(b, 1, -1, 1, 1), clean_latents, x0)
+        if not torch.isfinite(x0).all():
+            raise FloatingPointError("sampling produced non-finite latents")
+        return self.read_outputs(x0)
+
+    def read_outputs(self, latents: torch.Tensor) -> Prediction:
+        """Decode actions, future proprio and value from latent frames (no VAE needed)."""
+        layout = self.layout
+        b = latents.shape[0]
+        actions = untile_from_frame(latents[:, :, layout.action_index], layout.action_size).reshape(b, layout.action_chunk, layout.action_dim)
+        idx = layout.proprio_index(SlotTime.FUTURE)
+        future_proprio = untile_from_frame(latents[:, :, idx], layout.proprio_dim) if idx is not None else None
+        value = value_from_frame(latents[:, :, layout.value_index])
+        return Prediction(latents=latents, actions=actions, future_proprio=future_proprio, value=value)
+
+    def future_images(self, prediction: Prediction, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        """Decode predicted future camera images (uint8 per camera) for a sampled batch."""
+        reference = self.encode(batch)
+        return self.tokenizer.decode_future_images(prediction.latents, reference)
+
+    def _latent_shape(self) -> tuple[int, int, int, int]:
+        c, h, w = self.frame_shape
+        return (c, self.layout.num_frames, h, w)
+
+
+def _check(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name}: expected a tensor of shape {shape}, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise InputError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise InputError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise InputError(f"{name}: non-finite value (NaN or inf) at index {bad}")
