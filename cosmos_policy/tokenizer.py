@@ -104,12 +104,16 @@ class VideoTokenizer(nn.Module):
         return torch.stack(frames, dim=2)
 
     @torch.no_grad()
-    def encode(self, clip: torch.Tensor) -> torch.Tensor:
-        """Pixel clip (B, 3, 1 + 4 (k - 1), H, W) -> normalized latents (B, z, k, h, w) in float32."""
+    def encode(self, clip: torch.Tensor, max_clips: int = 8) -> torch.Tensor:
+        """Pixel clip (B, 3, 1 + 4 (k - 1), H, W) -> normalized latents (B, z, k, h, w) in float32.
+
+        At most ``max_clips`` clips go through the VAE at once: its activations for one 33-frame
+        224-pixel clip are a few GB, so a training batch of 32 in one call would not fit.
+        """
         if clip.ndim != 5 or clip.shape[1] != 3 or (clip.shape[2] - 1) % VAE_TEMPORAL_COMPRESSION:
             raise InputError(f"clip: expected (batch, 3, 1 + 4k, height, width), got {tuple(clip.shape)}")
-        posterior = self.vae.encode(clip.to(self.dtype)).latent_dist
-        z = posterior.mode().float()
+        parts = [self.vae.encode(part.to(self.dtype)).latent_dist.mode() for part in clip.split(max_clips)]
+        z = torch.cat(parts).float()
         mean, std = self.latent_statistics(z.device)
         return (z - mean) / std
 
