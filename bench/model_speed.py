@@ -10,8 +10,11 @@ Prints one JSON line per figure and writes them to bench/results/model_speed.jso
                                      precomputed latents: the plain-diffusers baseline's setting
     train_samples_per_s_libero_incl_vae   the same with the VAE encode of every 33-frame clip
     peak_memory_gb_train             peak GPU memory of the fastest training setting
-With --compile, the same inference figures again with the network under torch.compile
-(suffix _compiled). RoboCasa-shaped batches get one training step and one 5-step action sample.
+With --compile, the batch-1 inference figures again with the network compiled with CUDA graphs
+(mode reduce-overhead) and the VAE encoder compiled (suffix _compiled). Batch 1 is bound by the
+host CPU's kernel-launch rate in eager mode (about 2,200 launches per forward), so eager batch-1
+figures depend on the host; bare_network_forward_s_* times diffusers' network alone on the same
+host for comparison. RoboCasa-shaped batches get one training step and one 5-step action sample.
 Random weights: speed does not depend on values.
 
     python bench/model_speed.py [--config 2b] [--compile] [--train-batches 16,32] [--out PATH]
@@ -92,10 +95,12 @@ def bench_inference(args: argparse.Namespace, device: torch.device, peak: float,
     model = build(args.config, "libero", device, torch.bfloat16, checkpointing=False).eval()
     if compiled:
         model.denoiser.net.compile(fullgraph=True, dynamic=False, mode=args.compile_mode)
+        if args.compile_vae:
+            model.tokenizer.vae.encoder.compile(dynamic=False)
     layout = model.layout
     if not compiled:
         emit("dit_params", sum(p.numel() for p in model.denoiser.parameters()))
-    for b in (1, 8):
+    for b in (1,) if compiled and not args.compile_b8 else (1, 8):
         batch = random_batch(model.config, layout, [SampleKind.POLICY] * b)
         c, h, w = model.frame_shape
         x = torch.randn(b, c, layout.num_frames, h, w, device=device)
@@ -110,6 +115,23 @@ def bench_inference(args: argparse.Namespace, device: torch.device, peak: float,
                 emit(f"compile_s_libero_b{b}", round(time.perf_counter() - start, 1))
             t = median_time(lambda: model.denoiser(x, sigma, x, clean, text), device, args.warmup, args.iters)
         emit(f"dit_forward_s_libero_b{b}{suffix}", t)
+        if args.profile and b == 1 and not compiled:
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                model.denoiser(x, sigma, x, clean, text)
+                sync(device)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+        if not compiled:
+            # The bare network with the same inputs: what our preconditioning wrapper adds on top.
+            mask = clean.view(b, 1, -1, 1, 1).to(torch.bfloat16).expand(b, 1, layout.num_frames, h, w)
+            kwargs = dict(
+                hidden_states=x.to(torch.bfloat16), timestep=torch.rand(b, 1, layout.num_frames, 1, 1, device=device, dtype=torch.bfloat16),
+                encoder_hidden_states=text.to(torch.bfloat16), condition_mask=torch.cat([mask, torch.zeros_like(mask)], 1),
+                fps=None, return_dict=False,
+            )
+            with torch.no_grad():
+                emit(f"bare_network_forward_s_libero_b{b}", median_time(lambda: model.denoiser.net(**kwargs), device, args.warmup, args.iters))
         if device.type == "cuda" and args.config == "2b":
             emit(f"dit_forward_mfu_libero_b{b}{suffix}", FWD_TFLOP[9] * b / t / peak)
     query = random_batch(model.config, layout, [SampleKind.POLICY])  # uint8 images on the CPU, as an env gives them
@@ -194,8 +216,12 @@ def main() -> None:
     parser.add_argument("--config", default="2b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode; reduce-overhead adds CUDA graphs")
+    parser.add_argument("--no-compile-vae", dest="compile_vae", action="store_false", help="leave the VAE encoder eager under --compile")
+    parser.add_argument("--compile-b8", action="store_true", help="also compile and time batch 8 (one more compile)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-eager", action="store_true", help="skip the eager inference figures")
+    parser.add_argument("--profile", action="store_true", help="print the top CPU ops of one eager batch-1 forward")
     parser.add_argument("--train-batches", default="16,32")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -212,7 +238,7 @@ def main() -> None:
     peak = gemm_peak(device)
     if device.type == "cuda":
         emit("gemm_bf16_tflops", peak)
-    phases = [("inference", lambda: bench_inference(args, device, peak, compiled=False))]
+    phases = [] if args.skip_eager else [("inference", lambda: bench_inference(args, device, peak, compiled=False))]
     if not args.skip_train:
         phases.append(("training", lambda: bench_training(args, device, peak)))
     if args.compile:
