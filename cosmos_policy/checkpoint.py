@@ -13,7 +13,7 @@ under ``net.`` (and, for the base model, an EMA copy under ``net_ema.``, which t
 fine-tuning loads into the trainable weights). They are renamed to diffusers' layout with
 diffusers' own converter (``convert_cosmos_transformer_checkpoint_to_diffusers``) and loaded into
 a network built from a local config, so nothing touches the network. The Wan VAE comes from a
-local diffusers-format directory or a Wan 2.1 ``.pth`` state dict (diffusers' Wan VAE converter).
+local diffusers-format directory.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def import_nvidia_checkpoint(
 
     Args:
         weights: the ``.pt`` file (``model-480p-16fps.pt``, ``Cosmos-Policy-LIBERO-Predict2-2B.pt``...).
-        vae: a diffusers-format ``AutoencoderKLWan`` directory, or a Wan 2.1 VAE ``.pth`` state dict.
+        vae: a diffusers-format ``AutoencoderKLWan`` directory (the Wan 2.1 VAE).
         config / layout: names under ``configs/`` or objects; the network is built from the config.
         statistics / text_embeddings: the official ``*_dataset_statistics.json`` and ``*_t5_embeddings.pkl``.
         prefer_ema: use ``net_ema.`` weights when the file has them (the official base-model recipe).
@@ -195,7 +195,7 @@ def import_nvidia_checkpoint(
     with torch.device("meta"):
         model = CosmosPolicyModel(cfg, lay)
     _load_weights(model.denoiser.net, convert_nvidia_network_state(net_state, source=str(weights)), weights)
-    _load_vae_into(model.tokenizer.vae, Path(vae), allow_pickle)
+    _load_vae_into(model.tokenizer.vae, Path(vae))
     model = _materialize(model, device, dtype)
     stats = _load_stats(Path(statistics)) if statistics is not None else None
     text = TextEmbeddingCache.load(text_embeddings) if text_embeddings is not None else None
@@ -242,7 +242,12 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         if not allow_pickle:
             raise CheckpointError(
@@ -253,25 +258,20 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({exc})") from exc
 
 
-def _load_vae_into(vae: nn.Module, path: Path, allow_pickle: bool) -> None:
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not (path / "config.json").is_file() or not files:
-            raise CheckpointError(f"{path}: expected a diffusers AutoencoderKLWan directory (config.json + *.safetensors)")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(_read_safetensors(f))
-        _check_vae_config(vae, path / "config.json")
-        _load_weights(vae, state, path)
-        return
-    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-
-    raw = _torch_load(path, allow_pickle)
-    if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping) or not any(str(k).startswith(("encoder.", "decoder.")) for k in raw):
-        raise CheckpointError(f"{path}: not a Wan 2.1 VAE state dict (no encoder./decoder. keys)")
-    _load_weights(vae, convert_wan_vae_to_diffusers(dict(raw)), path)
+def _load_vae_into(vae: nn.Module, path: Path) -> None:
+    """Fill the VAE from a diffusers-format ``AutoencoderKLWan`` directory (config.json + safetensors)."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not (path / "config.json").is_file() or not files:
+        raise CheckpointError(
+            f"{path}: expected a diffusers AutoencoderKLWan directory (config.json + *.safetensors), e.g. a local copy of "
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae; a Wan 2.1 .pth converts to one with "
+            "AutoencoderKLWan.from_single_file(path, config=<that directory>).save_pretrained(...)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(_read_safetensors(f))
+    _check_vae_config(vae, path / "config.json")
+    _load_weights(vae, state, path)
 
 
 def _check_vae_config(vae: nn.Module, config_path: Path) -> None:

@@ -232,3 +232,12 @@ def test_bad_nvidia_files_are_clear_errors(tmp_path, tiny_config, libero):
         import_nvidia_checkpoint(good, vae=wrong_vae, config=tiny_config, layout=libero)
     with pytest.raises(CheckpointError, match="expected a diffusers AutoencoderKLWan directory"):
         import_nvidia_checkpoint(good, vae=tmp_path, config=tiny_config, layout=libero)
+
+
+def test_legacy_torch_save_format_imports(tmp_path, tiny_config, libero):
+    model = CosmosPolicyModel.build(tiny_config, libero)
+    pt = tmp_path / "legacy.pt"
+    torch.save(nvidia_state(model.denoiser.net), pt, _use_new_zipfile_serialization=False)
+    loaded = import_nvidia_checkpoint(pt, vae=_save_vae(model, tmp_path / "vae"), config=tiny_config, layout=libero)
+    key = "proj_out.weight"
+    assert torch.equal(loaded.model.denoiser.net.state_dict()[key], model.denoiser.net.state_dict()[key])
