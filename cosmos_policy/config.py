@@ -152,13 +152,19 @@ def load_model_config(name_or_path: str | Path, overrides: dict[str, Any] | list
 
     Overrides are a dict or dotlist (``["sampler.steps=10"]``); unknown keys are errors.
     """
+    path = resolve_config_path("model", name_or_path)
+    return model_config_from_dict(OmegaConf.load(path), overrides, source=str(path))
+
+
+def resolve_config_path(group: str, name_or_path: str | Path) -> Path:
+    """``configs/<group>/<name>.yaml`` for a name, the path itself for a ``.yaml`` path; must exist."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_ROOT / "model" / f"{name_or_path}.yaml"
+        path = CONFIG_ROOT / group / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
-        raise ConfigError(f"model config {str(name_or_path)!r}: no file {path} (known sizes: {known})")
-    return model_config_from_dict(OmegaConf.load(path), overrides, source=str(path))
+        known = sorted(p.stem for p in (CONFIG_ROOT / group).glob("*.yaml"))
+        raise ConfigError(f"{group} config {str(name_or_path)!r}: no file {path} (known: {known})")
+    return path
 
 
 def model_config_from_dict(

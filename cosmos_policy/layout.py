@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from cosmos_policy.config import CONFIG_ROOT, VAE_TEMPORAL_COMPRESSION
+from cosmos_policy.config import VAE_TEMPORAL_COMPRESSION, resolve_config_path
 from cosmos_policy.errors import ConfigError
 
 
@@ -280,11 +280,6 @@ def layout_from_dict(data: dict[str, Any]) -> LatentLayout:
 
 def load_layout(name_or_path: str | Path) -> LatentLayout:
     """Load ``configs/layout/<name>.yaml`` or a YAML path."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_ROOT / "layout" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_ROOT / "layout").glob("*.yaml"))
-        raise ConfigError(f"layout {str(name_or_path)!r}: no file {path} (known layouts: {known})")
+    path = resolve_config_path("layout", name_or_path)
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     return layout_from_dict(data)  # type: ignore[arg-type]
