@@ -90,7 +90,7 @@ def save_checkpoint(
             "metadata": metadata or {},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _fsync_dir(tmp)
+        _fsync_files(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -345,7 +345,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_files(path: Path) -> None:
     for p in path.iterdir():
         with p.open("rb") as f:
             os.fsync(f.fileno())

@@ -16,7 +16,7 @@ from torch import nn
 from cosmos_policy.codec import tile_into_frame, untile_from_frame, value_from_frame, value_into_frame
 from cosmos_policy.config import ModelConfig
 from cosmos_policy.denoiser import Denoiser, build_network
-from cosmos_policy.errors import InputError
+from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.layout import FrameRole, LatentLayout, SampleKind, SlotKind, SlotTime
 from cosmos_policy.objective import LossOutput, diffusion_loss
 from cosmos_policy.sampler import sample as run_sampler
@@ -87,7 +87,7 @@ class CosmosPolicyModel(nn.Module):
         self.tokenizer = VideoTokenizer(vae if vae is not None else build_vae(config), layout, config.image_size)
         frame = config.latent_frame_shape
         if layout.action_size > frame[0] * frame[1] * frame[2]:
-            raise InputError(
+            raise ConfigError(
                 f"layout {layout.name!r}: an action chunk of {layout.action_size} numbers does not fit a latent frame of "
                 f"{frame} at image_size {config.image_size}"
             )

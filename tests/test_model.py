@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cosmos_policy.config import DiffusionConfig
-from cosmos_policy.errors import InputError
+from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.layout import FrameRole, SampleKind
 from cosmos_policy.model import CosmosPolicyModel
 from cosmos_policy.objective import loss_weight, sample_training_sigma
@@ -154,5 +154,5 @@ def test_wrong_frame_counts_are_clear_errors(tiny_model, tiny_config, libero):
 
 def test_layout_that_does_not_fit_the_latent_frame(tiny_config, aloha):
     small = tiny_config.__class__(**{**tiny_config.__dict__, "image_size": 32})
-    with pytest.raises(InputError, match="does not fit a latent frame"):
+    with pytest.raises(ConfigError, match="does not fit a latent frame"):
         CosmosPolicyModel(small, aloha)

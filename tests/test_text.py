@@ -113,3 +113,23 @@ def test_t5_encoder_path_fills_the_cache(tiny_t5, tmp_path):
 def test_t5_encoder_missing_directory_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="no T5 encoder here"):
         T5TextEncoder(tmp_path)
+
+
+def test_encode_instructions_cli(tiny_t5, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listing = tmp_path / "instructions.txt"
+    listing.write_text("pick up the bowl\nopen the drawer\n")
+    out = tmp_path / "t5_embeddings.pkl"
+    for extra in (["--instructions", str(listing)], ["put the bowl on the plate", "open the drawer"]):
+        result = subprocess.run(
+            [sys.executable, str(root / "launch" / "encode_instructions.py"), "--t5", str(tiny_t5), "--out", str(out),
+             "--max-length", "16", *extra],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 instructions (1 new)" in result.stdout
+    assert sorted(TextEmbeddingCache.load(out).instructions()) == ["open the drawer", "pick up the bowl", "put the bowl on the plate"]
