@@ -1,0 +1,235 @@
+"""The one episode record: demonstrations, simulator rollouts and robot rollouts alike.
+
+Per step: one image per camera (uint8 H x W x 3, held JPEG-encoded at rest), the proprio state,
+and the action executed after that observation. Per episode: what was attempted (task,
+instruction), how it went (success, score), how to reproduce it (seed, initial state), which
+weights acted (policy and planning-model versions), what the planner saw at each query
+(candidate values, the chosen candidate), wall-clock timestamps, and where it came from.
+
+Validation happens on construction, so a malformed episode never reaches replay or the learner;
+errors name the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cosmos_policy.errors import InputError
+
+JPEG_QUALITY = 95  # the official datasets' quality (method 3.7)
+
+
+class Source(str, Enum):
+    DEMO = "demo"
+    SIM = "sim"
+    ROBOT = "robot"
+
+
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """uint8 (H, W, 3) -> JPEG bytes (4:2:0, as PIL and the official code write them)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes | np.ndarray, where: str = "jpeg") -> np.ndarray:
+    """JPEG bytes -> uint8 (H, W, 3); a corrupt stream raises ``InputError`` naming ``where``."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.format != "JPEG":
+                raise InputError(f"{where}: not a JPEG image (format {img.format})")
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{where}: corrupt JPEG data ({exc})") from exc
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
+    """What training images went through: encode at quality 95 and decode (applied to live frames)."""
+    return decode_jpeg(encode_jpeg(image, quality))
+
+
+class ImageSequence:
+    """One camera's frames: JPEG bytes at rest, decoded one frame at a time on demand."""
+
+    def __init__(self, jpegs: Sequence[bytes], shape: tuple[int, int] | None = None, origin: str = "images") -> None:
+        self._jpegs = [bytes(j) for j in jpegs]
+        self._shape = shape
+        self.origin = origin  # named in decode errors, e.g. "ep.hdf5:primary_images_jpeg"
+
+    @classmethod
+    def from_frames(cls, frames: np.ndarray | Sequence[np.ndarray], quality: int = JPEG_QUALITY, name: str = "images") -> "ImageSequence":
+        arr = np.asarray(frames) if not isinstance(frames, np.ndarray) else frames
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise InputError(f"{name}: expected uint8 frames of shape (steps, height, width, 3), got {arr.dtype} {arr.shape}")
+        return cls([encode_jpeg(f, quality) for f in arr], shape=(arr.shape[1], arr.shape[2]), origin=name)
+
+    def __len__(self) -> int:
+        return len(self._jpegs)
+
+    @property
+    def jpegs(self) -> list[bytes]:
+        return self._jpegs
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(j) for j in self._jpegs)
+
+    def frame(self, t: int) -> np.ndarray:
+        if not -len(self._jpegs) <= t < len(self._jpegs):
+            raise IndexError(f"{self.origin}: step {t} out of range for {len(self._jpegs)} frames")
+        return decode_jpeg(self._jpegs[t], f"{self.origin}[{t}]")
+
+    def frames(self) -> np.ndarray:
+        return np.stack([self.frame(t) for t in range(len(self))])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the frames (read from the first frame when not known)."""
+        if self._shape is None:
+            self._shape = tuple(self.frame(0).shape[:2])  # type: ignore[assignment]
+        return self._shape  # type: ignore[return-value]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageSequence) and self._jpegs == other._jpegs
+
+
+@dataclass
+class PlannerQuery:
+    """What the planner saw at one policy query."""
+
+    step: int  # the episode step at which the chunk was chosen
+    candidate_values: np.ndarray  # (N,) aggregated value of each candidate, [0, 1]
+    chosen: int  # index of the executed candidate
+    candidate_actions: np.ndarray | None = None  # (N, K, d_a) in dataset units, optional
+
+    def __post_init__(self) -> None:
+        self.candidate_values = np.asarray(self.candidate_values, dtype=np.float32).reshape(-1)
+        n = len(self.candidate_values)
+        if n == 0:
+            raise InputError("planner.candidate_values: expected at least one candidate")
+        if not 0 <= int(self.chosen) < n:
+            raise InputError(f"planner.chosen: expected an index in [0, {n}), got {self.chosen}")
+        if not np.all(np.isfinite(self.candidate_values)):
+            raise InputError("planner.candidate_values: non-finite values")
+        if self.candidate_actions is not None:
+            self.candidate_actions = np.asarray(self.candidate_actions, dtype=np.float32)
+            if self.candidate_actions.ndim != 3 or self.candidate_actions.shape[0] != n:
+                raise InputError(f"planner.candidate_actions: expected ({n}, chunk, action_dim), got {self.candidate_actions.shape}")
+
+
+@dataclass
+class Episode:
+    """One episode. ``images`` maps camera names (``primary``, ``wrist``...) to their frames."""
+
+    images: dict[str, ImageSequence]
+    proprio: np.ndarray  # (T, d_p) float32
+    actions: np.ndarray  # (T, d_a) float32, the action executed at each step
+    instruction: str
+    success: bool
+    task: str = ""
+    score: float | None = None  # task progress in [0, 1]; defaults to 1.0 / 0.0 from success
+    source: Source = Source.SIM
+    seed: int | None = None
+    initial_state: np.ndarray | None = None  # simulator state to reset to (flattened)
+    policy_version: int | None = None
+    planning_version: int | None = None
+    planner: list[PlannerQuery] = field(default_factory=list)
+    timestamps: np.ndarray | None = None  # (T,) seconds since the epoch, per step
+    interrupted: bool = False  # ended early (simulator crash, stop); its outcome is not a real label
+    episode_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.source = _enum(Source, self.source, "source")
+        if not isinstance(self.success, (bool, np.bool_)):
+            raise InputError(f"success: expected a bool, got {type(self.success).__name__}")
+        self.success = bool(self.success)
+        if self.score is None:
+            self.score = 1.0 if self.success else 0.0
+        self.score = float(self.score)
+        if not math.isfinite(self.score):
+            raise InputError(f"score: expected a finite number, got {self.score}")
+        if not isinstance(self.instruction, str):
+            raise InputError(f"instruction: expected a string, got {type(self.instruction).__name__}")
+        self.proprio = _matrix(self.proprio, "proprio")
+        self.actions = _matrix(self.actions, "actions")
+        steps = len(self.actions)
+        if steps == 0:
+            raise InputError("actions: an episode needs at least one step")
+        if len(self.proprio) != steps:
+            raise InputError(f"proprio: expected {steps} steps (as many as actions), got {len(self.proprio)}")
+        if not self.images:
+            raise InputError("images: an episode needs at least one camera")
+        for name, seq in self.images.items():
+            if not isinstance(name, str) or not name:
+                raise InputError(f"images: camera names must be non-empty strings, got {name!r}")
+            if not isinstance(seq, ImageSequence):
+                raise InputError(f"images[{name!r}]: expected an ImageSequence, got {type(seq).__name__}")
+            if len(seq) != steps:
+                raise InputError(f"images[{name!r}]: expected {steps} frames (as many as actions), got {len(seq)}")
+        if self.timestamps is not None:
+            self.timestamps = np.asarray(self.timestamps, dtype=np.float64).reshape(-1)
+            if len(self.timestamps) != steps:
+                raise InputError(f"timestamps: expected {steps} values, got {len(self.timestamps)}")
+        if self.initial_state is not None:
+            self.initial_state = np.asarray(self.initial_state, dtype=np.float64)
+        for q in self.planner:
+            if not isinstance(q, PlannerQuery):
+                raise InputError(f"planner: expected PlannerQuery entries, got {type(q).__name__}")
+            if not 0 <= q.step < steps:
+                raise InputError(f"planner.step: query at step {q.step} is outside the episode's {steps} steps")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.actions)
+
+    @property
+    def cameras(self) -> list[str]:
+        return list(self.images)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate size at rest: JPEG bytes plus the arrays."""
+        return sum(s.nbytes for s in self.images.values()) + self.proprio.nbytes + self.actions.nbytes
+
+    def frame(self, camera: str, t: int) -> np.ndarray:
+        if camera not in self.images:
+            raise InputError(f"images: episode {self.episode_id} has no camera {camera!r} (has {self.cameras})")
+        return self.images[camera].frame(t)
+
+    @classmethod
+    def from_frames(cls, frames: dict[str, np.ndarray], proprio: np.ndarray, actions: np.ndarray, **kwargs: Any) -> "Episode":
+        """Build from decoded frames (uint8 (T, H, W, 3) per camera), encoding them as JPEG q95."""
+        images = {name: ImageSequence.from_frames(f, name=f"images[{name!r}]") for name, f in frames.items()}
+        return cls(images=images, proprio=proprio, actions=actions, **kwargs)
+
+
+def _matrix(x: Any, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: expected a (steps, dims) array of numbers ({exc})") from exc
+    if arr.ndim != 2:
+        raise InputError(f"{name}: expected shape (steps, dims), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+        raise InputError(f"{name}: non-finite value at step {bad[0]}, dim {bad[1]}")
+    return arr
+
+
+def _enum(kind: type[Enum], value: Any, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise InputError(f"{name}: expected one of {[e.value for e in kind]}, got {value!r}") from None
