@@ -118,7 +118,9 @@ def read_episode(path: str | Path, source: Source | str | None = None) -> Episod
         raise EpisodeFileError(f"{where}: not a readable HDF5 file, truncated or corrupt ({exc})") from exc
     with f:
         try:
-            cameras = sorted(k[: -len(IMAGE_SUFFIX)] for k in f.keys() if k.endswith(IMAGE_SUFFIX))
+            # Official eval rollouts may also hold the policy's predicted images per query
+            # (future_<camera>_images_jpeg, one frame per query, not per step): not cameras.
+            cameras = sorted(k[: -len(IMAGE_SUFFIX)] for k in f.keys() if k.endswith(IMAGE_SUFFIX) and not k.startswith("future_"))
             if not cameras:
                 raise EpisodeFileError(f"{where}: no '<camera>{IMAGE_SUFFIX}' dataset (expected e.g. primary{IMAGE_SUFFIX})")
             images = {cam: read_jpeg_dataset(f, f"{cam}{IMAGE_SUFFIX}", where) for cam in cameras}
