@@ -47,7 +47,7 @@ def decode_jpeg(data: bytes | np.ndarray, where: str = "jpeg") -> np.ndarray:
         with Image.open(io.BytesIO(raw)) as img:
             if img.format != "JPEG":
                 raise InputError(f"{where}: not a JPEG image (format {img.format})")
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise

@@ -226,14 +226,15 @@ class CosmosPolicyModel(nn.Module):
     def sample(
         self,
         batch: ModelBatch,
-        steps: int | None = None,
+        steps: int | list[int] | None = None,
         seed: int | list[int] = 0,
         solver: str | None = None,
         clean_latents: torch.Tensor | None = None,
     ) -> Prediction:
         """Generate every non-clean frame of each sample's kind.
 
-        ``seed`` is one seed for every sample or one per sample; a seed always gives the same
+        ``steps`` is one count or one per sample (rows with fewer steps drop out of the batched
+        loop early). ``seed`` is one seed for every sample or one per sample; a seed always gives the same
         initial noise, on any device. ``clean_latents`` may carry conditioning latents computed
         earlier (e.g. a generated action frame, for autoregressive world-model queries): they
         are used as they are, nothing is encoded.
@@ -255,8 +256,8 @@ class CosmosPolicyModel(nn.Module):
         clean = roles == FrameRole.CLEAN
         text = batch.text.to(self.device)
 
-        def x0_fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(x.float(), sigma.float(), clean_latents, clean, text)
+        def x0_fn(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(x.float(), sigma.float(), clean_latents[rows], clean[rows], text[rows])
 
         noise = seeded_noise(self._latent_shape(), seeds, self.device)
         x0 = run_sampler(

@@ -25,7 +25,9 @@ from typing import Callable
 
 import torch
 
-X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# x0_fn(x, sigma, rows): x0 predictions for the batch rows ``rows`` (LongTensor), given their
+# float64 latents and (len(rows),) float64 sigmas.
+X0Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def karras_sigmas(num_points: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -51,57 +53,73 @@ def _phi2(z: torch.Tensor) -> torch.Tensor:
     return (_phi1(z) - 1.0) / z
 
 
-def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    ratio = sigma_next / sigma
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    ratio = _expand(sigma_next / sigma, x)
     return ratio * x + (1.0 - ratio) * x0
 
 
 def ab2_step(
-    x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, x0_prev: torch.Tensor, sigma_prev: float
+    x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, x0_prev: torch.Tensor, sigma_prev: torch.Tensor
 ) -> torch.Tensor:
-    lam, lam_next, lam_prev = (-torch.log(torch.tensor(s, dtype=torch.float64)) for s in (sigma, sigma_next, sigma_prev))
+    """One 2ab step per row; sigmas are (B,) float64."""
+    lam, lam_next, lam_prev = -torch.log(sigma), -torch.log(sigma_next), -torch.log(sigma_prev)
     h = lam_next - lam
     c = (lam_prev - lam) / h
     phi1, phi2 = _phi1(-h), _phi2(-h)
-    b1 = phi1 - phi2 / c
-    b2 = phi2 / c
-    return torch.exp(-h) * x + h * (b1 * x0 + b2 * x0_prev)
+    b1, b2 = phi1 - phi2 / c, phi2 / c
+    return _expand(torch.exp(-h), x) * x + _expand(h, x) * (_expand(b1, x) * x0 + _expand(b2, x) * x0_prev)
 
 
 def sample(
     x0_fn: X0Fn,
     noise: torch.Tensor,
-    steps: int,
+    steps: int | list[int],
     sigma_min: float = 4.0,
     sigma_max: float = 80.0,
     rho: float = 7.0,
     solver: str = "2ab",
 ) -> torch.Tensor:
-    """Integrate from ``noise`` (unit variance; scaled by sigma_max here) to x0 in ``steps`` evaluations.
+    """Integrate from ``noise`` (unit variance; scaled by sigma_max here) to x0.
 
-    ``x0_fn(x, sigma)`` takes float64 latents and a (B,) float64 sigma and returns x0 predictions.
-    Returns float64 x0 of the last evaluation.
+    ``steps`` is one count for every row or one per row: rows with different counts (the
+    planner's ensembles use 1, 3 and 5) share one loop, so each iteration is a single batched
+    evaluation of every row that still has one to do. Returns float64 x0 of each row's last
+    evaluation.
     """
     if solver not in ("2ab", "euler"):
         raise ValueError(f"solver: expected '2ab' or 'euler', got {solver!r}")
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
     batch = noise.shape[0]
+    per_row = [steps] * batch if isinstance(steps, int) else list(steps)
+    if len(per_row) != batch or any(int(n) < 1 for n in per_row):
+        raise ValueError(f"steps: expected one count >= 1 or {batch} of them, got {steps}")
+    device = noise.device
+    ladders = [karras_sigmas(int(n), sigma_min, sigma_max, rho) for n in per_row]
+    longest = max(per_row)
+    # sigma[k, row] is the row's k-th ladder point; rows past their ladder repeat the last one.
+    table = torch.stack([torch.cat([l, l[-1:].expand(longest - len(l))]) for l in ladders], dim=1).to(device)
+    counts = torch.tensor(per_row, device=device)
     x = noise.to(torch.float64) * sigma_max
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).tolist()
-
-    def evaluate(latents: torch.Tensor, s: float) -> torch.Tensor:
-        return x0_fn(latents, torch.full((batch,), s, dtype=torch.float64, device=latents.device)).to(torch.float64)
-
-    prev: tuple[torch.Tensor, float] | None = None
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x0 = evaluate(x, s)
-        if solver == "2ab" and prev is not None:
-            x = ab2_step(x, x0, s, s_next, prev[0], prev[1])
-        else:
-            x = euler_step(x, x0, s, s_next)
-        prev = (x0, s)
-    return evaluate(x, sigmas[-1])
+    out = torch.empty_like(x)
+    prev_x0 = torch.zeros_like(x)
+    for k in range(longest):
+        rows = torch.nonzero(counts > k).squeeze(1)
+        sig = table[k, rows]
+        x0 = x0_fn(x[rows], sig, rows).to(torch.float64)
+        last = counts[rows] == k + 1
+        out[rows[last]] = x0[last]
+        going = rows[~last]
+        if len(going):
+            xg, x0g, sg, nxt = x[going], x0[~last], sig[~last], table[k + 1, going]
+            if solver == "2ab" and k > 0:
+                x[going] = ab2_step(xg, x0g, sg, nxt, prev_x0[going], table[k - 1, going])
+            else:
+                x[going] = euler_step(xg, x0g, sg, nxt)
+            prev_x0[going] = x0g
+    return out
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu") -> torch.Tensor:

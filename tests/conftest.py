@@ -1,6 +1,14 @@
-"""Shared fixtures: the tiny model config and the benchmark layouts."""
+"""Shared fixtures: the tiny model config and the benchmark layouts, and a local Ray cluster."""
 
 from __future__ import annotations
+
+import os
+
+# Before anything imports Ray: keep the node on loopback, no token auth left over from ~/.ray,
+# no usage reporting (there is no network to report to).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest
 import torch
@@ -38,3 +46,14 @@ def tiny_model(tiny_config: ModelConfig, libero: LatentLayout) -> CosmosPolicyMo
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster on loopback, shared by the tests that need one."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False, object_store_memory=300 * 1024 * 1024)
+    yield ray
+    ray.shutdown()

@@ -25,7 +25,7 @@ def test_karras_ladders_from_the_method_sheet():
 def test_steps_count_network_evaluations(steps, solver):
     calls = []
 
-    def x0_fn(x, sigma):
+    def x0_fn(x, sigma, rows):
         calls.append(float(sigma[0]))
         return torch.zeros_like(x)
 
@@ -38,7 +38,7 @@ def test_steps_count_network_evaluations(steps, solver):
 def _gaussian_problem(mu=0.7, s=0.5):
     """Data N(mu, s^2): x0(x, sigma) is exact and the probability-flow ODE has a closed form."""
 
-    def x0_fn(x, sigma):
+    def x0_fn(x, sigma, rows=None):
         sig = sigma.view(-1, *[1] * (x.dim() - 1))
         return mu + s**2 / (s**2 + sig**2) * (x - mu)
 
@@ -77,8 +77,28 @@ def test_sampling_is_deterministic_for_a_seed():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="solver"):
-        sample(lambda x, s: x, torch.zeros(1, 1), steps=2, solver="heun")
+        sample(lambda x, s, r: x, torch.zeros(1, 1), steps=2, solver="heun")
     with pytest.raises(ValueError, match="steps"):
-        sample(lambda x, s: x, torch.zeros(1, 1), steps=0)
+        sample(lambda x, s, r: x, torch.zeros(1, 1), steps=0)
+    with pytest.raises(ValueError, match="steps"):
+        sample(lambda x, s, r: x, torch.zeros(2, 1), steps=[1, 2, 3])
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         karras_sigmas(3, 80.0, 4.0)
+
+
+@pytest.mark.parametrize("solver", ["2ab", "euler"])
+def test_rows_with_different_step_counts_share_one_loop(solver):
+    """The planner's ensembles (1, 3, 5 steps) in one batched loop give each row its own result."""
+    x0_fn, _ = _gaussian_problem()
+    noise = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batch_sizes = []
+
+    def counting(x, sigma, rows):
+        batch_sizes.append(len(rows))
+        return x0_fn(x, sigma)
+
+    mixed = sample(counting, noise, steps=[1, 3, 5], solver=solver)
+    assert batch_sizes == [3, 2, 2, 1, 1]  # 5 batched evaluations instead of 9 single ones
+    for i, n in enumerate([1, 3, 5]):
+        alone = sample(x0_fn, noise[i : i + 1], steps=n, solver=solver)
+        assert torch.equal(mixed[i : i + 1], alone)

@@ -1,0 +1,224 @@
+"""Best-of-N planning with a world model and a value function (method section 5).
+
+Dual deployment: the *policy* model proposes N action chunks, each from its own seed (the
+official parallel mode reuses seeds when N exceeds the GPU count; here every candidate has its
+own); the *planning* model, fine-tuned on rollouts, judges them:
+1. for each candidate it predicts the future state F times, autoregressively (the generated
+   action frame is conditioning; nothing is re-encoded), with the step schedule 1, 3, 5;
+2. for each future state it predicts the value V times with the V(s') input masking (current
+   state and action masked out), steps 1, 2, 3, 4, 5, giving F x V values per candidate;
+3. the values are aggregated (majority mean by default: if at least half exceed the success
+   threshold 0.05, the mean of those, else 0) and the best candidate is executed; the first
+   candidate keeps ties (another replaces it only when strictly better).
+All candidates, ensemble members and observations of a call share batched passes: rows with
+different step counts run in one sampler loop, at most ``max_batch`` rows per forward pass,
+and the observation's conditioning frames are VAE-encoded once per model.
+Depth > 1 re-plans from an imagined future: the first predicted future state is moved into the
+current-state frames and one more action, future and value round is predicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cosmos_policy.errors import ConfigError
+from cosmos_policy.layout import SampleKind, SlotKind, SlotTime
+from cosmos_policy.model import CosmosPolicyModel, ModelBatch
+from cosmos_policy.policy import CosmosPolicy, Observation, PolicyOutput
+
+AGGREGATIONS = ("majority_mean", "mean", "lcb", "success_vote")
+VALUE_KINDS = ("value_sprime", "value", "q_value")
+
+
+def aggregate(values: np.ndarray, scheme: str, threshold: float = 0.05, lcb_k: float = 1.0) -> np.ndarray:
+    """Aggregate value predictions over the last axis (method 5.1 step 4).
+
+    majority_mean: mean of the predictions above ``threshold`` if they are at least half, else 0;
+    mean: the mean; lcb: mean - k * std (population std); success_vote: the fraction above
+    ``threshold``. Results of majority_mean are clipped to [0, 1].
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if scheme == "mean":
+        return v.mean(-1)
+    if scheme == "lcb":
+        return v.mean(-1) - lcb_k * v.std(-1)
+    above = v > threshold
+    if scheme == "success_vote":
+        return above.mean(-1)
+    if scheme == "majority_mean":
+        count = above.sum(-1)
+        total = np.where(above, v, 0.0).sum(-1)
+        mean_above = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+        return np.clip(np.where(count >= 0.5 * v.shape[-1], mean_above, 0.0), 0.0, 1.0)
+    raise ConfigError(f"planner.aggregation: expected one of {AGGREGATIONS}, got {scheme!r}")
+
+
+@dataclass
+class PlannerConfig:
+    """Best-of-N settings; the defaults are the official ALOHA deployment's (method 4.2, 5.1)."""
+
+    num_candidates: int = 8
+    future_steps: list[int] = field(default_factory=lambda: [1, 3, 5])  # one per future-state member
+    value_steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # one per value member
+    aggregation: str = "majority_mean"
+    success_threshold: float = 0.05
+    lcb_k: float = 1.0
+    value_kind: str = "value_sprime"  # V(s'); "value" is V(s, a, s'); "q_value" is model-free Q(s, a)
+    depth: int = 1
+    depth_value: str = "last"  # with depth > 1: the last depth's value, or the mean over depths
+    max_batch: int = 64  # rows per forward pass (memory)
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 1:
+            raise ConfigError(f"planner.num_candidates: expected >= 1, got {self.num_candidates}")
+        for name in ("future_steps", "value_steps"):
+            steps = list(getattr(self, name))
+            if not steps or any(int(s) < 1 for s in steps):
+                raise ConfigError(f"planner.{name}: expected a non-empty list of step counts >= 1, got {steps}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"planner.aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.value_kind not in VALUE_KINDS:
+            raise ConfigError(f"planner.value_kind: expected one of {VALUE_KINDS}, got {self.value_kind!r}")
+        if self.depth < 1:
+            raise ConfigError(f"planner.depth: expected >= 1, got {self.depth}")
+        if self.depth_value not in ("last", "mean"):
+            raise ConfigError(f"planner.depth_value: expected 'last' or 'mean', got {self.depth_value!r}")
+        if self.max_batch < 1:
+            raise ConfigError(f"planner.max_batch: expected >= 1, got {self.max_batch}")
+
+
+@dataclass
+class Plan:
+    """The chosen chunk and everything the planner saw, for the episode record."""
+
+    output: PolicyOutput  # the chosen candidate, in dataset units
+    chosen: int
+    candidate_actions: np.ndarray  # (N, K, d_a) dataset units
+    candidate_values: np.ndarray  # (N,) aggregated
+    member_values: np.ndarray  # (N, members) the raw predictions that were aggregated (last depth)
+    seeds: list[int]  # the candidates' seeds
+
+
+class Planner:
+    """Proposes with ``policy``'s model, judges with ``planning_model``."""
+
+    def __init__(self, policy: CosmosPolicy, planning_model: CosmosPolicyModel, config: PlannerConfig | None = None) -> None:
+        if planning_model.layout != policy.model.layout:
+            raise ConfigError(f"planning model layout {planning_model.layout.name!r} differs from the policy's {policy.model.layout.name!r}")
+        self.policy = policy
+        self.planning = planning_model.eval()
+        self.config = config or PlannerConfig()
+        self.forward_rows = 0  # network evaluations x rows, for cost accounting
+
+    # ---- sampling helpers ----------------------------------------------------------------
+    def _sample(self, model: CosmosPolicyModel, kind: SampleKind, text: torch.Tensor, clean: torch.Tensor,
+                steps: list[int], seeds: list[int]) -> torch.Tensor:
+        """Latents for rows of one kind, at most ``max_batch`` rows per batched loop."""
+        out = []
+        m = self.config.max_batch
+        for i in range(0, len(seeds), m):
+            sl = slice(i, i + m)
+            batch = ModelBatch(kinds=[kind] * len(seeds[sl]), text=text[sl])
+            out.append(model.sample(batch, steps=steps[sl], seed=seeds[sl], clean_latents=clean[sl]).latents)
+            self.forward_rows += sum(steps[sl])
+        return torch.cat(out)
+
+    def _conditioning(self, model: CosmosPolicyModel, batch: ModelBatch) -> torch.Tensor:
+        prefix = model.layout.clean_prefix(SampleKind.POLICY)
+        return model.inject(model.encode(batch, prefix), batch)
+
+    # ---- planning ------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan(self, observation: Observation, seed: int = 0) -> Plan:
+        return self.plan_batch([observation], [seed])[0]
+
+    @torch.no_grad()
+    def plan_batch(self, observations: Sequence[Observation], seeds: Sequence[int]) -> list[Plan]:
+        cfg = self.config
+        n, obs_count = cfg.num_candidates, len(observations)
+        batch = self.policy.batch(observations)
+        cond = self._conditioning(self.policy.model, batch)
+        shared_vae = self.planning.tokenizer.vae is self.policy.model.tokenizer.vae
+        plan_cond = cond if shared_vae else self._conditioning(self.planning, batch)
+
+        rep = torch.arange(obs_count).repeat_interleave(n)  # row -> observation
+        cand_seeds = [int(seeds[o]) + c for o in range(obs_count) for c in range(n)]
+        text = batch.text[rep]
+        candidates = self._sample(self.policy.model, SampleKind.POLICY, text, cond[rep],
+                                  [self.policy.config.action_steps] * len(cand_seeds), cand_seeds)
+        values, futures = self._judge(plan_cond[rep], candidates, text, cand_seeds)
+        depth_values = [values]
+        for _ in range(cfg.depth - 1):
+            imagined = self._imagine(plan_cond[rep], futures)
+            nxt = self._sample(self.policy.model, SampleKind.POLICY, text, imagined,
+                               [self.policy.config.action_steps] * len(cand_seeds), [s + 7919 for s in cand_seeds])
+            values, futures = self._judge(imagined, nxt, text, [s + 7919 for s in cand_seeds])
+            depth_values.append(values)
+        members = depth_values[-1]  # (rows, members)
+        scores = aggregate(members, cfg.aggregation, cfg.success_threshold, cfg.lcb_k)
+        if cfg.depth > 1 and cfg.depth_value == "mean":
+            scores = np.mean([aggregate(v, cfg.aggregation, cfg.success_threshold, cfg.lcb_k) for v in depth_values], axis=0)
+
+        policy_outputs = self.policy.outputs(self.policy.model.read_outputs(candidates), batch=None)
+        plans = []
+        for o in range(obs_count):
+            rows = slice(o * n, (o + 1) * n)
+            cand_scores = scores[rows]
+            chosen = int(np.argmax(cand_scores))  # argmax keeps the first of equal values
+            out = policy_outputs[o * n + chosen]
+            wm = self.planning.read_outputs(futures[o * n + chosen : o * n + chosen + 1])
+            if wm.future_proprio is not None and self.policy.model.layout.has_proprio:
+                out.future_proprio = self.policy.stats.unnormalize_proprio(wm.future_proprio.double()).float().numpy()[0]
+            out.value = float(cand_scores[chosen])
+            plans.append(
+                Plan(
+                    output=out,
+                    chosen=chosen,
+                    candidate_actions=np.stack([p.actions for p in policy_outputs[rows]]),
+                    candidate_values=cand_scores.astype(np.float32),
+                    member_values=members[rows].astype(np.float32),
+                    seeds=cand_seeds[rows],
+                )
+            )
+        self.policy.queries += obs_count
+        return plans
+
+    def _judge(self, cond: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, cand_seeds: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+        """Member values (rows, F x V) of each candidate, and each candidate's first future state."""
+        cfg, layout = self.config, self.planning.layout
+        rows = len(cand_seeds)
+        # The candidate's generated action frame becomes conditioning; its state frames are the observation's.
+        with_action = cond.clone()
+        a = layout.action_index
+        with_action[:, :, a] = candidates[:, :, a]
+        f_count, v_count = len(cfg.future_steps), len(cfg.value_steps)
+        if cfg.value_kind == "q_value":  # model-free: value from (s, a), no world model
+            rep = torch.arange(rows).repeat_interleave(v_count)
+            seeds = [s + 20_000 + v for s in cand_seeds for v in range(v_count)]
+            latents = self._sample(self.planning, SampleKind.Q_VALUE, text[rep], with_action[rep], list(cfg.value_steps) * rows, seeds)
+            values = self.planning.read_outputs(latents).value.numpy().reshape(rows, v_count)
+            return values, with_action
+        rep_f = torch.arange(rows).repeat_interleave(f_count)
+        f_seeds = [s + 10_000 + f for s in cand_seeds for f in range(f_count)]
+        futures = self._sample(self.planning, SampleKind.WORLD_MODEL, text[rep_f], with_action[rep_f], list(cfg.future_steps) * rows, f_seeds)
+        rep_v = torch.arange(rows * f_count).repeat_interleave(v_count)
+        v_seeds = [s + 20_000 + v for s in f_seeds for v in range(v_count)]
+        kind = SampleKind(cfg.value_kind)
+        latents = self._sample(self.planning, kind, text[rep_f][rep_v], futures[rep_v], list(cfg.value_steps) * rows * f_count, v_seeds)
+        values = self.planning.read_outputs(latents).value.numpy().reshape(rows, f_count * v_count)
+        return values, futures[::f_count]
+
+    def _imagine(self, cond: torch.Tensor, futures: torch.Tensor) -> torch.Tensor:
+        """Conditioning whose current state is a predicted future state (for depth > 1)."""
+        layout = self.planning.layout
+        out = cond.clone()
+        for i, slot in enumerate(layout.slots):
+            if slot.time is not SlotTime.CURRENT:
+                continue
+            name = f"future_image.{slot.camera}" if slot.kind is SlotKind.IMAGE else "future_proprio"
+            out[:, :, i] = futures[:, :, layout.index(name)]
+        return out

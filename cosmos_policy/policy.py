@@ -1,0 +1,214 @@
+"""The policy: raw observations in, action chunks (with predicted future state and value) out.
+
+``CosmosPolicy.act`` turns one observation (uint8 camera images as the environment gives them,
+proprio and the instruction, in dataset units) into a ``PolicyOutput``: the action chunk in
+dataset units, the predicted future proprio and images, and the predicted value in [0, 1]. On the
+way in it applies what training images went through (JPEG q95 round trip for JPEG-stored
+datasets, the test-time centre crop of side sqrt(0.9), resize to the model's size) and normalizes
+proprio with the demonstration statistics; on the way out it un-normalizes.
+
+Two modes (method 4.2):
+- parallel: one pass denoises actions, future state and value together (LIBERO, RoboCasa);
+- autoregressive: actions first, then the future state with the generated action frame as
+  conditioning, then the value with everything but the value frame as conditioning.
+``next_action`` keeps the action-chunk queue: it queries once per ``execute`` actions (the whole
+chunk for LIBERO and ALOHA, 16 of RoboCasa's 32) and hands out one action per call.
+Non-finite outputs never leave: they raise ``FloatingPointError``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cosmos_policy.codec import NormalizationStats
+from cosmos_policy.data.augment import center_crop_resize, resize
+from cosmos_policy.episode import jpeg_round_trip
+from cosmos_policy.errors import ConfigError, InputError
+from cosmos_policy.layout import SampleKind
+from cosmos_policy.model import CosmosPolicyModel, ModelBatch, Prediction
+from cosmos_policy.text import TextEmbeddingCache, TextEncoder
+
+
+@dataclass
+class Observation:
+    """One observation in dataset units: what an environment or robot reports at a query."""
+
+    images: dict[str, np.ndarray]  # camera -> uint8 (H, W, 3)
+    proprio: np.ndarray  # (d_p,)
+    instruction: str
+
+
+@dataclass
+class PolicyOutput:
+    """One query's result, in dataset units."""
+
+    actions: np.ndarray  # (K, d_a)
+    future_proprio: np.ndarray | None  # (d_p,)
+    value: float  # predicted value of the future state, [0, 1]
+    future_images: dict[str, np.ndarray] | None = None  # camera -> uint8 (S, S, 3), when decoded
+    latents: torch.Tensor | None = field(default=None, repr=False)  # (C, T, h, w), for planning
+
+
+@dataclass
+class PolicyConfig:
+    """How the policy queries the model. Defaults are LIBERO's (method 4.2, 4.3)."""
+
+    mode: str = "parallel"  # or "autoregressive"
+    action_steps: int = 5  # denoising steps of the action pass (ALOHA: 10)
+    future_steps: int = 5  # autoregressive mode only
+    value_steps: int = 5  # autoregressive mode only
+    execute: int | None = None  # actions executed per query; None = the whole chunk
+    jpeg_round_trip: bool = True  # training images were JPEG q95 (LIBERO, RoboCasa; not ALOHA's MP4)
+    center_crop: bool = True  # the model was trained with the random-crop augmentation
+    decode_future_images: bool = False  # VAE-decode the predicted future images (costs a decode)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("parallel", "autoregressive"):
+            raise ConfigError(f"policy.mode: expected 'parallel' or 'autoregressive', got {self.mode!r}")
+        for name in ("action_steps", "future_steps", "value_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"policy.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.execute is not None and self.execute < 1:
+            raise ConfigError(f"policy.execute: expected >= 1 or None, got {self.execute}")
+
+
+class CosmosPolicy:
+    """A model with its statistics and instruction embeddings, acting on raw observations."""
+
+    def __init__(
+        self,
+        model: CosmosPolicyModel,
+        stats: NormalizationStats,
+        text: TextEmbeddingCache,
+        config: PolicyConfig | None = None,
+        text_encoder: TextEncoder | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.stats = stats
+        self.text = text
+        self.text_encoder = text_encoder
+        self.config = config or PolicyConfig()
+        layout = model.layout
+        if self.config.execute is not None and self.config.execute > layout.action_chunk:
+            raise ConfigError(f"policy.execute: {self.config.execute} exceeds the chunk of {layout.action_chunk} actions")
+        if stats.action_dim != layout.action_dim or (layout.has_proprio and stats.proprio_dim != layout.proprio_dim):
+            raise ConfigError(
+                f"statistics ({stats.action_dim} action, {stats.proprio_dim} proprio dims) do not match layout "
+                f"{layout.name!r} ({layout.action_dim}, {layout.proprio_dim})"
+            )
+        self._queue: deque[np.ndarray] = deque()
+        self.queries = 0
+
+    @property
+    def execute(self) -> int:
+        return self.config.execute or self.model.layout.action_chunk
+
+    # ---- inputs --------------------------------------------------------------------------
+    def validate(self, obs: Observation) -> None:
+        layout = self.model.layout
+        if not isinstance(obs, Observation):
+            raise InputError(f"observation: expected an Observation, got {type(obs).__name__}")
+        for cam in layout.cameras:
+            if cam not in obs.images:
+                raise InputError(f"observation.images: missing camera {cam!r} (layout {layout.name!r} needs {list(layout.cameras)})")
+            img = obs.images[cam]
+            if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+                raise InputError(f"observation.images[{cam!r}]: expected uint8 (height, width, 3), got {got}")
+        if layout.has_proprio:
+            p = np.asarray(obs.proprio)
+            if p.shape != (layout.proprio_dim,):
+                raise InputError(f"observation.proprio: expected shape ({layout.proprio_dim},), got {p.shape}")
+            if not np.all(np.isfinite(p)):
+                raise InputError(f"observation.proprio: non-finite values at dims {np.flatnonzero(~np.isfinite(p)).tolist()}")
+        if not isinstance(obs.instruction, str) or not obs.instruction:
+            raise InputError("observation.instruction: expected a non-empty string")
+
+    def prepare_image(self, image: np.ndarray) -> torch.Tensor:
+        """The test-time transforms that match training: JPEG q95, centre crop, resize."""
+        if self.config.jpeg_round_trip:
+            image = jpeg_round_trip(image)
+        t = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
+        size = self.model.config.image_size
+        return (center_crop_resize(t, size) if self.config.center_crop else resize(t, size))[0]
+
+    def batch(self, observations: Sequence[Observation], kind: SampleKind = SampleKind.POLICY) -> ModelBatch:
+        """Model inputs for a batch of observations (current state only)."""
+        for obs in observations:
+            self.validate(obs)
+        layout = self.model.layout
+        images = {f"current_image.{cam}": torch.stack([self.prepare_image(o.images[cam]) for o in observations]) for cam in layout.cameras}
+        proprio = None
+        if layout.has_proprio:
+            raw = torch.from_numpy(np.stack([np.asarray(o.proprio, dtype=np.float32) for o in observations]))
+            proprio = self.stats.normalize_proprio(raw)
+        instructions = [o.instruction for o in observations]
+        if self.text_encoder is not None:
+            self.text.fill(self.text_encoder, instructions)
+        text = self.text.lookup(instructions)
+        return ModelBatch(kinds=[kind] * len(observations), text=text, images=images, proprio=proprio)
+
+    # ---- queries -------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, observations: Sequence[Observation], seeds: Sequence[int] | None = None) -> list[PolicyOutput]:
+        """One query per observation, batched into as few passes as the mode allows."""
+        if not observations:
+            return []
+        cfg = self.config
+        seeds = list(seeds) if seeds is not None else [cfg.seed] * len(observations)
+        batch = self.batch(observations)
+        pred = self.model.sample(batch, steps=cfg.action_steps, seed=seeds)
+        if cfg.mode == "autoregressive":
+            pred = self.continue_autoregressively(batch, pred, seeds)
+        self.queries += len(observations)
+        return self.outputs(pred, batch)
+
+    def continue_autoregressively(self, batch: ModelBatch, pred: Prediction, seeds: list[int]) -> Prediction:
+        """Future state from the generated action frame, then the value from the whole state."""
+        cfg = self.config
+        wm = ModelBatch(kinds=[SampleKind.WORLD_MODEL] * batch.batch_size, text=batch.text)
+        future = self.model.sample(wm, steps=cfg.future_steps, seed=seeds, clean_latents=pred.latents)
+        value = ModelBatch(kinds=[SampleKind.VALUE] * batch.batch_size, text=batch.text)
+        return self.model.sample(value, steps=cfg.value_steps, seed=seeds, clean_latents=future.latents)
+
+    def outputs(self, pred: Prediction, batch: ModelBatch | None) -> list[PolicyOutput]:
+        """Un-normalized outputs; future images are decoded when configured and ``batch`` is given."""
+        actions = self.stats.unnormalize_actions(pred.actions.double()).float().numpy()
+        future_proprio = None
+        if pred.future_proprio is not None and self.model.layout.has_proprio:
+            future_proprio = self.stats.unnormalize_proprio(pred.future_proprio.double()).float().numpy()
+        images = self.model.future_images(pred, batch) if self.config.decode_future_images and batch is not None else None
+        for name, arr in (("actions", actions), ("future_proprio", future_proprio), ("value", pred.value.numpy())):
+            if arr is not None and not np.all(np.isfinite(arr)):
+                raise FloatingPointError(f"the model produced non-finite {name}; refusing to return them")
+        return [
+            PolicyOutput(
+                actions=actions[i],
+                future_proprio=None if future_proprio is None else future_proprio[i],
+                value=float(pred.value[i]),
+                future_images=None if images is None else {c: v[i].numpy() for c, v in images.items()},
+                latents=pred.latents[i],
+            )
+            for i in range(len(actions))
+        ]
+
+    def act(self, observation: Observation, seed: int | None = None) -> PolicyOutput:
+        """One query: a new action chunk for this observation."""
+        return self.predict([observation], None if seed is None else [seed])[0]
+
+    def next_action(self, observation: Observation) -> np.ndarray:
+        """The next action to execute; queries the model when the queue of the last chunk is used up."""
+        if not self._queue:
+            chunk = self.act(observation).actions
+            self._queue.extend(chunk[: self.execute])
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Forget the queued actions (call at the start of every episode)."""
+        self._queue.clear()
