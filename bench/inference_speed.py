@@ -1,0 +1,167 @@
+"""Inference speed of the policy and the planner with the 2B model (issue 4). No Ray needed.
+
+Prints and writes bench/results/inference_speed.json:
+    action_chunk_s_libero_b1      median latency of one LIBERO action chunk from a raw observation
+                                  (two 256x256 uint8 camera images, proprio, instruction) to
+                                  un-normalized actions: JPEG round trip, centre crop, VAE encode of
+                                  the 13 conditioning pixel frames, 5 denoising steps, read-out.
+                                  Network compiled with CUDA graphs, VAE encoder compiled. Target <= 0.10 s.
+    policy_peak_memory_gb_libero  peak GPU memory of that policy. Target <= 7.
+    planning_gpu_s_per_chunk      GPU-seconds of one best-of-8 plan with 3 future-state x 5 value
+                                  ensembles on ALOHA-shaped inputs (10 / 5 / 5 steps; 11 latent
+                                  frames; about 510 network evaluations), on one GPU. Target <= 10.
+The planner's planning model is the policy model itself here (weights do not change the speed),
+so its network is compiled once. Random weights.
+
+    python bench/inference_speed.py [--skip-planning] [--no-compile] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cosmos_policy.codec import NormalizationStats  # noqa: E402
+from cosmos_policy.config import load_model_config  # noqa: E402
+from cosmos_policy.layout import load_layout  # noqa: E402
+from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
+from cosmos_policy.planner import Planner, PlannerConfig  # noqa: E402
+from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig  # noqa: E402
+from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache  # noqa: E402
+
+results: dict[str, object] = {}
+OUT = ROOT / "bench" / "results" / "inference_speed.json"
+
+
+def emit(name: str, value: object) -> None:
+    results[name] = value
+    print(json.dumps({name: value}), flush=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=1))
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def parts(layout_name: str, model_cfg: str, device: torch.device):
+    layout = load_layout(layout_name)
+    cfg = load_model_config(model_cfg)
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = CosmosPolicyModel(cfg, layout)
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    rng = np.random.default_rng(0)
+    stats = NormalizationStats.compute(rng.normal(size=(500, layout.action_dim)), rng.normal(size=(500, layout.proprio_dim)))
+    text = TextEmbeddingCache()
+    text.fill(RandomTextEncoder(cfg.text.embed_dim, cfg.text.max_length), ["put the bowl on the plate"])
+    return model, stats, text
+
+
+def observation(layout, size: int, seed: int = 0) -> Observation:
+    rng = np.random.default_rng(seed)
+    return Observation(
+        images={c: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for c in layout.cameras},
+        proprio=rng.normal(size=layout.proprio_dim),
+        instruction="put the bowl on the plate",
+    )
+
+
+def bench_policy(args, device) -> tuple:
+    model, stats, text = parts("libero", args.config, device)
+    if args.compile:
+        model.denoiser.net.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
+        model.tokenizer.vae.encoder.compile(dynamic=False)
+    policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5))
+    obs = observation(model.layout, 256)
+    start = time.perf_counter()
+    policy.act(obs)
+    emit("first_chunk_s_incl_compile", round(time.perf_counter() - start, 1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    emit("action_chunk_s_libero_b1", timed(lambda: policy.act(obs), device, args.warmup, args.iters))
+    if device.type == "cuda":
+        emit("policy_peak_memory_gb_libero", torch.cuda.max_memory_allocated() / 2**30)
+    # Where the time goes: preprocessing on the CPU, the VAE encode, the network.
+    batch = policy.batch([obs])
+    emit("preprocess_s", timed(lambda: policy.batch([obs]), device, 1, args.iters))
+    emit("vae_encode_s", timed(lambda: model.encode(batch, model.layout.clean_prefix("policy")), device, 1, args.iters))
+    return model
+
+
+def bench_planning(args, device) -> None:
+    model, stats, text = parts("aloha", args.config, device)
+    if args.compile:
+        model.denoiser.net.compile(dynamic=True)  # many batch sizes: one dynamic graph, no CUDA graphs
+    policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=10, jpeg_round_trip=False))
+    cfg = PlannerConfig(num_candidates=8, future_steps=[1, 3, 5], value_steps=[1, 2, 3, 4, 5], max_batch=args.max_batch)
+    planner = Planner(policy, model, cfg)
+    obs = observation(model.layout, 256, seed=1)
+    start = time.perf_counter()
+    planner.plan(obs)
+    emit("first_plan_s_incl_compile", round(time.perf_counter() - start, 1))
+    planner.forward_rows = 0
+    t = timed(lambda: planner.plan(obs), device, 1, args.plan_iters)
+    emit("network_row_evaluations_per_plan", planner.forward_rows // (1 + args.plan_iters))
+    emit("planning_gpu_s_per_chunk", t)
+    emit("planning_max_batch", args.max_batch)
+
+
+def main() -> None:
+    global OUT
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="2b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--skip-planning", action="store_true")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--plan-iters", type=int, default=3)
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args()
+    OUT = Path(args.out)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    emit("device", torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")
+    emit("config", args.config)
+    emit("compiled", args.compile)
+    model = bench_policy(args, device)
+    del model
+    gc.collect()
+    if not args.skip_planning:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            bench_planning(args, device)
+        except Exception as exc:  # keep the policy figures
+            emit("planning_error", f"{type(exc).__name__}: {str(exc)[:400]}")
+    print("\nSUMMARY")
+    for k, v in results.items():
+        print(f"{k:36s} {round(v, 4) if isinstance(v, float) else v}")
+
+
+if __name__ == "__main__":
+    main()
