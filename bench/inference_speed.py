@@ -104,6 +104,13 @@ def bench_policy(args, device) -> tuple:
     emit("action_chunk_s_libero_b1", timed(lambda: policy.act(obs), device, args.warmup, args.iters))
     if device.type == "cuda":
         emit("policy_peak_memory_gb_libero", torch.cuda.max_memory_allocated() / 2**30)
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            policy.act(obs)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
     # Where the time goes: preprocessing on the CPU, the VAE encode, the network.
     batch = policy.batch([obs])
     emit("preprocess_s", timed(lambda: policy.batch([obs]), device, 1, args.iters))
@@ -113,7 +120,7 @@ def bench_policy(args, device) -> tuple:
 
 def bench_planning(args, device) -> None:
     model, stats, text = parts("aloha", args.config, device)
-    if args.compile:
+    if args.compile and args.compile_planning:
         model.denoiser.net.compile(dynamic=True)  # many batch sizes: one dynamic graph, no CUDA graphs
     policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=10, jpeg_round_trip=False))
     cfg = PlannerConfig(num_candidates=8, future_steps=[1, 3, 5], value_steps=[1, 2, 3, 4, 5], max_batch=args.max_batch)
@@ -136,6 +143,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--skip-planning", action="store_true")
+    parser.add_argument("--no-compile-planning", dest="compile_planning", action="store_false")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of one action chunk")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)

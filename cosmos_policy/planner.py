@@ -172,7 +172,7 @@ class Planner:
             out = policy_outputs[o * n + chosen]
             wm = self.planning.read_outputs(futures[o * n + chosen : o * n + chosen + 1])
             if wm.future_proprio is not None and self.policy.model.layout.has_proprio:
-                out.future_proprio = self.policy.stats.unnormalize_proprio(wm.future_proprio.double()).float().numpy()[0]
+                out.future_proprio = self.policy.stats.unnormalize_proprio(wm.future_proprio.double().cpu()).float().numpy()[0]
             out.value = float(cand_scores[chosen])
             plans.append(
                 Plan(
@@ -200,7 +200,7 @@ class Planner:
             rep = torch.arange(rows).repeat_interleave(v_count)
             seeds = [s + 20_000 + v for s in cand_seeds for v in range(v_count)]
             latents = self._sample(self.planning, SampleKind.Q_VALUE, text[rep], with_action[rep], list(cfg.value_steps) * rows, seeds)
-            values = self.planning.read_outputs(latents).value.numpy().reshape(rows, v_count)
+            values = self.planning.read_outputs(latents).value.cpu().numpy().reshape(rows, v_count)
             return values, with_action
         rep_f = torch.arange(rows).repeat_interleave(f_count)
         f_seeds = [s + 10_000 + f for s in cand_seeds for f in range(f_count)]
@@ -209,7 +209,7 @@ class Planner:
         v_seeds = [s + 20_000 + v for s in f_seeds for v in range(v_count)]
         kind = SampleKind(cfg.value_kind)
         latents = self._sample(self.planning, kind, text[rep_f][rep_v], futures[rep_v], list(cfg.value_steps) * rows * f_count, v_seeds)
-        values = self.planning.read_outputs(latents).value.numpy().reshape(rows, f_count * v_count)
+        values = self.planning.read_outputs(latents).value.cpu().numpy().reshape(rows, f_count * v_count)
         return values, futures[::f_count]
 
     def _imagine(self, cond: torch.Tensor, futures: torch.Tensor) -> torch.Tensor:

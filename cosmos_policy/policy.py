@@ -51,7 +51,7 @@ class PolicyOutput:
     future_proprio: np.ndarray | None  # (d_p,)
     value: float  # predicted value of the future state, [0, 1]
     future_images: dict[str, np.ndarray] | None = None  # camera -> uint8 (S, S, 3), when decoded
-    latents: torch.Tensor | None = field(default=None, repr=False)  # (C, T, h, w), for planning
+    latents: torch.Tensor | None = field(default=None, repr=False)  # (C, T, h, w) on the CPU, when asked for
 
 
 @dataclass
@@ -66,6 +66,7 @@ class PolicyConfig:
     jpeg_round_trip: bool = True  # training images were JPEG q95 (LIBERO, RoboCasa; not ALOHA's MP4)
     center_crop: bool = True  # the model was trained with the random-crop augmentation
     decode_future_images: bool = False  # VAE-decode the predicted future images (costs a decode)
+    return_latents: bool = False  # also return the final latents (debugging, analysis)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -179,21 +180,22 @@ class CosmosPolicy:
 
     def outputs(self, pred: Prediction, batch: ModelBatch | None) -> list[PolicyOutput]:
         """Un-normalized outputs; future images are decoded when configured and ``batch`` is given."""
-        actions = self.stats.unnormalize_actions(pred.actions.double()).float().numpy()
+        actions = self.stats.unnormalize_actions(pred.actions.double().cpu()).float().numpy()
         future_proprio = None
         if pred.future_proprio is not None and self.model.layout.has_proprio:
-            future_proprio = self.stats.unnormalize_proprio(pred.future_proprio.double()).float().numpy()
+            future_proprio = self.stats.unnormalize_proprio(pred.future_proprio.double().cpu()).float().numpy()
         images = self.model.future_images(pred, batch) if self.config.decode_future_images and batch is not None else None
-        for name, arr in (("actions", actions), ("future_proprio", future_proprio), ("value", pred.value.numpy())):
+        values = pred.value.cpu().numpy()
+        for name, arr in (("actions", actions), ("future_proprio", future_proprio), ("value", values)):
             if arr is not None and not np.all(np.isfinite(arr)):
                 raise FloatingPointError(f"the model produced non-finite {name}; refusing to return them")
         return [
             PolicyOutput(
                 actions=actions[i],
                 future_proprio=None if future_proprio is None else future_proprio[i],
-                value=float(pred.value[i]),
-                future_images=None if images is None else {c: v[i].numpy() for c, v in images.items()},
-                latents=pred.latents[i],
+                value=float(values[i]),
+                future_images=None if images is None else {c: v[i].cpu().numpy() for c, v in images.items()},
+                latents=pred.latents[i].cpu() if self.config.return_latents else None,
             )
             for i in range(len(actions))
         ]

@@ -42,7 +42,7 @@ def observation(seed: int = 0, size: int = 256) -> Observation:
 
 @pytest.fixture
 def policy(tiny_model, stats, text):
-    return CosmosPolicy(tiny_model, stats, text, PolicyConfig(action_steps=3))
+    return CosmosPolicy(tiny_model, stats, text, PolicyConfig(action_steps=3, return_latents=True))
 
 
 def test_actions_come_back_in_dataset_units(policy, stats):
