@@ -208,11 +208,79 @@ class Episode:
             raise InputError(f"images: episode {self.episode_id} has no camera {camera!r} (has {self.cameras})")
         return self.images[camera].frame(t)
 
+    def window(self, t: int, chunk: int) -> StepWindow:
+        """The step window of a training sample at step ``t`` with action chunk size ``chunk``."""
+        if not 0 <= t < self.num_steps:
+            raise InputError(f"{self.metadata.get('file', self.episode_id)}: step {t} outside the episode's {self.num_steps} steps")
+        future = min(t + chunk, self.num_steps - 1)
+        return StepWindow(
+            episode_id=self.episode_id,
+            step=t,
+            future_step=future,
+            num_steps=self.num_steps,
+            current={c: s.jpegs[t] for c, s in self.images.items()},
+            future={c: s.jpegs[future] for c, s in self.images.items()},
+            actions=action_chunk(self.actions, t, chunk),
+            proprio=self.proprio[t],
+            future_proprio=self.proprio[future],
+            instruction=self.instruction,
+            success=self.success,
+            score=float(self.score),  # type: ignore[arg-type]
+            source=self.source,
+            policy_version=self.policy_version,
+            origin=str(self.metadata.get("file", "")),
+        )
+
     @classmethod
     def from_frames(cls, frames: dict[str, np.ndarray], proprio: np.ndarray, actions: np.ndarray, **kwargs: Any) -> "Episode":
         """Build from decoded frames (uint8 (T, H, W, 3) per camera), encoding them as JPEG q95."""
         images = {name: ImageSequence.from_frames(f, name=f"images[{name!r}]") for name, f in frames.items()}
         return cls(images=images, proprio=proprio, actions=actions, **kwargs)
+
+
+@dataclass
+class StepWindow:
+    """What one training sample needs from an episode: step t, its future step, and the chunk between.
+
+    This is what replay hands the learner per sampled item, instead of the whole episode: the
+    JPEG frames of every camera at t and at min(t + K, T - 1), the action chunk a[t : t + K]
+    (padded with the episode's last action), proprio at both steps, and the episode facts the
+    value label needs (length, outcome).
+    """
+
+    episode_id: str
+    step: int
+    future_step: int
+    num_steps: int
+    current: dict[str, bytes]  # camera -> JPEG at step
+    future: dict[str, bytes]  # camera -> JPEG at future_step
+    actions: np.ndarray  # (K, d_a)
+    proprio: np.ndarray  # (d_p,)
+    future_proprio: np.ndarray  # (d_p,)
+    instruction: str
+    success: bool
+    score: float
+    source: Source
+    policy_version: int | None = None
+    origin: str = ""  # where the episode came from, for error messages
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.current.values()) + sum(len(b) for b in self.future.values()) + self.actions.nbytes + 2 * self.proprio.nbytes
+
+    def frame(self, camera: str, future: bool) -> np.ndarray:
+        frames = self.future if future else self.current
+        if camera not in frames:
+            raise InputError(f"{self.origin or self.episode_id}: no images for camera {camera!r} (has {sorted(frames)})")
+        return decode_jpeg(frames[camera], f"{self.origin or self.episode_id}:{camera}[{self.future_step if future else self.step}]")
+
+
+def action_chunk(actions: np.ndarray, t: int, chunk: int) -> np.ndarray:
+    """actions[t : t + chunk], padded at the episode's end by repeating its last action (method 3.4)."""
+    window = actions[t : t + chunk]
+    if len(window) < chunk:
+        window = np.concatenate([window, np.repeat(actions[-1:], chunk - len(window), axis=0)], axis=0)
+    return window
 
 
 def _matrix(x: Any, name: str) -> np.ndarray:

@@ -206,3 +206,24 @@ def test_per_benchmark_data_configs():
         load_data_config("libero", ["gamma=1.5"])
     with pytest.raises(ConfigError, match="mixture preset 'fastest'"):
         load_data_config("libero", ["mixture=fastest"])
+
+
+def test_one_label_equals_the_label_curve():
+    from cosmos_policy.data.samples import value_label
+
+    curve = value_labels(40, 1.0, 0.99)
+    assert all(value_label(40, t, 1.0, 0.99) == pytest.approx(float(curve[t])) for t in range(40))
+    assert value_label(40, 5, 0.0, 0.99) == -1.0
+
+
+def test_step_windows_carry_what_a_sample_needs(setup):
+    demos, _, builder = setup
+    ep = demos[2]
+    w = ep.window(20, 16)
+    assert (w.step, w.future_step, w.num_steps) == (20, 29, 30)
+    assert w.current["wrist"] == ep.images["wrist"].jpegs[20] and w.future["primary"] == ep.images["primary"].jpegs[29]
+    assert np.array_equal(w.actions, action_chunk(ep.actions, 20, 16))
+    rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
+    a, b = builder.build(ep, 20, SampleKind.VALUE, rng_a), builder.build_window(w, SampleKind.VALUE, rng_b)
+    assert a.value == b.value and np.array_equal(a.actions, b.actions)
+    assert all(torch.equal(a.images[k], b.images[k]) for k in a.images)

@@ -19,7 +19,7 @@ import torch
 
 from cosmos_policy.codec import NormalizationStats
 from cosmos_policy.data.augment import AugmentConfig, augment, resize
-from cosmos_policy.episode import Episode
+from cosmos_policy.episode import Episode, StepWindow, action_chunk  # noqa: F401 (action_chunk re-exported)
 from cosmos_policy.errors import InputError
 from cosmos_policy.layout import LatentLayout, SampleKind, SlotTime
 
@@ -36,13 +36,11 @@ def value_labels(num_steps: int, score: float, gamma: float) -> np.ndarray:
     return (2.0 * gamma**steps_to_go - 1.0).astype(np.float32)
 
 
-def action_chunk(actions: np.ndarray, t: int, chunk: int) -> np.ndarray:
-    """actions[t : t + chunk], padded by repeating the episode's last action."""
-    window = actions[t : t + chunk]
-    if len(window) < chunk:
-        pad = np.repeat(actions[-1:], chunk - len(window), axis=0)
-        window = np.concatenate([window, pad], axis=0)
-    return window
+def value_label(num_steps: int, step: int, score: float, gamma: float) -> float:
+    """The label of one step: 2 gamma^(T - 1 - step) - 1 after a success, -1 after a failure."""
+    if not 0 <= step < num_steps:
+        raise InputError(f"step: expected 0 <= step < {num_steps}, got {step}")
+    return float(np.float32(2.0 * gamma ** (num_steps - 1 - step) - 1.0)) if score > 0 else -1.0
 
 
 def episode_origin(episode: Episode) -> str:
@@ -87,7 +85,6 @@ class SampleBuilder:
         self.image_size = image_size
         self.gamma = gamma
         self.augmentation = augmentation
-        self._labels: dict[str, np.ndarray] = {}
 
     def check(self, episode: Episode) -> None:
         """Raise ``InputError`` naming the episode when it cannot give samples for this layout."""
@@ -103,48 +100,41 @@ class SampleBuilder:
         if missing:
             raise InputError(f"{where}: no images for cameras {missing} (has {episode.cameras})")
 
-    def labels(self, episode: Episode) -> np.ndarray:
-        cached = self._labels.get(episode.episode_id)
-        if cached is None or len(cached) != episode.num_steps:
-            cached = value_labels(episode.num_steps, float(episode.score), self.gamma)  # type: ignore[arg-type]
-            if len(self._labels) > 4096:
-                self._labels.clear()
-            self._labels[episode.episode_id] = cached
-        return cached
-
     def build(self, episode: Episode, t: int, kind: SampleKind, rng: np.random.Generator, pool: str = "") -> TrainingSample:
-        layout = self.layout
         self.check(episode)
-        if not 0 <= t < episode.num_steps:
-            raise InputError(f"{episode_origin(episode)}: step {t} outside the episode's {episode.num_steps} steps")
-        future = min(t + layout.action_chunk, episode.num_steps - 1)
+        return self.build_window(episode.window(t, self.layout.action_chunk), kind, rng, pool)
+
+    def build_window(self, window: StepWindow, kind: SampleKind, rng: np.random.Generator, pool: str = "") -> TrainingSample:
+        """A sample from a step window (what replay hands out), with one augmentation draw."""
+        layout = self.layout
+        if window.actions.shape != (layout.action_chunk, layout.action_dim):
+            raise InputError(f"{window.origin or window.episode_id}: action chunk {window.actions.shape}, layout {layout.name!r} "
+                             f"expects {(layout.action_chunk, layout.action_dim)}")
         cameras = layout.cameras
-        raw = [episode.frame(c, t) for c in cameras] + [episode.frame(c, future) for c in cameras]
+        raw = [window.frame(c, future=False) for c in cameras] + [window.frame(c, future=True) for c in cameras]
         if len({img.shape for img in raw}) != 1:
-            raise InputError(f"{episode_origin(episode)}: cameras have different image sizes {sorted({img.shape for img in raw})}")
+            raise InputError(f"{window.origin or window.episode_id}: cameras have different image sizes {sorted({img.shape for img in raw})}")
         stack = torch.from_numpy(np.stack(raw))
         if self.augmentation is not None:
             out, _ = augment(stack, rng, self.image_size, self.augmentation)
         else:
             out = resize(stack, self.image_size)
         names = [f"current_image.{c}" for c in cameras] + [f"future_image.{c}" for c in cameras]
-        images = dict(zip(names, out.unbind(0)))
-        chunk = action_chunk(episode.actions, t, layout.action_chunk)
-        actions = self.stats.normalize_actions(torch.from_numpy(chunk)).numpy()
+        actions = self.stats.normalize_actions(torch.from_numpy(window.actions)).numpy()
         proprio = future_proprio = None
         if layout.proprio_index(SlotTime.CURRENT) is not None:
-            pair = self.stats.normalize_proprio(torch.from_numpy(episode.proprio[[t, future]])).numpy()
+            pair = self.stats.normalize_proprio(torch.from_numpy(np.stack([window.proprio, window.future_proprio]))).numpy()
             proprio, future_proprio = pair[0], pair[1]
         return TrainingSample(
             kind=SampleKind(kind),
             pool=pool,
-            images=images,
+            images=dict(zip(names, out.unbind(0))),
             proprio=proprio,
             future_proprio=future_proprio,
             actions=actions,
-            value=float(self.labels(episode)[future]),
-            instruction=episode.instruction,
-            episode_id=episode.episode_id,
-            step=t,
-            policy_version=episode.policy_version,
+            value=value_label(window.num_steps, window.future_step, window.score, self.gamma),
+            instruction=window.instruction,
+            episode_id=window.episode_id,
+            step=window.step,
+            policy_version=window.policy_version,
         )
