@@ -1,0 +1,1 @@
+"""Environment adapters: the built-in Lift task (robosuite) and LIBERO (extra ``libero``)."""
