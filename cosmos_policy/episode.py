@@ -60,7 +60,12 @@ def jpeg_round_trip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarra
 
 
 class ImageSequence:
-    """One camera's frames: JPEG bytes at rest, decoded one frame at a time on demand."""
+    """One camera's frames: JPEG bytes at rest, decoded one frame at a time on demand.
+
+    A frame may be absent (empty bytes): runners render cameras only at policy-query steps, so
+    an episode they record has images at the steps a training sample can start from (and at its
+    future step) and nothing in between. ``present`` says which steps have a frame.
+    """
 
     def __init__(self, jpegs: Sequence[bytes], shape: tuple[int, int] | None = None, origin: str = "images") -> None:
         self._jpegs = [bytes(j) for j in jpegs]
@@ -88,16 +93,26 @@ class ImageSequence:
     def frame(self, t: int) -> np.ndarray:
         if not -len(self._jpegs) <= t < len(self._jpegs):
             raise IndexError(f"{self.origin}: step {t} out of range for {len(self._jpegs)} frames")
+        if not self._jpegs[t]:
+            raise InputError(f"{self.origin}[{t}]: no frame was rendered at this step")
         return decode_jpeg(self._jpegs[t], f"{self.origin}[{t}]")
 
     def frames(self) -> np.ndarray:
-        return np.stack([self.frame(t) for t in range(len(self))])
+        return np.stack([self.frame(t) for t in range(len(self)) if self._jpegs[t]])
+
+    @property
+    def present(self) -> np.ndarray:
+        """(T,) bool: which steps have a frame."""
+        return np.array([bool(j) for j in self._jpegs], dtype=bool)
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(height, width) of the frames (read from the first frame when not known)."""
+        """(height, width) of the frames (read from the first present frame when not known)."""
         if self._shape is None:
-            self._shape = tuple(self.frame(0).shape[:2])  # type: ignore[assignment]
+            first = next((t for t, j in enumerate(self._jpegs) if j), None)
+            if first is None:
+                raise InputError(f"{self.origin}: no frame at any step")
+            self._shape = tuple(self.frame(first).shape[:2])  # type: ignore[assignment]
         return self._shape  # type: ignore[return-value]
 
     def __eq__(self, other: object) -> bool:
@@ -202,6 +217,12 @@ class Episode:
     def nbytes(self) -> int:
         """Approximate size at rest: JPEG bytes plus the arrays."""
         return sum(s.nbytes for s in self.images.values()) + self.proprio.nbytes + self.actions.nbytes
+
+    def sample_steps(self, chunk: int) -> np.ndarray:
+        """Steps a training sample can start from: every camera has a frame at t and at min(t + K, T - 1)."""
+        present = np.logical_and.reduce([s.present for s in self.images.values()])
+        future = np.minimum(np.arange(self.num_steps) + chunk, self.num_steps - 1)
+        return np.flatnonzero(present & present[future])
 
     def frame(self, camera: str, t: int) -> np.ndarray:
         if camera not in self.images:

@@ -73,11 +73,16 @@ class SumTree:
 @dataclass
 class _Entry:
     episode: Episode
-    slots: np.ndarray  # slot of each step
+    steps: np.ndarray  # the episode's item steps (those with frames at t and at t + K)
+    slots: np.ndarray  # the slot of each item
     seq: int
     inserted_at: float
     nbytes: int
     live: int
+
+    def slot_of(self, step: int) -> int | None:
+        i = int(np.searchsorted(self.steps, step))
+        return int(self.slots[i]) if i < len(self.steps) and self.steps[i] == step else None
 
 
 @dataclass
@@ -139,8 +144,11 @@ class Table:
             for cam, seq in episode.images.items():
                 if list(seq.shape) != list(sig.image_shape):
                     raise SignatureError(f"table {name!r}: camera {cam!r} frames are {list(seq.shape)}, the signature says {list(sig.image_shape)}")
-        if episode.num_steps > self.config.max_items:
-            raise SignatureError(f"table {name!r}: an episode of {episode.num_steps} steps exceeds max_items {self.config.max_items}")
+        items = len(episode.sample_steps(self.config.window))
+        if items == 0:
+            raise SignatureError(f"table {name!r}: episode {episode.episode_id} has no step with frames at t and t + {self.config.window}")
+        if items > self.config.max_items:
+            raise SignatureError(f"table {name!r}: an episode of {items} items exceeds max_items {self.config.max_items}")
         if episode.episode_id in self.episodes:
             raise SignatureError(f"table {name!r}: episode {episode.episode_id} is already in the table")
 
@@ -187,22 +195,28 @@ class Table:
     # ---- insert / remove ---------------------------------------------------------------
     def add(self, episode: Episode, priorities: np.ndarray | float = 1.0, times_sampled: np.ndarray | None = None,
             count_insert: bool = True) -> list[str]:
-        """Add an episode (all of its steps); returns the ids of episodes evicted to make room."""
+        """Add an episode's items; returns the ids of episodes evicted to make room.
+
+        ``priorities`` is one value, or one per episode step (steps that are not items are
+        ignored); ``times_sampled`` (restore) is one count per item.
+        """
         self.check_signature(episode)
-        t = episode.num_steps
-        pr = np.broadcast_to(np.asarray(priorities, dtype=np.float64), (t,)).copy()
+        steps = episode.sample_steps(self.config.window)
+        t = len(steps)
+        given = np.asarray(priorities, dtype=np.float64)
+        pr = (given[steps] if given.ndim == 1 and len(given) == episode.num_steps else np.broadcast_to(given, (t,))).copy()
         if np.any(pr < 0) or not np.all(np.isfinite(pr)):
             raise InputError(f"table {self.config.name!r}: priorities must be finite and >= 0")
         with self.cond:
             evicted = self._make_room(t, episode.nbytes)
             slots = np.array([self.free.popleft() for _ in range(t)], dtype=np.int64)
-            for s, step in zip(slots, range(t)):
+            for s, step in zip(slots, steps):
                 self.slot_episode[s] = episode.episode_id
                 self.slot_step[s] = step
             self.priority[slots] = pr
             self.times_sampled[slots] = 0 if times_sampled is None else times_sampled
             self.tree.set(slots, self._weights(pr))
-            self.episodes[episode.episode_id] = _Entry(episode, slots, self.seq, self.clock(), episode.nbytes, t)
+            self.episodes[episode.episode_id] = _Entry(episode, steps, slots, self.seq, self.clock(), episode.nbytes, t)
             self.seq += 1
             self.items += t
             self.nbytes += episode.nbytes
@@ -323,10 +337,8 @@ class Table:
                 if not math.isfinite(p) or p < 0:
                     raise InputError(f"update_priorities: priority of ({eid}, {step}) must be finite and >= 0, got {p}")
                 entry = self.episodes.get(eid)
-                if entry is None or not 0 <= step < len(entry.slots):
-                    continue
-                s = entry.slots[step]
-                if self.slot_episode[s] != eid:
+                s = None if entry is None else entry.slot_of(int(step))
+                if s is None or self.slot_episode[s] != eid:
                     continue
                 self.priority[s] = p
                 self.tree.set(np.array([s]), self._weights(np.array([p])))

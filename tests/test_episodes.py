@@ -170,3 +170,17 @@ def test_predicted_future_images_of_official_eval_rollouts_are_not_cameras(tmp_p
         data[0] = f["primary_images_jpeg"][0]
         f.create_dataset("future_primary_images_jpeg", data=data, dtype=h5py.vlen_dtype(np.uint8))
     assert read_episode(path).cameras == ["primary", "wrist"]
+
+
+def test_sparse_frames_round_trip_and_sample_steps(tmp_path):
+    """Runners render at query steps only: frames exist every 4th step (and at the last)."""
+    ep = make_episode(steps=13)
+    keep = {0, 4, 8, 12}
+    for seq in ep.images.values():
+        seq._jpegs = [j if t in keep else b"" for t, j in enumerate(seq.jpegs)]
+    assert ep.sample_steps(4).tolist() == [0, 4, 8, 12]  # t and min(t + 4, 12) both rendered
+    assert ep.sample_steps(8).tolist() == [0, 4, 12]  # 8 + 8 -> 12 is rendered; 4 + 8 = 12 too
+    with pytest.raises(InputError, match=r"\[5\]: no frame was rendered at this step"):
+        ep.frame("wrist", 5)
+    back = read_episode(write_episode(tmp_path / "sparse.hdf5", ep))
+    assert back.images == ep.images and back.sample_steps(4).tolist() == [0, 4, 8, 12]

@@ -286,3 +286,14 @@ def test_priority_updates_of_sampled_items_change_what_is_sampled(make):
     keys = sorted({(it.episode_id, it.step) for it in items})
     assert replay.update_priorities("p", keys, [5.0 if step == 2 else 0.0 for _, step in keys]) == len(keys)
     assert {it.step for it in replay.sample("p", 50, timeout=5)} == {2}
+
+
+@pytest.mark.parametrize("make", ["local"], indirect=True)
+def test_items_only_where_frames_were_rendered(make):
+    replay = make([TableConfig(name="t", window=4)])
+    ep = episode(steps=13)
+    for seq in ep.images.values():
+        seq._jpegs = [j if t % 4 == 0 else b"" for t, j in enumerate(seq.jpegs)]
+    replay.insert("t", ep)
+    assert replay.stats()["t"]["items"] == 4
+    assert {it.step for it in replay.sample("t", 100, timeout=5)} == {0, 4, 8, 12}

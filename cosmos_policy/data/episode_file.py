@@ -172,8 +172,9 @@ def read_jpeg_dataset(group: h5py.Group, key: str, where: str) -> ImageSequence:
     jpegs = []
     for i, item in enumerate(ds[()]):
         raw = item.tobytes() if isinstance(item, np.ndarray) else bytes(item)
-        # A JPEG starts with SOI (FF D8) and ends with EOI (FF D9): catches truncated frames cheaply.
-        if len(raw) < 4 or raw[:2] != b"\xff\xd8" or raw.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        # Empty: no frame rendered at this step. Otherwise a JPEG starts with SOI (FF D8) and ends
+        # with EOI (FF D9): that catches truncated frames cheaply.
+        if raw and (len(raw) < 4 or raw[:2] != b"\xff\xd8" or raw.rstrip(b"\x00")[-2:] != b"\xff\xd9"):
             raise EpisodeFileError(f"{where}:{ds.name}[{i}]: corrupt JPEG data (missing start or end marker)")
         jpegs.append(raw)
     return ImageSequence(jpegs, origin=f"{where}:{ds.name}")

@@ -104,18 +104,28 @@ def pools_of(episode: Episode, demos_as_success_rollouts: bool = False) -> list[
 
 
 class EpisodePool:
-    """Episodes of one pool; draws a step uniformly over all of their steps."""
+    """Episodes of one pool; draws a step uniformly over all of their sample steps.
 
-    def __init__(self, name: str, episodes: Iterable[Episode] = ()) -> None:
+    A sample step has frames at t and at t + ``chunk`` (every step of a dataset episode; the
+    query steps of an episode a runner recorded with sparse rendering).
+    """
+
+    def __init__(self, name: str, episodes: Iterable[Episode] = (), chunk: int = 1) -> None:
         self.name = name
+        self.chunk = chunk
         self.episodes: list[Episode] = []
+        self._steps: list[np.ndarray] = []
         self._ends: list[int] = []
         for ep in episodes:
             self.add(ep)
 
     def add(self, episode: Episode) -> None:
+        steps = episode.sample_steps(self.chunk)
+        if len(steps) == 0:
+            return
         self.episodes.append(episode)
-        self._ends.append((self._ends[-1] if self._ends else 0) + episode.num_steps)
+        self._steps.append(steps)
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(steps))
 
     @property
     def num_steps(self) -> int:
@@ -130,7 +140,7 @@ class EpisodePool:
         g = int(rng.integers(self.num_steps))
         i = bisect.bisect_right(self._ends, g)
         start = self._ends[i - 1] if i else 0
-        return self.episodes[i], g - start
+        return self.episodes[i], int(self._steps[i][g - start])
 
 
 class MixtureSampler:
@@ -147,8 +157,8 @@ class MixtureSampler:
         self._kinds = {p: ([SampleKind(k) for k in d], np.array(list(d.values()))) for p, d in config.kinds.items()}
 
     @classmethod
-    def from_episodes(cls, config: MixtureConfig, episodes: Iterable[Episode]) -> "MixtureSampler":
-        pools = {name: EpisodePool(name) for name in POOLS}
+    def from_episodes(cls, config: MixtureConfig, episodes: Iterable[Episode], chunk: int = 1) -> "MixtureSampler":
+        pools = {name: EpisodePool(name, chunk=chunk) for name in POOLS}
         for ep in episodes:
             for name in pools_of(ep, config.demos_as_success_rollouts):
                 pools[name].add(ep)
