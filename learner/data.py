@@ -1,0 +1,131 @@
+"""Where the learner's batches come from: demonstrations plus experience, in configured proportions.
+
+Both sources build the same ``TrainingBatch`` with the same sample builder; they differ only in
+where (episode, step) draws come from:
+- ``EpisodeBatches``: episodes in memory (a dataset, or the quickstart's demonstrations);
+- ``ReplayBatches``: replay tables (``demos``, ``experience_success``, ``experience_failure``),
+  whose items are step windows; the time spent waiting on replay is reported.
+Batches are a pure function of (seed, rank, step): a resumed run sees the same data it would
+have seen, and ranks never draw the same samples.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import numpy as np
+
+from cosmos_policy.data.loader import TrainingBatch, collate
+from cosmos_policy.data.mixture import MixtureConfig, MixtureSampler
+from cosmos_policy.data.samples import SampleBuilder, TrainingSample
+from cosmos_policy.errors import InputError
+from cosmos_policy.layout import SampleKind
+from cosmos_policy.text import TextEmbeddingCache
+
+# Mixture pool -> replay table.
+POOL_TABLES = {"demo": "demos", "success": "experience_success", "failure": "experience_failure"}
+
+
+class BatchSource(Protocol):
+    def batch(self, step: int) -> TrainingBatch: ...
+
+
+def _rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, rank, step])
+
+
+class EpisodeBatches:
+    """Batches drawn from episodes held in memory."""
+
+    def __init__(self, sampler: MixtureSampler, builder: SampleBuilder, text: TextEmbeddingCache, batch_size: int,
+                 seed: int = 0, rank: int = 0) -> None:
+        for pool in sampler.pools.values():
+            for ep in pool.episodes:
+                builder.check(ep)
+        self.sampler, self.builder, self.text = sampler, builder, text
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.wait_s = 0.0
+
+    def batch(self, step: int) -> TrainingBatch:
+        rng = _rng(self.seed, self.rank, step)
+        samples = []
+        for _ in range(self.batch_size):
+            pool, kind, episode, t = self.sampler.draw(rng)
+            samples.append(self.builder.build(episode, t, kind, rng, pool=pool))
+        return collate(samples, self.text)
+
+
+class ReplayBatches:
+    """Batches sampled from replay tables in the mixture's proportions.
+
+    Per batch, the number of samples from each table is multinomial in the pool probabilities
+    (tables with no items yet are skipped and the rest renormalized); each sample's kind is then
+    drawn with the pool's kind probabilities.
+    """
+
+    def __init__(self, replay, config: MixtureConfig, builder: SampleBuilder, text: TextEmbeddingCache, batch_size: int,
+                 seed: int = 0, rank: int = 0, timeout_s: float | None = 600.0) -> None:
+        self.replay, self.config, self.builder, self.text = replay, config, builder, text
+        self.batch_size, self.seed, self.rank, self.timeout_s = batch_size, seed, rank, timeout_s
+        self.wait_s = 0.0
+        self._kinds = {p: ([SampleKind(k) for k in d], np.array(list(d.values()))) for p, d in config.kinds.items()}
+
+    def batch(self, step: int) -> TrainingBatch:
+        rng = _rng(self.seed, self.rank, step)
+        stats = self.replay.stats()
+        pools = [p for p, prob in self.config.pools.items() if prob > 0 and stats.get(POOL_TABLES[p], {}).get("items", 0) > 0]
+        if not pools:
+            raise InputError(f"replay: no items in any of the tables {[POOL_TABLES[p] for p in self.config.pools]}")
+        probs = np.array([self.config.pools[p] for p in pools])
+        counts = rng.multinomial(self.batch_size, probs / probs.sum())
+        samples: list[TrainingSample] = []
+        start = time.perf_counter()
+        drawn = {p: self.replay.sample(POOL_TABLES[p], int(c), timeout=self.timeout_s) for p, c in zip(pools, counts) if c > 0}
+        self.wait_s += time.perf_counter() - start
+        for pool, items in drawn.items():
+            kinds, kind_probs = self._kinds[pool]
+            for item in items:
+                kind = kinds[int(rng.choice(len(kinds), p=kind_probs))]
+                samples.append(self.builder.build_window(item.window, kind, rng, pool=pool))
+        order = rng.permutation(len(samples))
+        return collate([samples[i] for i in order], self.text)
+
+
+class SyntheticBatches:
+    """Random batches in model units (``cosmos_policy.synthetic``): smoke runs, speed and fault tests.
+
+    ``fixed``: the same batch every step (an overfitting check); otherwise one per (seed, rank, step).
+    """
+
+    def __init__(self, model, batch_size: int, kinds: tuple[str, ...] = ("policy", "world_model", "value"), seed: int = 0,
+                 rank: int = 0, fixed: bool = False) -> None:
+        from cosmos_policy.synthetic import random_batch
+
+        self._make = lambda s: random_batch(model.config, model.layout, [kinds[i % len(kinds)] for i in range(batch_size)], seed=s)
+        self.seed, self.rank, self.fixed = seed, rank, fixed
+        self._fixed = self._wrap(self._make(seed)) if fixed else None
+        self.wait_s = 0.0
+
+    @staticmethod
+    def _wrap(batch) -> TrainingBatch:
+        n = batch.batch_size
+        return TrainingBatch(model=batch, pools=["demo"] * n, episode_ids=[""] * n, steps=[0] * n, policy_versions=[None] * n)
+
+    def batch(self, step: int) -> TrainingBatch:
+        if self._fixed is not None:
+            return self._fixed
+        return self._wrap(self._make(hash((self.seed, self.rank, step)) & 0x7FFF_FFFF))
+
+
+def synthetic_source(batch_size: int, fixed: bool = False, seed: int = 0):
+    """A picklable factory (model, rank) -> SyntheticBatches for worker groups."""
+    return _SyntheticFactory(batch_size, fixed, seed)
+
+
+class _SyntheticFactory:
+    def __init__(self, batch_size: int, fixed: bool, seed: int) -> None:
+        self.batch_size, self.fixed, self.seed = batch_size, fixed, seed
+
+    def __call__(self, model, rank: int) -> SyntheticBatches:
+        return SyntheticBatches(model, self.batch_size, seed=self.seed, rank=rank, fixed=self.fixed)

@@ -1,0 +1,234 @@
+"""The learner core: one process of a DeepSpeed data-parallel run. No Ray.
+
+The denoiser is the only trainable module (the VAE and text encoder stay frozen): DeepSpeed
+wraps it (ZeRO stage 2 by default, 3 optional; bf16 on GPUs; gradient clipping 1.0; gradient
+accumulation) with AdamW (lr 1e-4, betas (0.9, 0.99), weight decay 0.1; torch's AdamW so no op
+has to compile) and the official two-cycle schedule. Processes find each other through the
+usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables, which a Ray worker group
+(``learner.group``) or torchrun sets; gloo on CPUs, NCCL on GPUs.
+
+Batches come from a ``BatchSource`` as a function of (seed, rank, step), and the noise of every
+step from a generator seeded the same way, so a run stopped after k steps and resumed from its
+checkpoint continues with exactly the steps it would have taken.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cosmos_policy.checkpoint import load_checkpoint, save_checkpoint
+from cosmos_policy.codec import NormalizationStats
+from cosmos_policy.config import load_model_config
+from cosmos_policy.errors import CheckpointError, ConfigError
+from cosmos_policy.layout import load_layout
+from cosmos_policy.model import CosmosPolicyModel
+from cosmos_policy.text import TextEmbeddingCache
+from cosmos_policy.weights import Packed, pack
+from learner.data import BatchSource
+from learner.schedule import ScheduleConfig, lr_multiplier
+
+_TAG = re.compile(r"^step(\d+)$")
+
+
+@dataclass
+class LearnerConfig:
+    model: str = "tiny"  # model size (configs/model) when not starting from a checkpoint
+    layout: str = "libero"
+    init_checkpoint: str | None = None  # our checkpoint format: the weights to refine
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    micro_batch: int = 4  # samples per process per micro-step
+    grad_accum: int = 1
+    zero_stage: int = 2
+    precision: str = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint_dir: str = "runs/learner/checkpoints"
+    checkpoint_every: int = 1000  # steps; 0: only when asked (and on shutdown)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"learner.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"learner.precision: expected auto, bf16 or fp32, got {self.precision!r}")
+        for name in ("micro_batch", "grad_accum", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"learner.{name}: expected >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"learner.lr: expected > 0, got {self.lr}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"learner.checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+
+
+def deepspeed_config(cfg: LearnerConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Learner:
+    """One rank of the learner."""
+
+    def __init__(self, config: LearnerConfig, source: BatchSource | Callable[[CosmosPolicyModel, int], BatchSource],
+                 model: CosmosPolicyModel | None = None) -> None:
+        import deepspeed
+
+        self.config = config
+        self.cuda = torch.cuda.is_available()
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.manual_seed(config.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False)
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        self.stats: NormalizationStats | None = None
+        self.text: TextEmbeddingCache | None = None
+        self.model = model if model is not None else self._initial_model()
+        self.model.tokenizer.to(self.device)
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.cuda)
+        params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model.denoiser,
+            model_parameters=params,
+            config=deepspeed_config(config, self.world_size, self.bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, config.schedule)),
+        )
+        self.model.denoiser = self.engine.module  # the same module, now owned by DeepSpeed
+        self.source = source(self.model, self.rank) if callable(source) and not hasattr(source, "batch") else source
+        self.step = 0
+        self.version = 0
+        self.samples = 0
+
+    def _initial_model(self) -> CosmosPolicyModel:
+        cfg = self.config
+        if cfg.init_checkpoint:
+            ckpt = load_checkpoint(cfg.init_checkpoint)
+            self.stats, self.text = ckpt.stats, ckpt.text
+            model = ckpt.model
+            model.denoiser.train()
+            for p in model.denoiser.parameters():
+                p.requires_grad_(True)
+            return model
+        return CosmosPolicyModel.build(load_model_config(cfg.model), load_layout(cfg.layout), seed=cfg.seed)
+
+    # ---- training ----------------------------------------------------------------------
+    def generator(self, micro: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.config.seed, self.rank, self.step, micro)) & 0x7FFF_FFFF_FFFF)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (this rank's)."""
+        cfg = self.config
+        start = time.perf_counter()
+        wait_before = getattr(self.source, "wait_s", 0.0)
+        sums: dict[str, list[float]] = {}
+        versions: list[int] = []
+        self.engine.train()
+        for micro in range(cfg.grad_accum):
+            batch = self.source.batch(self.step * cfg.grad_accum + micro)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.model.training_loss(batch.model, self.generator(micro))
+            self.engine.backward(out.loss)
+            self.engine.step()
+            for k, v in out.metrics.items():
+                sums.setdefault(k, []).append(v)
+            versions += [v for v in batch.policy_versions if v is not None]
+        self.step += 1
+        self.samples += cfg.micro_batch * cfg.grad_accum * self.world_size
+        elapsed = time.perf_counter() - start
+        metrics = {k: float(np.mean(v)) for k, v in sums.items()}
+        norm = self.engine.get_global_grad_norm()
+        metrics.update({
+            "step": self.step,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "samples_per_s": cfg.micro_batch * cfg.grad_accum * self.world_size / elapsed,
+            "staleness_versions": float(self.version - np.mean(versions)) if versions else 0.0,
+            "replay_wait_s": getattr(self.source, "wait_s", 0.0) - wait_before,
+        })
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save()
+        return metrics
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save(self) -> Path:
+        """DeepSpeed checkpoint of model, optimizer, schedule, step and data position (all ranks call)."""
+        root = Path(self.config.checkpoint_dir)
+        tag = f"step{self.step:08d}"
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"step": self.step, "version": self.version, "samples": self.samples})
+        if self.rank == 0:
+            tags = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
+            for old in tags[: -self.config.keep_checkpoints]:
+                shutil.rmtree(root / old, ignore_errors=True)
+        return root / tag
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint in ``checkpoint_dir`` if there is one; returns whether it did."""
+        root = Path(self.config.checkpoint_dir)
+        if not (root / "latest").is_file():
+            return False
+        tag = (root / "latest").read_text().strip()
+        try:
+            path, client = self.engine.load_checkpoint(str(root), tag=tag)
+        except Exception as exc:  # torch, pickle and DeepSpeed each fail in their own way on a bad file
+            raise CheckpointError(f"{root / tag}: cannot resume from this learner checkpoint, corrupt or from another model ({exc})") from exc
+        if path is None:
+            raise CheckpointError(f"{root / tag}: the learner checkpoint named in 'latest' is missing")
+        self.step, self.version, self.samples = int(client["step"]), int(client["version"]), int(client.get("samples", 0))
+        return True
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The denoiser's full weights on every rank (gathered under ZeRO-3)."""
+        if self.config.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.denoiser.net.parameters()), modifier_rank=None):
+                return {k: v.detach().clone().cpu() for k, v in self.model.denoiser.net.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.model.denoiser.net.state_dict().items()}
+
+    def export(self, path: str | Path) -> Path | None:
+        """A consolidated checkpoint in our format (rank 0 writes it; every rank must call)."""
+        state = self.full_state()
+        if self.rank != 0:
+            return None
+        cfg = self.model.config
+        with torch.device("cpu"):
+            out = CosmosPolicyModel(cfg, self.model.layout, vae=self.model.tokenizer.vae)
+        out.denoiser.net.load_state_dict(state)
+        return save_checkpoint(path, out, stats=self.stats, text=self.text, metadata={"step": self.step, "version": self.version})
+
+    def packed_weights(self) -> Packed:
+        """The denoiser weights packed for publication (bf16)."""
+        return pack(self.full_state())

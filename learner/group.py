@@ -1,0 +1,156 @@
+"""The learner as a Ray worker group: one process per GPU (or CPU rank), restarted on failure.
+
+Each ``LearnerWorker`` sets the distributed environment (rank, world size, a loopback or head-node
+address and a free port), builds its ``Learner`` and resumes from the latest checkpoint. The
+group drives all ranks in lockstep; rank 0 publishes weights every ``publish_every`` steps. If a
+worker dies (a crash, SIGKILL, a lost node), the group tears the others down, starts a fresh
+set and they resume from the last checkpoint, while actors keep acting on the last published
+weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError
+
+from learner.engine import Learner, LearnerConfig
+from learner.publish import publish
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class PublishConfig:
+    every: int = 0  # steps between publications; 0: never
+    target: str = "policy"  # which model the weights are for
+    registry: str = "weight-registry"
+
+
+@ray.remote
+class LearnerWorker:
+    def __init__(self, config: LearnerConfig, source: Callable, rank: int, world_size: int, address: str, port: int,
+                 publish_cfg: PublishConfig) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0" if not ray.get_gpu_ids() else "0",
+                          MASTER_ADDR=address, MASTER_PORT=str(port))
+        self.learner = Learner(config, source)
+        self.resumed = self.learner.resume()
+        self.publish_cfg = publish_cfg
+        self.publish_s: list[float] = []
+
+    def train(self, steps: int) -> list[dict[str, float]]:
+        out = []
+        for _ in range(steps):
+            metrics = self.learner.train_step()
+            every = self.publish_cfg.every
+            if every and self.learner.step % every == 0:
+                metrics.update(self.publish())
+            out.append(metrics)
+        return out
+
+    def publish(self) -> dict[str, float]:
+        """Rank 0 puts the weights into the object store once; the others only help gather (ZeRO-3)."""
+        packed = self.learner.packed_weights()
+        self.learner.version += 1
+        if self.learner.rank != 0:
+            return {}
+        record, seconds = publish(packed, self.learner.version, self.learner.step, self.publish_cfg.target, self.publish_cfg.registry)
+        self.publish_s.append(seconds)
+        return {"published_version": record.version, "publish_s": seconds}
+
+    def save(self) -> str:
+        return str(self.learner.save())
+
+    def export(self, path: str) -> str | None:
+        out = self.learner.export(path)
+        return None if out is None else str(out)
+
+    def state(self) -> dict[str, Any]:
+        from cosmos_policy.weights import checksum, pack
+
+        return {"step": self.learner.step, "version": self.learner.version, "resumed": self.resumed,
+                "checksum": checksum(pack(self.learner.full_state(), dtype=None)), "pid": os.getpid()}
+
+    def evaluate(self, batch, seed: int = 0) -> float:
+        """The loss on ``batch`` with fixed noise, without training (for tests and validation)."""
+        import torch
+
+        model = self.learner.model
+        model.denoiser.eval()
+        with torch.no_grad():
+            loss = model.training_loss(batch.model, torch.Generator().manual_seed(seed)).loss
+        model.denoiser.train()
+        return float(loss)
+
+
+class LearnerGroup:
+    """Starts ``world_size`` workers and trains them in lockstep, restarting them on failure."""
+
+    def __init__(self, config: LearnerConfig, source: Callable, world_size: int = 1, gpus_per_worker: float = 0,
+                 cpus_per_worker: float = 1, publish_cfg: PublishConfig | None = None, max_restarts: int = 3) -> None:
+        self.config, self.source, self.world_size = config, source, world_size
+        self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
+        self.publish_cfg = publish_cfg or PublishConfig()
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.workers: list[Any] = []
+        self.start()
+
+    def start(self) -> None:
+        address = "127.0.0.1" if self.world_size == 1 or len(ray.nodes()) == 1 else ray.util.get_node_ip_address()
+        port = free_port()
+        self.workers = [
+            LearnerWorker.options(num_gpus=self.gpus, num_cpus=self.cpus).remote(
+                self.config, self.source, rank, self.world_size, address, port, self.publish_cfg
+            )
+            for rank in range(self.world_size)
+        ]
+        ray.get([w.state.remote() for w in self.workers])  # wait until every rank is up (and resumed)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+    def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        time.sleep(0.5)  # let the dead ranks' sockets close
+        self.start()
+
+    def train(self, steps: int, chunk: int = 1, on_metrics: Callable[[list[dict]], None] | None = None) -> int:
+        """Train until the group's step reaches its current step + ``steps``; returns the final step."""
+        target = self.step() + steps
+        while self.step() < target:
+            n = min(chunk, target - self.step())
+            try:
+                results = ray.get([w.train.remote(n) for w in self.workers])
+            except (RayActorError, ActorDiedError):
+                if self.restarts >= self.max_restarts:
+                    raise
+                self.restart()  # the fresh workers resume from the last checkpoint
+                continue
+            if on_metrics is not None:
+                on_metrics(results[0])
+        return self.step()
+
+    def step(self) -> int:
+        return ray.get(self.workers[0].state.remote())["step"]
+
+    def states(self) -> list[dict[str, Any]]:
+        return ray.get([w.state.remote() for w in self.workers])
+
+    def save(self) -> str:
+        return ray.get([w.save.remote() for w in self.workers])[0]
+
+    def export(self, path: str) -> str:
+        return ray.get([w.export.remote(path) for w in self.workers])[0]

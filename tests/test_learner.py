@@ -1,0 +1,165 @@
+"""The DeepSpeed learner on CPUs (gloo): training, agreement across ranks, exact resume,
+recovery from a killed worker, weight publication to policy servers, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cosmos_policy.errors import CheckpointError, ConfigError
+from learner.data import SyntheticBatches, synthetic_source
+from learner.engine import Learner, LearnerConfig
+from learner.schedule import ScheduleConfig, lr_multiplier
+
+FLAT = ScheduleConfig(warmup_steps=0, cycle_steps=1000, end_of_cycle=1.0)
+
+
+def config(tmp_path, **kw) -> LearnerConfig:
+    base = dict(micro_batch=2, lr=2e-3, schedule=FLAT, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=0, seed=0)
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+def test_schedule_is_the_official_two_cycle_linear_one():
+    cfg = ScheduleConfig()
+    assert lr_multiplier(0, cfg) == pytest.approx(1e-6)
+    assert lr_multiplier(500, cfg) == pytest.approx(0.5, abs=1e-6)
+    assert lr_multiplier(1000, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(15500, cfg) == pytest.approx(0.65)
+    assert lr_multiplier(29999, cfg) == pytest.approx(0.3, abs=1e-4)
+    assert lr_multiplier(30000, cfg) == 0.06 and lr_multiplier(10**6, cfg) == 0.06
+    with pytest.raises(ConfigError, match="warmup_steps < cycle_steps"):
+        ScheduleConfig(warmup_steps=40, cycle_steps=30)
+
+
+def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tmp_path):
+    """Deterministic mode: 3 steps, checkpoint, a new learner resumes, 3 more == 6 straight steps."""
+    os.environ.update(MASTER_PORT="29633")
+    straight = Learner(config(tmp_path / "a", deterministic=True), synthetic_source(2))
+    losses = [straight.train_step()["loss"] for _ in range(6)]
+    first = Learner(config(tmp_path / "b", deterministic=True), synthetic_source(2))
+    part = [first.train_step()["loss"] for _ in range(3)]
+    first.save()
+    second = Learner(config(tmp_path / "b", deterministic=True), synthetic_source(2))
+    assert second.resume() and second.step == 3
+    part += [second.train_step()["loss"] for _ in range(3)]
+    assert np.allclose(part, losses, rtol=1e-5), (part, losses)
+    assert losses[-1] != losses[0]
+    torch.use_deterministic_algorithms(False)
+
+
+def test_bad_configs_and_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="learner.zero_stage"):
+        LearnerConfig(zero_stage=4)
+    with pytest.raises(ConfigError, match="learner.micro_batch"):
+        LearnerConfig(micro_batch=0)
+    os.environ.update(MASTER_PORT="29634")
+    learner = Learner(config(tmp_path), synthetic_source(2))
+    learner.train_step()
+    saved = learner.save()
+    # Corrupt: the model states file overwritten with garbage.
+    states = next(saved.glob("*model_states.pt"))
+    states.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="cannot resume from this learner checkpoint"):
+        Learner(config(tmp_path), synthetic_source(2)).resume()
+    # Mismatched: a checkpoint of a 3-block network resumed by a 2-block one.
+    other = Learner(config(tmp_path / "big"), synthetic_source(2), model=None)
+    other.save()
+    import shutil
+
+    shutil.rmtree(tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "big" / "ckpt", tmp_path / "ckpt")
+    from cosmos_policy.config import load_model_config
+    from cosmos_policy.layout import load_layout
+    from cosmos_policy.model import CosmosPolicyModel
+
+    bigger = CosmosPolicyModel(load_model_config("tiny", ["network.num_layers=3"]), load_layout("libero"))
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        Learner(config(tmp_path), synthetic_source(2), model=bigger).resume()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_ranks_lower_the_loss_and_keep_identical_weights(ray_local, tmp_path, world_size):
+    from cosmos_policy.config import load_model_config
+    from cosmos_policy.layout import load_layout
+    from cosmos_policy.model import CosmosPolicyModel
+    from learner.group import LearnerGroup
+
+    ray = ray_local
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    group = LearnerGroup(config(tmp_path), synthetic_source(2, fixed=True), world_size=world_size, cpus_per_worker=0.5)
+    model = CosmosPolicyModel.build(load_model_config("tiny"), load_layout("libero"))
+    fixed = SyntheticBatches(model, 2, fixed=True).batch(0)
+    before = ray.get(group.workers[0].evaluate.remote(fixed))
+    group.train(8, chunk=4)
+    after = ray.get(group.workers[0].evaluate.remote(fixed))
+    assert after < before * 0.8, (before, after)
+    states = group.states()
+    assert len({s["checksum"] for s in states}) == 1 and all(s["step"] == 8 for s in states)
+    group.stop()
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path):
+    from learner.group import LearnerGroup
+
+    ray = ray_local
+    group = LearnerGroup(config(tmp_path, checkpoint_every=2), synthetic_source(2), world_size=2, cpus_per_worker=0.5)
+    group.train(4, chunk=2)
+    os.kill(group.states()[1]["pid"], signal.SIGKILL)
+    assert group.train(4, chunk=2) == 8
+    assert group.restarts == 1
+    states = group.states()
+    assert all(s["resumed"] for s in states) and len({s["checksum"] for s in states}) == 1
+    group.stop()
+
+
+def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
+    from actors.policy_server import PolicyServer, PolicySpec, ServerConfig
+    from cosmos_policy.checkpoint import save_checkpoint
+    from cosmos_policy.codec import NormalizationStats
+    from cosmos_policy.config import load_model_config
+    from cosmos_policy.layout import load_layout
+    from cosmos_policy.model import CosmosPolicyModel
+    from cosmos_policy.policy import Observation, PolicyConfig
+    from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache
+    from learner.group import LearnerGroup, PublishConfig
+
+    ray = ray_local
+    rng = np.random.default_rng(0)
+    model = CosmosPolicyModel.build(load_model_config("tiny"), load_layout("libero"), seed=0)
+    text = TextEmbeddingCache()
+    text.fill(RandomTextEncoder(32, 16), ["lift the cube"])
+    stats = NormalizationStats.compute(rng.random((50, 7)), rng.random((50, 9)))
+    ckpt = save_checkpoint(tmp_path / "policy", model, stats=stats, text=text)
+    spec = PolicySpec(checkpoint=str(ckpt), policy=PolicyConfig(action_steps=1))
+    servers = [PolicyServer.options(num_cpus=0.25).remote(spec, ServerConfig(poll_weights_s=0.2)) for _ in range(2)]
+    obs = Observation(images={c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in ("primary", "wrist")},
+                      proprio=rng.random(9), instruction="lift the cube")
+    before = [ray.get(s.act.remote(obs, 0)) for s in servers]
+    assert all(r.policy_version == 0 for r in before)
+    registry = f"registry-{os.getpid()}"
+    group = LearnerGroup(config(tmp_path, init_checkpoint=str(ckpt)), synthetic_source(2), world_size=1, cpus_per_worker=0.5,
+                         publish_cfg=PublishConfig(every=2, registry=registry))
+    for s in servers:  # point the servers' subscribers at this test's registry
+        ray.get(s.set_registry.remote(registry))
+    group.train(2)
+    import time
+
+    deadline = time.time() + 30
+    replies = before
+    while time.time() < deadline:
+        replies = [ray.get(s.act.remote(obs, 0)) for s in servers]
+        if all(r.policy_version == 1 for r in replies):
+            break
+        time.sleep(0.3)
+    assert all(r.policy_version == 1 for r in replies)
+    for b, a in zip(before, replies):
+        assert not np.allclose(a.result.actions, b.result.actions)
+    group.stop()
+    for s in servers:
+        ray.kill(s)
