@@ -1,7 +1,8 @@
 """The replay service: one test suite for every backend (in-process store, Ray shards, Reverb).
 
 The Reverb backend needs the optional ``reverb`` extra (Python <= 3.11, TensorFlow 2.15); its
-tests skip where it is not installed and run in CI's Reverb environment (``make test-reverb``).
+tests skip where it is not installed and run in CI's Reverb environment (``make test-reverb``),
+which sets REQUIRE_REVERB=1 so that a missing Reverb fails them instead of skipping them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["local", "ray", "reverb"]
 
 
+def require_reverb() -> None:
+    """Skip without dm-reverb, unless REQUIRE_REVERB=1 (the Reverb venv), where its absence is a failure."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: keep its log noise out
+    if os.environ.get("REQUIRE_REVERB") == "1":
+        import reverb  # noqa: F401  (an ImportError here fails the test loudly)
+    else:
+        pytest.importorskip("reverb", reason="dm-reverb is an optional extra (see make test-reverb)")
+
+
 def episode(steps: int = 10, success: bool = True, source: Source = Source.SIM, seed: int = 0, version: int | None = None,
             size: int = 16, **kw) -> Episode:
     rng = np.random.default_rng(seed)
@@ -42,7 +52,7 @@ def make(request, tmp_path):
     if backend == "ray":
         request.getfixturevalue("ray_local")
     if backend == "reverb":
-        pytest.importorskip("reverb", reason="dm-reverb is an optional extra (see make test-reverb)")
+        require_reverb()
 
     def factory(tables: list[TableConfig], **kwargs):
         cfg = ReplayConfig(backend="reverb" if backend == "reverb" else "ray", root=str(tmp_path / f"replay{len(clients)}"),
@@ -260,6 +270,83 @@ def test_ray_shard_killed_mid_stream_keeps_every_acknowledged_episode(ray_local,
     assert len(replay.sample("t", 20, timeout=10)) == 20
     for s in replay.shards:
         ray.kill(s)
+
+
+def test_reverb_server_killed_mid_stream_keeps_every_acknowledged_episode(tmp_path):
+    require_reverb()
+    from replay.reverb_backend import ReverbReplay
+
+    cfg = ReplayConfig(backend="reverb", root=str(tmp_path / "store"), tables=[TableConfig(name="t", window=1)],
+                       checkpoint_every_s=3600)
+    replay = ReverbReplay(cfg)
+    try:
+        acked = []
+        pid = replay.server_pid()
+        for i in range(30):
+            if i == 7:
+                replay.checkpoint()  # Reverb's checkpoint holds episodes 0-6; later ones exist only as files when it dies
+            if i == 12:
+                os.kill(pid, signal.SIGKILL)  # the server process dies mid-stream; the next call restarts it
+            acked.append(replay.insert("t", episode(steps=5, seed=i)))
+        assert replay.server_pid() != pid
+        assert replay.restored_from["t"] == {"checkpoint": 7, "files": 6}  # 7-11, and 12 whose file was written first
+        assert sorted(replay.episode_ids("t")) == sorted(acked)
+        assert {it.episode_id for it in replay.sample("t", 300, timeout=10)} == set(acked)
+        assert replay.stats()["t"]["items"] == 150
+    finally:
+        replay.close()
+
+
+REVERB_WRITER = textwrap.dedent(
+    """
+    import os, sys, numpy as np
+    sys.path.insert(0, {root!r})
+    from cosmos_policy.episode import Episode
+    from replay.config import ReplayConfig, TableConfig
+    from replay.reverb_backend import ReverbReplay
+    cfg = ReplayConfig(backend="reverb", root={store!r}, tables=[TableConfig(name="t", window=1)], checkpoint_every_s=0.2)
+    replay = ReverbReplay(cfg)
+    print("SERVER", replay.server_pid(), flush=True)
+    rng = np.random.default_rng(0)
+    for i in range(10_000):
+        frames = {{"primary": rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)}}
+        ep = Episode.from_frames(frames, proprio=np.zeros((5, 9)), actions=np.zeros((5, 7)), instruction="x", success=True)
+        print("ACK", replay.insert("t", ep), flush=True)
+    """
+)
+
+
+def test_reverb_service_killed_mid_stream_keeps_every_acknowledged_episode(tmp_path):
+    require_reverb()
+    from replay.reverb_backend import ReverbReplay
+
+    store = tmp_path / "store"
+    writer = REVERB_WRITER.format(root=str(ROOT), store=str(store))
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    server, acked = None, []
+    for line in proc.stdout:
+        if line.startswith("SERVER"):
+            server = int(line.split()[1])
+        if line.startswith("ACK"):
+            acked.append(line.split()[1])
+        if len(acked) >= 40:
+            break
+    proc.send_signal(signal.SIGKILL)  # the service dies mid-stream (its server with it): an insert may be half-written
+    rest = proc.stdout.read()
+    proc.wait()
+    acked += [line.split()[1] for line in rest.splitlines() if line.startswith("ACK")]
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:  # an orphaned server stops by itself
+        time.sleep(0.1)
+    assert not Path(f"/proc/{server}").exists()
+    restored = ReverbReplay(ReplayConfig(backend="reverb", root=str(store), tables=[TableConfig(name="t", window=1)]))
+    try:
+        assert restored.restored_from["t"]["checkpoint"] >= 1  # Reverb's checkpoint, plus the files written since
+        assert set(acked) <= set(restored.episode_ids("t"))
+        assert not list((store / "t").glob(".*.tmp"))  # half-written inserts were cleaned up
+        assert len(restored.sample("t", 10, timeout=5)) == 10
+    finally:
+        restored.close()
 
 
 @pytest.mark.parametrize("make", ["local"], indirect=True)
