@@ -11,10 +11,13 @@ have seen, and ranks never draw the same samples.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Protocol
 
 import numpy as np
+import torch
+import torch.utils.data
 
 from cosmos_policy.data.loader import TrainingBatch, collate
 from cosmos_policy.data.mixture import MixtureConfig, MixtureSampler
@@ -90,6 +93,78 @@ class ReplayBatches:
                 samples.append(self.builder.build_window(item.window, kind, rng, pool=pool))
         order = rng.permutation(len(samples))
         return collate([samples[i] for i in order], self.text)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """A map-style view of a source: item ``step`` is ``source.batch(step)``."""
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return 2**62  # endless; the sampler decides which steps are built
+
+    def __getitem__(self, step: int) -> TrainingBatch:
+        return self.source.batch(step)
+
+
+def _one_thread(_: int) -> None:
+    # Each worker is one core's worth of JPEG decoding and augmentation.
+    torch.set_num_threads(1)
+
+
+class PrefetchBatches:
+    """Builds a source's batches for the next steps in worker processes while the GPU trains.
+
+    The source's batches are a pure function of the step, so building them ahead changes
+    nothing about which data a step sees: ``batch(step)`` returns exactly ``source.batch(step)``.
+    Steps are expected in order; asking for another step (a resumed run) restarts the workers
+    there. The source is copied into each worker process (fork), so it must hold its data
+    (``EpisodeBatches``), not a connection that cannot cross a fork. ``wait_s`` is the time the
+    learner spent waiting for a batch that was not ready: a data-loading stall.
+    """
+
+    def __init__(self, source: BatchSource, workers: int = 2, depth: int = 2) -> None:
+        if workers < 1:
+            raise InputError(f"data_workers: expected >= 1 worker for prefetching, got {workers}")
+        self.source, self.workers, self.depth = source, workers, depth
+        self.wait_s = 0.0
+        self._next: int | None = None
+        self._iter = None
+
+    def _start(self, step: int) -> None:
+        self.close()
+        loader = torch.utils.data.DataLoader(
+            _StepBatches(self.source), batch_size=None, sampler=itertools.count(step), num_workers=self.workers,
+            prefetch_factor=self.depth, worker_init_fn=_one_thread, collate_fn=_identity,
+        )
+        self._iter = iter(loader)
+        self._next = step
+
+    def batch(self, step: int) -> TrainingBatch:
+        if self._iter is None or step != self._next:
+            self._start(step)
+        start = time.perf_counter()
+        out = next(self._iter)  # type: ignore[arg-type]
+        self.wait_s += time.perf_counter() - start
+        self._next = step + 1
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _identity(batch: TrainingBatch) -> TrainingBatch:
+    return batch
 
 
 class SyntheticBatches:

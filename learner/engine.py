@@ -10,6 +10,20 @@ usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables, which a Ray worke
 Batches come from a ``BatchSource`` as a function of (seed, rank, step), and the noise of every
 step from a generator seeded the same way, so a run stopped after k steps and resumed from its
 checkpoint continues with exactly the steps it would have taken.
+
+Speed options (``LearnerConfig``; none changes what is computed, only how):
+- ``checkpoint_blocks``: gradient checkpointing of the first N transformer blocks only
+  (selective: recompute just enough blocks for the activations to fit);
+- ``compile``: each transformer block through ``torch.compile`` (fuses the norms, RoPE and
+  modulation around the matrix products);
+- ``fused_optimizer``: torch's fused AdamW kernel (one pass over the fp32 master weights and
+  moments instead of one per operation);
+- ``vae_encode="needed"`` with ``vae_batch`` / ``vae_compile`` / ``vae_dtype``: the training
+  targets without encoding frames that injection overwrites or that are the same for every
+  sample (``learner.encode``);
+- ``data_workers``: samples built (JPEG decode, augmentation) in worker processes ahead of the
+  step that needs them (``learner.data.PrefetchBatches``), still as a function of the step.
+See ``bench/learner_speed.py`` for what each buys on one H100.
 """
 
 from __future__ import annotations
@@ -33,7 +47,8 @@ from cosmos_policy.layout import load_layout
 from cosmos_policy.model import CosmosPolicyModel
 from cosmos_policy.text import TextEmbeddingCache
 from cosmos_policy.weights import Packed, pack
-from learner.data import BatchSource
+from learner.data import BatchSource, PrefetchBatches
+from learner.encode import ENCODE_MODES, TargetEncoder
 from learner.schedule import ScheduleConfig, lr_multiplier
 
 _TAG = re.compile(r"^step(\d+)$")
@@ -59,6 +74,15 @@ class LearnerConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     deterministic: bool = False
+    # ---- speed (see the module docstring); defaults keep small CPU runs simple ----
+    checkpoint_blocks: int | None = None  # None: the model config's choice (2b: every block); N: the first N blocks
+    compile: bool = False  # torch.compile every transformer block
+    fused_optimizer: bool | None = None  # None: fused AdamW on GPUs, DeepSpeed's torch AdamW (foreach) on CPUs
+    vae_encode: str = "needed"  # needed: skip frames injection overwrites and the constant leading frames; full: encode all
+    vae_batch: int = 8  # clips per VAE encoder call
+    vae_compile: bool = False
+    vae_dtype: str = "auto"  # auto: bf16 when training in bf16, else the VAE's own dtype
+    data_workers: int = 0  # >0: batches built ahead in this many worker processes
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -72,23 +96,77 @@ class LearnerConfig:
             raise ConfigError(f"learner.lr: expected > 0, got {self.lr}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"learner.checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            raise ConfigError(f"learner.checkpoint_blocks: expected None or >= 0, got {self.checkpoint_blocks}")
+        if self.vae_encode not in ENCODE_MODES:
+            raise ConfigError(f"learner.vae_encode: expected one of {ENCODE_MODES}, got {self.vae_encode!r}")
+        if self.vae_dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"learner.vae_dtype: expected auto, bf16 or fp32, got {self.vae_dtype!r}")
+        if self.vae_batch < 1:
+            raise ConfigError(f"learner.vae_batch: expected >= 1, got {self.vae_batch}")
+        if self.data_workers < 0:
+            raise ConfigError(f"learner.data_workers: expected >= 0, got {self.data_workers}")
+        if self.compile and self.zero_stage == 3:
+            raise ConfigError("learner.compile: not supported with zero_stage 3 (its parameter gathering hooks run inside "
+                              "every block); use zero_stage <= 2 or compile: false")
 
 
-def deepspeed_config(cfg: LearnerConfig, world_size: int, bf16: bool) -> dict[str, Any]:
-    return {
+def deepspeed_config(cfg: LearnerConfig, world_size: int, bf16: bool, client_optimizer: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config; with ``client_optimizer`` the AdamW is built by the learner (fused) and not named here."""
+    out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "torch_adam": True},
-        },
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if not client_optimizer:
+        out["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "torch_adam": True},
+        }
+    return out
+
+
+def configure_blocks(net: torch.nn.Module, checkpoint_blocks: int | None, compile: bool) -> int:
+    """Selective gradient checkpointing and per-block compilation of the DiT; returns how many blocks are checkpointed.
+
+    diffusers checkpoints all blocks or none; here the first ``checkpoint_blocks`` blocks are
+    recomputed in the backward pass and the rest keep their activations, so memory can be
+    traded for speed one block at a time. Each block's ``forward`` is wrapped on the instance,
+    so parameter names, state dicts and checkpoints are unchanged. Compiling block by block
+    gives one graph that all (identical) blocks share.
+    """
+    import functools
+
+    blocks = getattr(net, "transformer_blocks", None)
+    if blocks is None:
+        raise ConfigError("learner.checkpoint_blocks / learner.compile: the network has no transformer_blocks")
+    n = len(blocks) if checkpoint_blocks is None and getattr(net, "gradient_checkpointing", False) else (checkpoint_blocks or 0)
+    if n > len(blocks):
+        raise ConfigError(f"learner.checkpoint_blocks: the network has {len(blocks)} blocks, got {n}")
+    if hasattr(net, "disable_gradient_checkpointing") and getattr(net, "gradient_checkpointing", False):
+        net.disable_gradient_checkpointing()  # the per-block wrappers below take over
+    for i, block in enumerate(blocks):
+        forward = block.forward
+        if compile:
+            forward = torch.compile(forward, dynamic=False)
+        if i < n:
+            forward = functools.partial(_checkpointed, forward)
+        if forward is not block.forward:
+            block.forward = forward
+    return n
+
+
+def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 class Learner:
@@ -117,17 +195,32 @@ class Learner:
         self.stats: NormalizationStats | None = None
         self.text: TextEmbeddingCache | None = None
         self.model = model if model is not None else self._initial_model()
-        self.model.tokenizer.to(self.device)
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.cuda)
+        self._vae_export_dtype = self.model.tokenizer.dtype
+        self.model.tokenizer.to(self.device)
+        if config.vae_dtype == "bf16" or (config.vae_dtype == "auto" and self.bf16):
+            self.model.tokenizer.vae.to(torch.bfloat16)  # frozen: bf16 weights and activations, as for inference
+        elif config.vae_dtype == "fp32":
+            self.model.tokenizer.vae.to(torch.float32)
+        self.checkpointed_blocks = configure_blocks(self.model.denoiser.net, config.checkpoint_blocks, config.compile)
+        self.targets = TargetEncoder(self.model, config.vae_encode, config.vae_batch, config.vae_compile)
         params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
+        fused = config.fused_optimizer if config.fused_optimizer is not None else self.cuda
+        optimizer = None
+        if fused:
+            optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+                                          fused=True)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model.denoiser,
             model_parameters=params,
-            config=deepspeed_config(config, self.world_size, self.bf16),
+            optimizer=optimizer,
+            config=deepspeed_config(config, self.world_size, self.bf16, client_optimizer=optimizer is not None),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, config.schedule)),
         )
         self.model.denoiser = self.engine.module  # the same module, now owned by DeepSpeed
         self.source = source(self.model, self.rank) if callable(source) and not hasattr(source, "batch") else source
+        if config.data_workers > 0:
+            self.source = PrefetchBatches(self.source, workers=config.data_workers)
         self.step = 0
         self.version = 0
         self.samples = 0
@@ -158,8 +251,9 @@ class Learner:
         self.engine.train()
         for micro in range(cfg.grad_accum):
             batch = self.source.batch(self.step * cfg.grad_accum + micro)
+            x0 = self.targets(batch.model)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                out = self.model.training_loss(batch.model, self.generator(micro))
+                out = self.model.training_loss(batch.model, self.generator(micro), x0=x0)
             self.engine.backward(out.loss)
             self.engine.step()
             for k, v in out.metrics.items():
@@ -224,8 +318,13 @@ class Learner:
         if self.rank != 0:
             return None
         cfg = self.model.config
+        vae = self.model.tokenizer.vae
+        if self.model.tokenizer.dtype != self._vae_export_dtype:  # cast for training speed: export it as it came
+            import copy
+
+            vae = copy.deepcopy(vae).to("cpu", self._vae_export_dtype)
         with torch.device("cpu"):
-            out = CosmosPolicyModel(cfg, self.model.layout, vae=self.model.tokenizer.vae)
+            out = CosmosPolicyModel(cfg, self.model.layout, vae=vae)
         out.denoiser.net.load_state_dict(state)
         return save_checkpoint(path, out, stats=self.stats, text=self.text, metadata={"step": self.step, "version": self.version})
 
