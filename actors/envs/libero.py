@@ -35,6 +35,13 @@ frame). With the gate, the observables keep their timers exactly as in the offic
 sample per control step, at the same substep) and only the pixels are skipped, so a rendered frame
 here is the frame the official eval would have shown at that step.
 
+Between renders a control step costs what its physics costs: the adapter switches off every
+robosuite observable it does not read (only the proprio's three and the two cameras are sampled)
+and runs the control step itself with one MuJoCo forward pass per physics substep instead of
+robosuite's three (``_advance``), bit for bit the same states, observables and frames as LIBERO's
+own ``env.step`` (checked against an untouched env in tests/test_libero_env.py). On one core of the
+2-core CPU machine this took a step without rendering from ~15 to ~11 ms.
+
 ``reset`` uses robosuite's hard reset (reload the model, new simulator), as the official eval
 does; it costs ~2-3.5 s on one core (model compile, GL context upload, garbage collection) and
 makes an episode depend only on (task, seed, initial state, actions). A soft reset would be ~100x
@@ -68,6 +75,7 @@ import io
 import os
 from typing import Any, Callable
 
+import mujoco
 import numpy as np
 
 from actors.env import EnvSpec, StepResult, check_action, check_observation
@@ -104,6 +112,10 @@ NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # zero EEF del
 
 # Model camera name -> LIBERO camera name.
 CAMERAS: dict[str, str] = {"primary": "agentview", "wrist": "robot0_eye_in_hand"}
+# The robosuite observables the proprio is made of, in the proprio's order (see the module docstring).
+PROPRIO_OBSERVABLES: tuple[str, ...] = ("robot0_gripper_qpos", "robot0_eef_pos", "robot0_eef_quat")
+# Every other observable but the cameras is switched off: nothing here reads them.
+READ_OBSERVABLES: frozenset[str] = frozenset(PROPRIO_OBSERVABLES) | {f"{c}_image" for c in CAMERAS.values()}
 
 # OSC_POSE takes normalized deltas in [-1, 1] (robosuite clips them there itself) and the Panda
 # gripper only looks at the sign of its command, so clipping to [-1, 1] changes nothing that runs
@@ -160,6 +172,26 @@ class _CameraGate:
         return frame
 
 
+class _ForwardedSim:
+    """The simulator as the arm controller sees it inside ``LiberoEnv._advance``: ``forward()`` does nothing.
+
+    robosuite's controller calls ``sim.forward()`` before it reads the arm's pose, Jacobians, mass
+    matrix and bias forces. In ``_advance`` that call comes right after ``mj_step1``, which has
+    just computed every one of those position- and velocity-stage quantities from the same state,
+    so recomputing them (a whole ``mj_forward``) would give the same bits and cost 0.12 ms per
+    physics substep. Everything else is the real simulator.
+    """
+
+    def __init__(self, sim: Any) -> None:
+        self._sim = sim
+
+    def forward(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sim, name)
+
+
 class LiberoEnv:
     """One LIBERO suite; one simulator at a time, rebuilt when the task changes."""
 
@@ -202,6 +234,7 @@ class LiberoEnv:
         self._env: Any = None  # the OffScreenRenderEnv of self._task
         self._task: str | None = None
         self._property_samplers = 0
+        self._substeps = 0  # physics substeps per control step, from the simulator once built
         self._instruction = ""
         self._t = 0  # policy steps taken in this episode
         self._done = True
@@ -259,6 +292,18 @@ class LiberoEnv:
             return [gate.wrap(n, s, shape) if n.endswith("_image") else s for s, n in zip(sensors, names)], names
 
         inner._create_camera_sensors = create_gated
+        # Observables nobody here reads (joint angles and velocities, every object's pose, ...) are
+        # switched off: robosuite would otherwise sample each of them every control step. The flag
+        # lives on the observable objects, which hard resets keep (they only swap in new sensors),
+        # and switching an observable off resets only its own timer, never the cameras' or the
+        # proprio's, so what is read is sampled exactly when it was before.
+        for name in list(inner._observables):
+            if name not in READ_OBSERVABLES:
+                inner.modify_observable(name, "enabled", False)
+        missing = READ_OBSERVABLES - set(inner._observables)
+        if missing:
+            raise RuntimeError(f"libero: robosuite offers no observable(s) {sorted(missing)}; this adapter reads them")
+        self._substeps = int(inner.control_timestep / inner.model_timestep)  # robosuite's own count
         # LIBERO appends to this list on every hard reset (see the module docstring); remember its
         # length after construction, the state the official eval's first trial starts from.
         self._property_samplers = len(inner.object_property_initializers)
@@ -289,10 +334,10 @@ class LiberoEnv:
         if state is not None:
             self._env.set_init_state(state)
         for i in range(NUM_NOOP_STEPS):
-            obs, _, frames = self._step_sim(NOOP_ACTION, render=i == NUM_NOOP_STEPS - 1)
+            _, frames = self._step_sim(NOOP_ACTION, render=i == NUM_NOOP_STEPS - 1)
         self._instruction = self.instruction(task)
         self._t, self._done = 0, False
-        observation = self._observation(obs, frames)
+        observation = self._observation(frames)
         return check_observation(observation, self.spec, rendered=True, where="libero")
 
     def step(self, action: np.ndarray, render: bool = True) -> StepResult:
@@ -302,18 +347,18 @@ class LiberoEnv:
         if self._done:
             raise RuntimeError("libero: the episode is over (success or step limit); call reset()")
         a = check_action(action, self.spec, where="libero")  # before MuJoCo sees it
-        obs, success, frames = self._step_sim(a, render=render)
+        success, frames = self._step_sim(a, render=render)
         self._t += 1
         truncated = not success and self._t >= self._max_steps
         self._done = success or truncated
-        observation = self._observation(obs, frames if render else None)
+        observation = self._observation(frames if render else None)
         check_observation(observation, self.spec, rendered=render, where="libero")
         return StepResult(observation=observation, success=success, done=self._done, info={"t": self._t, "truncated": truncated})
 
-    def _step_sim(self, action: np.ndarray, render: bool) -> tuple[dict, bool, dict[str, np.ndarray]]:
-        """Step the simulator; its observation, LIBERO's goal check and the frames rendered."""
+    def _step_sim(self, action: np.ndarray, render: bool) -> tuple[bool, dict[str, np.ndarray]]:
+        """Step the simulator; LIBERO's goal check and the frames rendered."""
         with self._gate.open(render) as frames:
-            obs, _, done, _ = self._env.step(action)  # LIBERO's done is its goal predicate
+            done = self._advance(action)
         if render:
             # robosuite samples every camera once per control step; should a step ever skip one,
             # render the current state rather than return a blank frame.
@@ -321,10 +366,51 @@ class LiberoEnv:
                 name = f"{CAMERAS[cam]}_image"
                 if name not in frames:
                     frames[name] = self._gate.render_now(name)
-        return obs, bool(done), frames
+        return done, frames
 
-    def _observation(self, obs: dict, frames: dict[str, np.ndarray] | None) -> Observation:
-        proprio = np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"], obs["robot0_eef_quat"]]).astype(np.float64)
+    def _advance(self, action: np.ndarray) -> bool:
+        """One control step, the same computation as LIBERO's ``env.step`` in fewer MuJoCo passes.
+
+        LIBERO's step is robosuite's ``MujocoEnv.step`` followed by the goal check. Each of its 25
+        physics substeps runs ``mj_forward`` (robosuite's loop), ``mj_forward`` again (the arm
+        controller refreshing its view of the same, unchanged state) and ``mj_step`` (a third
+        forward pass, then the Euler integration); three forward passes were ~60 % of a step
+        without rendering. Here a substep is ``mj_step1`` (position and velocity stages: all the
+        controller reads), the controller with its ``forward`` made a no-op (``_ForwardedSim``),
+        then ``mj_step2`` (actuation, acceleration, constraints, integration). ``mj_step1`` +
+        ``mj_step2`` is how MuJoCo splits ``mj_step`` around a controller, and its stages are the
+        ones ``mj_step`` runs, on the same inputs (the controller's reads come before ``ctrl`` is
+        written, and no stage before actuation reads ``ctrl``), so every state, observable and
+        frame is bit-for-bit what ``env.step`` gives (tests/test_libero_env.py checks this against
+        an untouched LIBERO env). The observation dict robosuite would assemble at the end of a step is
+        skipped; ``_observation`` reads the observables it needs.
+        """
+        inner = self._env.env
+        if inner.done:  # robosuite's horizon (1000 control steps), far above every suite's limit
+            raise RuntimeError("libero: robosuite's horizon is reached; call reset()")
+        inner.timestep += 1
+        model, data = inner.sim.model._model, inner.sim.data._data
+        controller = inner.robots[0].controller
+        sim = controller.sim
+        controller.sim = _ForwardedSim(sim)
+        try:
+            policy_step = True  # the first substep sets the controller's goal from the action
+            for _ in range(self._substeps):
+                mujoco.mj_step1(model, data)
+                inner._pre_action(action, policy_step)
+                mujoco.mj_step2(model, data)
+                inner._update_observables()
+                policy_step = False
+        finally:
+            controller.sim = sim
+        inner.cur_time += inner.control_timestep
+        inner._post_action(action)  # reward, horizon, LIBERO's object-state bookkeeping
+        return bool(inner._check_success())  # LIBERO's done: its goal predicate
+
+    def _observation(self, frames: dict[str, np.ndarray] | None) -> Observation:
+        """Proprio from robosuite's observables as last sampled, and the frames, upright."""
+        observables = self._env.env._observables
+        proprio = np.concatenate([observables[name].obs for name in PROPRIO_OBSERVABLES]).astype(np.float64)
         images: dict[str, np.ndarray] = {}
         if frames is not None:
             for cam, libero_cam in CAMERAS.items():
