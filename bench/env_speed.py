@@ -8,7 +8,13 @@ Prints and writes bench/results/env_speed.json:
     episodes_per_hour_2_runners       two EnvRunner actors on the built-in task with the tiny policy served
                                       by a PolicyServer (100-step episodes, a query every 16 steps)
 
-    python bench/env_speed.py [--seconds 20]
+Steps per second per core are steps per CPU-second of the pinned process (all its threads: Mesa's
+llvmpipe rasterizes in threads of its own, pinned to the same core), counted over the steps only
+(resets, once per episode, are not). On an idle machine that equals steps per wall-clock second;
+on a shared one it does not count the time other processes hold the core. The wall-clock figures
+are written too (``*_wall``), with the load average over the run.
+
+    python bench/env_speed.py [--seconds 20] [--skip-libero] [--skip-runners]
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "results" / "env_speed.json"
 
 
-def steps_per_s(name: str, kwargs: dict, seconds: float, every: int = 16) -> float:
-    """Env steps per second in a child process pinned to one core, rendering every ``every`` steps."""
+def steps_per_s(name: str, kwargs: dict, seconds: float, every: int = 16) -> dict[str, float]:
+    """Env steps per CPU-second (``cpu``) and per wall-clock second (``wall``) in a child process
+    pinned to one core, rendering every ``every`` steps."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -50,18 +57,19 @@ def _measure(name: str, kwargs: dict, seconds: float, every: int, q) -> None:
     task = env.tasks()[0]
     states = env.initial_states(task)
     rng = np.random.default_rng(0)
-    steps, busy = 0, 0.0
+    steps, busy, cpu = 0, 0.0, 0.0
     while busy < seconds:
         env.reset(task, 0, states[0] if states else None)  # resets are not counted: once per episode
-        busy_start = time.perf_counter()
+        busy_start, cpu_start = time.perf_counter(), time.process_time()
         for t in range(env.max_steps(task)):
             result = env.step(rng.uniform(-0.3, 0.3, env.spec.action_dim), render=(t + 1) % every == 0)
             steps += 1
             if result.done:
                 break
         busy += time.perf_counter() - busy_start
+        cpu += time.process_time() - cpu_start
     env.close()
-    q.put(steps / busy)
+    q.put({"cpu": steps / cpu, "wall": steps / busy})
 
 
 def episodes_per_hour(seconds: float) -> float:
@@ -105,17 +113,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--skip-libero", action="store_true")
+    parser.add_argument("--skip-runners", action="store_true", help="leave out episodes_per_hour_2_runners")
     args = parser.parse_args()
-    res: dict[str, object] = {"machine": f"{os.cpu_count()} cores, Mesa llvmpipe (EGL)"}
-    res["builtin_env_steps_per_s_per_core"] = steps_per_s("lift", {"max_steps": 100}, args.seconds)
+    res: dict[str, object] = {"machine": f"{os.cpu_count()} cores, Mesa llvmpipe (EGL)", "date": time.strftime("%Y-%m-%d")}
+    load_start = os.getloadavg()[0]
+    runs = [("builtin_env_steps_per_s_per_core", "lift", {"max_steps": 100})]
     if not args.skip_libero:
-        res["libero_env_steps_per_s_per_core"] = steps_per_s("libero", {"suite": "libero_spatial"}, args.seconds)
-        res["libero_env_steps_per_s_per_core_224"] = steps_per_s("libero", {"suite": "libero_spatial", "image_size": 224}, args.seconds)
-    res["episodes_per_hour_2_runners"] = episodes_per_hour(3 * args.seconds)
+        runs += [
+            ("libero_env_steps_per_s_per_core", "libero", {"suite": "libero_spatial"}),
+            ("libero_env_steps_per_s_per_core_224", "libero", {"suite": "libero_spatial", "image_size": 224}),
+        ]
+    for key, name, kwargs in runs:
+        rate = steps_per_s(name, kwargs, args.seconds)
+        res[key], res[f"{key}_wall"] = rate["cpu"], rate["wall"]
+    if not args.skip_runners:
+        res["episodes_per_hour_2_runners"] = episodes_per_hour(3 * args.seconds)
+    res["load_average_1min"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]  # at the start and the end
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=1))
+    merged = json.loads(OUT.read_text()) if OUT.exists() else {}
+    merged.update(res)  # figures left out by --skip-* keep their last measured values
+    OUT.write_text(json.dumps(merged, indent=1))
     for k, v in res.items():
-        print(f"{k:38s} {round(v, 1) if isinstance(v, float) else v}")
+        print(f"{k:43s} {round(v, 1) if isinstance(v, float) else v}")
     print(f"wrote {OUT}")
 
 
