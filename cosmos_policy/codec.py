@@ -73,7 +73,12 @@ class NormalizationStats:
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def compute(cls, actions: np.ndarray, proprio: np.ndarray) -> "NormalizationStats":
-        """Statistics over all steps of all demonstrations: ``actions`` (N, d_a), ``proprio`` (N, d_p)."""
+        """Statistics over all steps of all demonstrations: ``actions`` (N, d_a), ``proprio`` (N, d_p).
+
+        A dimension the demonstrations never vary (e.g. a scripted expert that never rotates)
+        gets the range [v - 1, v + 1] around its constant v instead of a zero-width one: it then
+        normalizes to 0 and un-normalizes back to v exactly, where max == min would divide by zero.
+        """
         out: dict[str, np.ndarray] = {}
         for group, data in (("actions", actions), ("proprio", proprio)):
             arr = np.asarray(data, dtype=np.float64)
@@ -81,8 +86,10 @@ class NormalizationStats:
                 raise StatisticsError(f"{group}: expected a non-empty (steps, dims) array, got shape {arr.shape}")
             if not np.all(np.isfinite(arr)):
                 raise StatisticsError(f"{group}: the data holds non-finite values")
-            out[f"{group}_min"] = arr.min(0)
-            out[f"{group}_max"] = arr.max(0)
+            lo, hi = arr.min(0), arr.max(0)
+            constant = hi <= lo
+            out[f"{group}_min"] = np.where(constant, lo - 1.0, lo)
+            out[f"{group}_max"] = np.where(constant, hi + 1.0, hi)
             out[f"{group}_mean"] = arr.mean(0)
             out[f"{group}_std"] = arr.std(0)
             out[f"{group}_median"] = np.median(arr, 0)
@@ -152,8 +159,9 @@ class NormalizationStats:
 def _scale(x: torch.Tensor, lo: np.ndarray, hi: np.ndarray, name: str, forward: bool) -> torch.Tensor:
     if x.shape[-1] != lo.shape[0]:
         raise InputError(f"{name}: expected last dimension {lo.shape[0]} (from the statistics), got shape {tuple(x.shape)}")
-    lo_t = torch.as_tensor(lo, dtype=torch.float64, device=x.device)
-    hi_t = torch.as_tensor(hi, dtype=torch.float64, device=x.device)
+    # Copies (a few numbers): statistics that came through Ray's object store are read-only arrays.
+    lo_t = torch.tensor(lo, dtype=torch.float64, device=x.device)
+    hi_t = torch.tensor(hi, dtype=torch.float64, device=x.device)
     x64 = x.to(torch.float64)
     out = 2.0 * (x64 - lo_t) / (hi_t - lo_t) - 1.0 if forward else 0.5 * (x64 + 1.0) * (hi_t - lo_t) + lo_t
     return out.to(x.dtype if x.is_floating_point() else torch.float32)

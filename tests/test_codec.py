@@ -113,11 +113,25 @@ def test_normalization_matches_the_formula_and_inverts():
         stats.normalize_actions(torch.zeros(2, 6))
 
 
+def test_constant_dimensions_normalize_to_zero_and_back(tmp_path):
+    actions, proprio = _demo_arrays()
+    actions[:, 2] = 0.5  # a constant dimension (a scripted expert that never moves it)
+    stats = NormalizationStats.compute(actions, proprio)
+    assert stats.actions_min[2] == -0.5 and stats.actions_max[2] == 1.5
+    a = torch.as_tensor(actions[:8], dtype=torch.float32)
+    norm = stats.normalize_actions(a)
+    assert torch.all(norm[:, 2] == 0)
+    assert torch.allclose(stats.unnormalize_actions(norm), a)
+
+
 def test_degenerate_statistics_are_clear_errors(tmp_path):
     actions, proprio = _demo_arrays()
-    actions[:, 2] = 0.5  # a constant dimension: min == max
+    data = NormalizationStats.compute(actions, proprio).to_dict()
+    data["actions_max"][2] = data["actions_min"][2]  # a file with min == max
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(data))
     with pytest.raises(StatisticsError, match=r"degenerate dims \[2\]"):
-        NormalizationStats.compute(actions, proprio)
+        NormalizationStats.load(path)
 
 
 def test_statistics_with_nan_or_missing_keys_are_clear_errors(tmp_path):

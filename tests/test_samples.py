@@ -147,6 +147,9 @@ def test_empty_pools_renormalize_and_interrupted_episodes_join_none():
     assert sampler.skipped == 50
     demos_too = MixtureSampler.from_episodes(mixture_preset("base", demos_as_success_rollouts=True), eps)
     assert len(demos_too.pools["success"]) == 1
+    failed_demo = episode(20, False, Source.DEMO, size=8)
+    as_rollouts = MixtureSampler.from_episodes(mixture_preset("planning", demos_as_success_rollouts=True), eps + [failed_demo])
+    assert len(as_rollouts.pools["failure"]) == 1 and len(as_rollouts.pools["success"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,8 @@ class MixtureConfig:
             "failure": {"world_model": 0.5, "value": 0.5},
         }
     )
-    # Also count demonstrations as successful rollouts (the official ALOHA recipe, whose demos never fail).
+    # Also count demonstrations as rollouts (the official ALOHA recipe, whose demos never fail, so all
+    # go to "success"); a demonstration that failed goes to "failure".
     demos_as_success_rollouts: bool = False
 
     def __post_init__(self) -> None:
@@ -99,7 +100,11 @@ def pools_of(episode: Episode, demos_as_success_rollouts: bool = False) -> list[
     if episode.interrupted:
         return []
     if episode.source is Source.DEMO:
-        return ["demo", "success"] if demos_as_success_rollouts else ["demo"]
+        if not demos_as_success_rollouts:
+            return ["demo"]
+        # Counted as a rollout too, in the pool of its outcome: a scripted expert's failed attempt
+        # is a failure for the value function, never a success.
+        return ["demo", "success" if episode.success else "failure"]
     return ["success" if episode.success else "failure"]
 
 

@@ -120,7 +120,7 @@ class SampleBuilder:
         else:
             out = resize(stack, self.image_size)
         names = [f"current_image.{c}" for c in cameras] + [f"future_image.{c}" for c in cameras]
-        actions = self.stats.normalize_actions(torch.from_numpy(window.actions)).numpy()
+        actions = self.stats.normalize_actions(torch.from_numpy(np.array(window.actions))).numpy()  # replay arrays are read-only
         proprio = future_proprio = None
         if layout.proprio_index(SlotTime.CURRENT) is not None:
             pair = self.stats.normalize_proprio(torch.from_numpy(np.stack([window.proprio, window.future_proprio]))).numpy()
