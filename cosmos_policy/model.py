@@ -8,6 +8,8 @@ normalize before and un-normalize after.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +93,24 @@ class CosmosPolicyModel(nn.Module):
                 f"layout {layout.name!r}: an action chunk of {layout.action_size} numbers does not fit a latent frame of "
                 f"{frame} at image_size {config.image_size}"
             )
+        self._latent_cache: OrderedDict[bytes, torch.Tensor] | None = None
+        self._latent_cache_items = 0
+        self.latent_cache_hits = 0
+        self.latent_cache_misses = 0
+
+    def enable_latent_cache(self, max_items: int) -> None:
+        """Remember the VAE latents of up to ``max_items`` clips, keyed by their pixels (0 turns it off).
+
+        The VAE is frozen, so a clip's latents depend only on its pixels: when training without
+        augmentation (the quickstart on a CPU) the same (episode, step) clips come back every
+        epoch and encoding them again is most of a tiny model's step. Keys are a hash of every
+        image slot's bytes and the number of frames encoded, so a hit is exactly the clip that was
+        encoded; with augmentation on, nothing repeats and the cache only costs the hashing.
+        """
+        if max_items < 0:
+            raise ConfigError(f"latent_cache: expected a number of clips >= 0, got {max_items}")
+        self._latent_cache = OrderedDict() if max_items else None
+        self._latent_cache_items = max_items
 
     @classmethod
     def build(cls, config: ModelConfig, layout: LatentLayout, seed: int = 0) -> "CosmosPolicyModel":
@@ -183,12 +203,44 @@ class CosmosPolicyModel(nn.Module):
         layout = self.layout
         k = layout.num_frames if num_frames is None else num_frames
         device = self.device
-        images = {name: img.to(device) for name, img in batch.images.items()}
-        latents = self.tokenizer.encode(self.tokenizer.assemble_clip(images, k))
+        if self._latent_cache is not None:
+            latents = self._encode_cached(batch, k)
+        else:
+            images = {name: img.to(device) for name, img in batch.images.items()}
+            latents = self.tokenizer.encode(self.tokenizer.assemble_clip(images, k))
         if k < layout.num_frames:
             pad = latents.new_zeros(latents.shape[0], latents.shape[1], layout.num_frames - k, *latents.shape[3:])
             latents = torch.cat([latents, pad], dim=2)
         return latents
+
+    def _encode_cached(self, batch: ModelBatch, k: int) -> torch.Tensor:
+        """``encode`` through the latent cache: only the clips not seen before go through the VAE."""
+        cache = self._latent_cache
+        assert cache is not None
+        names = sorted(batch.images)
+        cpu = {n: batch.images[n].detach().cpu().contiguous() for n in names}
+        keys = []
+        for row in range(batch.batch_size):
+            h = hashlib.blake2b(k.to_bytes(2, "little"), digest_size=20)
+            for n in names:
+                h.update(n.encode())
+                h.update(cpu[n][row].numpy().tobytes())
+            keys.append(h.digest())
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        self.latent_cache_hits += len(keys) - len(missing)
+        self.latent_cache_misses += len(missing)
+        if missing:
+            rows = torch.tensor(missing)
+            images = {n: batch.images[n][rows].to(self.device) for n in names}
+            fresh = self.tokenizer.encode(self.tokenizer.assemble_clip(images, k))
+            for i, lat in zip(missing, fresh):
+                cache[keys[i]] = lat.detach().clone()
+        out = torch.stack([cache[key] for key in keys]).to(self.device)
+        for key in keys:
+            cache.move_to_end(key)
+        while len(cache) > self._latent_cache_items:
+            cache.popitem(last=False)
+        return out
 
     def inject(self, latents: torch.Tensor, batch: ModelBatch) -> torch.Tensor:
         """Overwrite the proprio, action and value frames with the batch's tiled vectors."""

@@ -156,3 +156,25 @@ def test_layout_that_does_not_fit_the_latent_frame(tiny_config, aloha):
     small = tiny_config.__class__(**{**tiny_config.__dict__, "image_size": 32})
     with pytest.raises(ConfigError, match="does not fit a latent frame"):
         CosmosPolicyModel(small, aloha)
+
+
+def test_latent_cache_gives_the_encoded_latents_and_skips_the_vae(tiny_config, libero):
+    model = CosmosPolicyModel.build(tiny_config, libero, seed=0)
+    batch = random_batch(tiny_config, libero, [SampleKind.POLICY, SampleKind.WORLD_MODEL, SampleKind.VALUE], seed=3)
+    plain = model.encode(batch)
+    model.enable_latent_cache(4)
+    first = model.encode(batch)
+    assert model.latent_cache_misses == 3 and model.latent_cache_hits == 0
+    again = model.encode(batch.select([2, 0]))
+    assert model.latent_cache_hits == 2 and model.latent_cache_misses == 3
+    assert torch.allclose(first, plain, atol=1e-5) and torch.equal(again, first[[2, 0]])
+    # A prefix encode is another clip; the cache keeps at most 4 clips.
+    model.encode(batch, num_frames=4)
+    assert model.latent_cache_misses == 6 and len(model._latent_cache) == 4
+    # Training through the cache gives the loss of training without it (same noise).
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cached = model.training_loss(batch, g()).loss
+    model.enable_latent_cache(0)
+    assert torch.allclose(model.training_loss(batch, g()).loss, cached, atol=1e-5)
+    with pytest.raises(ConfigError, match="latent_cache"):
+        model.enable_latent_cache(-1)
