@@ -30,7 +30,11 @@ class WeightSubscriber:
         return self._registry
 
     def poll(self) -> tuple[WeightVersion, dict] | None:
-        """The newest version's weights if it is newer than what this subscriber last took."""
+        """The newest version's weights if it is newer than what this subscriber last took.
+
+        The tensors are read-only views of the object store's copy (no second copy of the
+        weights in this process): load them with ``load_state_dict``, which copies, and drop them.
+        """
         handle = self._handle()
         latest = None if handle is None else ray.get(handle.latest.remote(self.target))
         if latest is None or (self.version is not None and latest[0].version <= self.version):
@@ -39,4 +43,4 @@ class WeightSubscriber:
         packed = ray.get(ref)
         verify(packed, record)
         self.version = record.version
-        return record, unpack(packed)
+        return record, unpack(packed, copy=False)
