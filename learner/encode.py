@@ -51,9 +51,11 @@ class TargetEncoder:
         max_clips: clips per encoder call (activation memory grows with it).
         compile: compile the VAE encoder with ``torch.compile`` (every call after the constant
             prefix has the same shapes, so one graph serves them all).
+        channels_last: keep the encoder's 3-D convolution weights and inputs channels-last.
     """
 
-    def __init__(self, model: CosmosPolicyModel, mode: str = "needed", max_clips: int = 8, compile: bool = False) -> None:
+    def __init__(self, model: CosmosPolicyModel, mode: str = "needed", max_clips: int = 8, compile: bool = False,
+                 channels_last: bool = False) -> None:
         if mode not in ENCODE_MODES:
             raise ConfigError(f"learner.vae_encode: expected one of {ENCODE_MODES}, got {mode!r}")
         if max_clips < 1:
@@ -65,6 +67,11 @@ class TargetEncoder:
             raise ConfigError(f"layout {layout.name!r}: no image slot, nothing to encode")
         self.first_image, self.last_image = min(images), max(images)
         vae = model.tokenizer.vae
+        self.channels_last = channels_last
+        if channels_last:  # cuDNN's 3-D convolutions run on channels-last data without transposing it first
+            for m in vae.encoder.modules():
+                if isinstance(m, torch.nn.Conv3d):
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
         self.encoder: Callable[..., torch.Tensor] = vae.encoder
         if compile:
             self.encoder = torch.compile(vae.encoder, dynamic=False)
@@ -122,6 +129,8 @@ class TargetEncoder:
                 else:  # a non-image slot between images: 4 black frames, as ``assemble_clip`` makes them
                     frame = self._pixels(n, device, dtype)[:, :, 0]
                 chunk = frame.unsqueeze(2).expand(-1, -1, VAE_TEMPORAL_COMPRESSION, -1, -1)
+                if self.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last_3d)
                 outs.append(self._run_chunk(chunk, cache, self.encoder))
             parts.append(tokenizer.vae.quant_conv(torch.cat(outs, dim=2)))
         moments = torch.cat(parts)
@@ -136,7 +145,9 @@ class TargetEncoder:
 
     def __call__(self, batch: ModelBatch) -> torch.Tensor:
         """Training targets x0 (B, z, T, h, w), float32."""
-        if self.mode == "full":
+        if self.mode == "full" or getattr(self.model, "_latent_cache", None) is not None:
+            # ``full``, or the model remembers latents of clips it has seen (training without
+            # augmentation): then its own path, which looks clips up before encoding them.
             return self.model.targets(batch)
         self.model.validate(batch, kinds_need_targets=True)
         return self.model.inject(self.latents(batch), batch)

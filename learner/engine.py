@@ -46,7 +46,7 @@ from cosmos_policy.errors import CheckpointError, ConfigError
 from cosmos_policy.layout import load_layout
 from cosmos_policy.model import CosmosPolicyModel
 from cosmos_policy.text import TextEmbeddingCache
-from cosmos_policy.weights import Packed, pack
+from cosmos_policy.weights import Packed, Packer
 from learner.data import BatchSource, PrefetchBatches
 from learner.encode import ENCODE_MODES, TargetEncoder
 from learner.schedule import ScheduleConfig, lr_multiplier
@@ -76,13 +76,15 @@ class LearnerConfig:
     deterministic: bool = False
     # ---- speed (see the module docstring); defaults keep small CPU runs simple ----
     checkpoint_blocks: int | None = None  # None: the model config's choice (2b: every block); N: the first N blocks
-    compile: bool = False  # torch.compile every transformer block
+    compile: bool | None = None  # torch.compile every transformer block; None: on GPUs (ZeRO <= 2)
     fused_optimizer: bool | None = None  # None: fused AdamW on GPUs, DeepSpeed's torch AdamW (foreach) on CPUs
     vae_encode: str = "needed"  # needed: skip frames injection overwrites and the constant leading frames; full: encode all
     vae_batch: int = 8  # clips per VAE encoder call
-    vae_compile: bool = False
+    vae_compile: bool | None = None  # None: on GPUs
+    vae_channels_last: bool | None = None  # channels-last 3-D convolutions in the VAE encoder; None: on GPUs
     vae_dtype: str = "auto"  # auto: bf16 when training in bf16, else the VAE's own dtype
     data_workers: int = 0  # >0: batches built ahead in this many worker processes
+    cudnn_benchmark: bool = True  # GPUs: let cuDNN time its convolution algorithms once (the VAE's shapes never change)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -106,7 +108,7 @@ class LearnerConfig:
             raise ConfigError(f"learner.vae_batch: expected >= 1, got {self.vae_batch}")
         if self.data_workers < 0:
             raise ConfigError(f"learner.data_workers: expected >= 0, got {self.data_workers}")
-        if self.compile and self.zero_stage == 3:
+        if self.compile is True and self.zero_stage == 3:
             raise ConfigError("learner.compile: not supported with zero_stage 3 (its parameter gathering hooks run inside "
                               "every block); use zero_stage <= 2 or compile: false")
 
@@ -192,8 +194,10 @@ class Learner:
         self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         self.stats: NormalizationStats | None = None
         self.text: TextEmbeddingCache | None = None
+        self._packer = Packer(torch.bfloat16)  # publication buffers, reused version after version
         self.model = model if model is not None else self._initial_model()
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.cuda)
         self._vae_export_dtype = self.model.tokenizer.dtype
@@ -202,8 +206,11 @@ class Learner:
             self.model.tokenizer.vae.to(torch.bfloat16)  # frozen: bf16 weights and activations, as for inference
         elif config.vae_dtype == "fp32":
             self.model.tokenizer.vae.to(torch.float32)
-        self.checkpointed_blocks = configure_blocks(self.model.denoiser.net, config.checkpoint_blocks, config.compile)
-        self.targets = TargetEncoder(self.model, config.vae_encode, config.vae_batch, config.vae_compile)
+        compile_blocks = config.compile if config.compile is not None else (self.cuda and config.zero_stage <= 2)
+        compile_vae = config.vae_compile if config.vae_compile is not None else self.cuda
+        self.checkpointed_blocks = configure_blocks(self.model.denoiser.net, config.checkpoint_blocks, compile_blocks)
+        channels_last = config.vae_channels_last if config.vae_channels_last is not None else self.cuda
+        self.targets = TargetEncoder(self.model, config.vae_encode, config.vae_batch, compile_vae, channels_last)
         params = [p for p in self.model.denoiser.parameters() if p.requires_grad]
         fused = config.fused_optimizer if config.fused_optimizer is not None else self.cuda
         optimizer = None
@@ -329,5 +336,5 @@ class Learner:
         return save_checkpoint(path, out, stats=self.stats, text=self.text, metadata={"step": self.step, "version": self.version})
 
     def packed_weights(self) -> Packed:
-        """The denoiser weights packed for publication (bf16)."""
-        return pack(self.full_state())
+        """The denoiser weights packed for publication (bf16), into arrays reused from the last publication."""
+        return self._packer.pack(self.full_state())

@@ -74,7 +74,12 @@ class LearnerWorker:
         out = self.learner.export(path)
         return None if out is None else str(out)
 
+    def progress(self) -> dict[str, Any]:
+        """Step and version only: cheap, and local to this rank (no collective, unlike ``state`` under ZeRO-3)."""
+        return {"step": self.learner.step, "version": self.learner.version, "resumed": self.resumed}
+
     def state(self) -> dict[str, Any]:
+        """Progress plus a checksum of the full weights; under ZeRO-3 every rank must be asked at once (it gathers)."""
         from cosmos_policy.weights import checksum, pack
 
         return {"step": self.learner.step, "version": self.learner.version, "resumed": self.resumed,
@@ -114,7 +119,7 @@ class LearnerGroup:
             )
             for rank in range(self.world_size)
         ]
-        ray.get([w.state.remote() for w in self.workers])  # wait until every rank is up (and resumed)
+        ray.get([w.progress.remote() for w in self.workers])  # wait until every rank is up (and resumed)
 
     def stop(self) -> None:
         for w in self.workers:
@@ -143,8 +148,13 @@ class LearnerGroup:
                 on_metrics(results[0])
         return self.step()
 
+    def publish(self) -> int:
+        """Publish the current weights now (every rank takes part: ZeRO-3 gathers); returns the new version."""
+        ray.get([w.publish.remote() for w in self.workers])
+        return ray.get(self.workers[0].progress.remote())["version"]
+
     def step(self) -> int:
-        return ray.get(self.workers[0].state.remote())["step"]
+        return ray.get(self.workers[0].progress.remote())["step"]
 
     def states(self) -> list[dict[str, Any]]:
         return ray.get([w.state.remote() for w in self.workers])
