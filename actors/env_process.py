@@ -119,7 +119,8 @@ class EnvProcess:
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._conn is None or not self.alive():
-            raise SimulatorCrashed(f"simulator {self.config.name!r} (pid {self.pid}) is not running")
+            code = self._proc.exitcode if self._proc is not None else None
+            raise SimulatorCrashed(f"simulator {self.config.name!r} (pid {self.pid}) died and is not running (exit code {code})")
         try:
             self._conn.send((name, args, kwargs))
         except (BrokenPipeError, ConnectionError, OSError) as exc:

@@ -117,8 +117,12 @@ class EpisodeRunner:
     def simulator_pid(self) -> int | None:
         return self.env.pid
 
-    def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None) -> EpisodeResult:
+    def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
+            plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
+        """One episode; ``plan`` / ``record`` override the runner's config for it (evaluation: no recording)."""
         start = time.time()
+        plan = self.config.plan if plan is None else plan
+        record = self.config.record if record is None else record
         recorder = _Recorder(self.spec.cameras)
         versions: dict[str, int | None] = {"policy": None, "planning": None}
         planner: list[PlannerQuery] = []
@@ -134,7 +138,7 @@ class EpisodeRunner:
             queue: list[np.ndarray] = []
             for t in range(limit):
                 if not queue:
-                    out, query, versions = self.policy.query(obs, seed, self.config.plan)
+                    out, query, versions = self.policy.query(obs, seed + 7919 * queries, plan)
                     queries += 1
                     values.append(float(out.value))
                     if query is not None:
@@ -159,7 +163,7 @@ class EpisodeRunner:
             interrupted=interrupted, metadata={**(metadata or {}), "env": self.config.env.name, **({"error": error} if error else {})},
         )
         # An interrupted episode is reported (marked) but never inserted: its outcome is no label.
-        if self.config.record and self.replay is not None and episode is not None and not interrupted:
+        if record and self.replay is not None and episode is not None and not interrupted:
             self.replay.insert(table_for(episode), episode)
         return EpisodeResult(
             episode_id=episode.episode_id if episode is not None else "", task=task, seed=seed, success=success,
@@ -227,17 +231,23 @@ class EnvRunner:
     def __init__(self, config: RunnerConfig, policy: Any, replay: ReplayConfig | None = None, replay_name: str = "replay") -> None:
         from replay.ray_backend import RayReplay
 
+        import os
+        import socket
+
         client = RayReplay(replay, name=replay_name) if replay is not None and config.record else None
         self.runner = EpisodeRunner(config, policy_client(policy), client)
+        # Recorded with every episode, so replay shows which actor (and host) an episode came from.
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
-    def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None) -> EpisodeResult:
-        return self.runner.run(task, seed, initial_state, metadata)
+    def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
+            plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
+        return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record)
 
-    def run_trial(self, task: str, seed: int, trial: int) -> EpisodeResult:
+    def run_trial(self, task: str, seed: int, trial: int, plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
         """The evaluation protocol's trial: the task's ``trial``-th fixed initial state."""
         states = self.runner.env.initial_states(task)
         state = states[trial % len(states)] if states else None
-        return self.runner.run(task, seed, state, {"trial": trial})
+        return self.runner.run(task, seed, state, {"runner": self.identity, "trial": trial}, plan, record)
 
     def tasks(self) -> list[str]:
         return self.runner.env.tasks()

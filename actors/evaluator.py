@@ -30,8 +30,12 @@ class EvalConfig:
             raise ConfigError("eval: need trials >= 1 and at least one seed")
 
 
-def evaluate(runners: list[Any], config: EvalConfig, suite: str = "") -> dict[str, Any]:
-    """Run every (seed, task, trial) on the runners; returns the report (JSON-ready)."""
+def evaluate(runners: list[Any], config: EvalConfig, suite: str = "", plan: bool | None = None, record: bool | None = None) -> dict[str, Any]:
+    """Run every (seed, task, trial) on the runners; returns the report (JSON-ready).
+
+    ``plan`` / ``record`` override the runners' own settings for these episodes (the main job
+    evaluates with and without planning on the same runners, and never records evaluations).
+    """
     if not runners:
         raise ConfigError("eval: no runners")
     tasks = config.tasks or ray.get(runners[0].tasks.remote())
@@ -43,7 +47,7 @@ def evaluate(runners: list[Any], config: EvalConfig, suite: str = "") -> dict[st
         while free and jobs:
             runner, job = free.pop(), jobs.pop(0)
             seed, task, trial = job
-            pending[runner.run_trial.remote(task, seed, trial)] = (runner, job)
+            pending[runner.run_trial.remote(task, seed, trial, plan, record)] = (runner, job)
         done, _ = ray.wait(list(pending), num_returns=1)
         runner, job = pending.pop(done[0])
         results.append((job, ray.get(done[0])))

@@ -129,6 +129,19 @@ class BatchingServer:
                 if not r.future.done():
                     r.future.set_result(Reply(res, self.versions["policy"], self.versions["planning"], len(batch)))
 
+    async def apply_pending(self) -> None:
+        """Swap staged weights in now if no batch is running (else the next batch does it first).
+
+        Without this an idle server would report its old version until a request arrived; the
+        lock keeps the swap between batches, never inside one.
+        """
+        if not self._pending_weights:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            await asyncio.get_running_loop().run_in_executor(None, self._apply_weights)
+
     def _run(self, kind: str, batch: list[_Request]) -> list[Any]:
         self._apply_weights()
         observations, seeds = [r.observation for r in batch], [r.seed for r in batch]
@@ -213,6 +226,7 @@ class PolicyServer:
                 if got is not None:
                     record, state = got
                     self.server.set_weights(record.version, state, target)
+                    await self.server.apply_pending()
             await asyncio.sleep(self.server.config.poll_weights_s)
 
     async def start_polling(self) -> None:
