@@ -23,11 +23,14 @@ TORCH_VERSION := 2.13.0
 # (llvmpipe) for MuJoCo's offscreen rendering, libGL and GLib for OpenCV under robosuite.
 SYSTEM_PACKAGES := libegl1 libgl1 libgl1-mesa-dri libglib2.0-0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test test-reverb install install-reverb system-packages clean
 
+# The main job on its built-in default (the quickstart): a local Ray cluster on 127.0.0.1, the tiny
+# model, the built-in Lift task; W&B offline unless WANDB_API_KEY is set. Prints where the plot is.
 demo: $(STAMP)
-	$(PY) launch/model_demo.py
+	MUJOCO_GL=egl RAY_USAGE_STATS_ENABLED=0 $(PY) launch/online.py $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,167 @@
+"""The main job's one logger: a JSONL file, W&B, a success-rate plot and progress lines.
+
+Every metric goes to ``metrics.jsonl`` in the run directory (one JSON object per line, with the
+wall time and the record's kind) and to W&B. W&B runs online when it can (an API key is set), or
+offline (files under the run directory, to ``wandb sync`` later), or not at all; the JSONL file
+is written in every case, so tests and people without W&B read the same numbers. After each
+evaluation a PNG of the success-rate curve (overall and per task, against the weight version)
+is redrawn next to it. A restarted job appends to the same file and resumes the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cosmos_policy.errors import ConfigError
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class Monitor:
+    """Writes metrics to ``<run_dir>/metrics.jsonl`` and W&B; draws ``<run_dir>/success_rate.png``."""
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], wandb_mode: str = "auto", project: str = "cosmos-policy-online",
+                 entity: str | None = None, name: str | None = None) -> None:
+        if wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb: expected one of {WANDB_MODES}, got {wandb_mode!r}")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.plot_path = self.run_dir / "success_rate.png"
+        self.start = time.time()
+        # A resumed run continues the wall clock of the first one (its records' wall_s).
+        previous = self.records()
+        self.offset = max((r.get("wall_s", 0.0) for r in previous), default=0.0)
+        self._file = self.path.open("a", buffering=1)
+        if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+            self._file.write("\n")  # a line cut by a crash stays alone (and is skipped when read)
+        self.wandb = None
+        self.wandb_dir: Path | None = None
+        mode = wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode != "disabled":
+            self.wandb = self._start_wandb(mode, config, project, entity, name)
+
+    def _start_wandb(self, mode: str, config: dict[str, Any], project: str, entity: str | None, name: str | None) -> Any:
+        import wandb
+
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.wandb_dir = self.run_dir
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", mode=mode,
+                         dir=str(self.run_dir), config=config, settings=wandb.Settings(console="off"))
+        # Success rates are plotted against the weight version and wall time, losses against learner steps.
+        run.define_metric("weight_version")
+        run.define_metric("wall_s")
+        run.define_metric("eval/*", step_metric="weight_version")
+        run.define_metric("learner/*", step_metric="learner/step")
+        return run
+
+    # ---- writing -----------------------------------------------------------------------
+    def log(self, kind: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        """One record: ``kind`` says what it is (eval, learner, collect, replay...); returns what was written."""
+        record = {"kind": kind, "time": time.time(), "wall_s": round(self.offset + time.time() - self.start, 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            numeric = {f"{kind}/{k}" if not k.startswith(f"{kind}/") and k not in ("weight_version", "round") else k: v
+                       for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"}
+            numeric["wall_s"] = record["wall_s"]
+            self.wandb.log(numeric)
+        return record
+
+    def progress(self, phase: str, done: int, total: int, extra: str = "") -> None:
+        """A progress line for long phases (stdout: the terminal, or ``ray job logs``)."""
+        pct = 100.0 * done / total if total else 100.0
+        print(f"[{self.elapsed():7.1f} s] {phase}: {done}/{total} ({pct:3.0f} %){' ' + extra if extra else ''}", flush=True)
+
+    def elapsed(self) -> float:
+        return self.offset + time.time() - self.start
+
+    # ---- reading and plotting ----------------------------------------------------------
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Every record written so far (this run and the runs it resumed), optionally of one kind."""
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash: the rest of the file is still good
+                continue
+            if kind is None or rec.get("kind") == kind:
+                out.append(rec)
+        return out
+
+    def plot(self) -> Path | None:
+        """Redraw the success-rate curve from the eval records; returns the PNG's path (None: no evals yet)."""
+        evals = self.records("eval")
+        if not evals:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for label, key, style in (("with planning", "success_rate", "o-"), ("policy alone", "success_rate_no_plan", "s--")):
+            pts = [(e["weight_version"], e["wall_s"], e[key]) for e in evals if isinstance(e.get(key), (int, float))]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], style, label=f"overall, {label}", linewidth=2)
+            ax_t.plot([p[1] / 60 for p in pts], [100 * p[2] for p in pts], style, label=f"overall, {label}", linewidth=2)
+        tasks = sorted({k[len("task/"):] for e in evals for k in e if k.startswith("task/")})
+        if 1 < len(tasks) <= 12:
+            for task in tasks:
+                pts = [(e["weight_version"], e[f"task/{task}"]) for e in evals if f"task/{task}" in e]
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], ".:", alpha=0.6, label=task)
+        ax.set_xlabel("weight version of the planning model (learner publications)")
+        ax.set_ylabel("success rate (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax_t.set_xlabel("wall time (minutes)")
+        ax_t.grid(alpha=0.3)
+        episodes = evals[-1].get("episodes", "?")
+        fig.suptitle(f"{self.run_dir.name}: success rate per evaluation ({episodes} episodes each)")
+        fig.tight_layout()
+        tmp = self.plot_path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)  # a reader never sees half a PNG
+        return self.plot_path
+
+    def close(self) -> None:
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: numpy scalars to Python, non-finite floats to None (JSON has no NaN)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)

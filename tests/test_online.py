@@ -1,0 +1,246 @@
+"""The main job: its config, its logger, and whole scaled-down runs (ray job submit, LIBERO, stop/resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cosmos_policy.errors import ConfigError
+from launch.experiment import experiment_names, load_experiment
+from launch.monitor import Monitor
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+# The quickstart scaled down to a couple of minutes of a 2-core machine.
+SMALL = [
+    "demos.episodes=4", "offline.policy_steps=8", "offline.validate_every=4", "offline.planning_steps=4", "offline.batch=4",
+    "online.rounds=2", "online.episodes_per_round=4", "online.runners=2", "online.refine_steps=4", "online.publish_every=2",
+    "online.batch=4", "eval.trials=2", "env.kwargs.max_steps=34", "env.kwargs.num_initial_states=4", "planner.num_candidates=2",
+    "planner.value_steps=[1]", "policy.action_steps=2", "logging.wandb=offline",
+]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", WANDB_MODE="offline", MUJOCO_GL="egl",
+               PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _replay_episodes(run_dir: Path, table: str) -> list[dict]:
+    out = []
+    for path in sorted((run_dir / "replay").rglob(f"{table}/*.hdf5")):
+        with h5py.File(path, "r") as f:
+            out.append(json.loads(f.attrs["metadata"]))
+    return out
+
+
+def _check_finished_run(run_dir: Path, rounds: int) -> None:
+    evals = _records(run_dir, "eval")
+    assert [e["round"] for e in evals] == list(range(rounds + 1))  # round 0 before any online training
+    assert all(0.0 <= e["success_rate"] <= 1.0 and e["episodes"] >= 2 for e in evals)
+    versions = [e["weight_version"] for e in evals]
+    assert versions[0] == 0 and len(set(versions[1:])) == rounds and min(versions[1:]) >= 1  # a new version each round
+    learner = _records(run_dir, "learner")
+    assert {r["phase"] for r in learner} >= {"policy_offline", "planning_offline", "planning_online"}
+    assert all(np.isfinite(r["loss"]) for r in learner)
+    collect = _records(run_dir, "collect")
+    assert len(collect) == rounds and all(r["env_steps_per_s"] > 0 for r in collect)
+    assert (run_dir / "success_rate.png").stat().st_size > 1000
+    assert json.loads((run_dir / "state.json").read_text())["finished"]
+
+
+# ---- config ------------------------------------------------------------------------------------
+def test_every_experiment_config_loads() -> None:
+    assert {"quickstart", "libero_spatial", "libero_all"} <= set(experiment_names())
+    for name in experiment_names():
+        cfg = load_experiment(name)
+        assert cfg.name == name
+    cfg = load_experiment("quickstart", ["online.rounds=7", "planner.num_candidates=4"])
+    assert cfg.online.rounds == 7 and cfg.planner_config().num_candidates == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["online.roundz=3"], "roundz"),
+        (["online.rounds=three"], "online.rounds"),
+        (["online.runners=0"], "online.runners: expected >= 1"),
+        (["planner.num_candidatez=3"], r"planner: unknown key\(s\) \['num_candidatez'\]"),
+        (["planner.aggregation=best"], "planner.aggregation"),
+        (["learner.zero_stage=5"], "learner.zero_stage"),
+        (["demos.source=dataset"], "demos.dataset: source 'dataset' needs a path"),
+        (["env.name=libero"], "demos.source: the scripted expert exists for the built-in task 'lift' only"),
+        (["logging.wandb=sometimes"], None),
+    ],
+)
+def test_bad_experiment_configs_are_clear_errors(overrides: list[str], message: str | None, tmp_path: Path) -> None:
+    if message is None:  # checked when the logger starts
+        cfg = load_experiment("quickstart", overrides)
+        with pytest.raises(ConfigError, match="logging.wandb"):
+            Monitor(tmp_path, cfg.to_dict(), cfg.logging.wandb)
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_experiment("quickstart", overrides)
+
+
+def test_unknown_experiment_name_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_experiment("quickstrat")
+
+
+# ---- monitor -----------------------------------------------------------------------------------
+def test_monitor_writes_jsonl_wandb_offline_and_the_plot_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    m = Monitor(tmp_path, {"name": "t"}, "auto", name="t")
+    m.log("learner", {"learner/step": 1, "loss": 0.5, "grad_norm": float("nan")})
+    for v, rate in enumerate([0.1, 0.4]):
+        m.log("eval", {"round": v, "weight_version": v, "success_rate": rate, "success_rate_no_plan": 0.1, "task/a": rate, "task/b": 0.0,
+                       "episodes": 10})
+    assert m.plot() == tmp_path / "success_rate.png" and m.plot_path.stat().st_size > 1000
+    m.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # W&B ran offline, into the run directory
+    rec = _records(tmp_path, "learner")[0]
+    assert rec["grad_norm"] is None and rec["loss"] == 0.5 and rec["wall_s"] >= 0
+    run_id = (tmp_path / "wandb_id.txt").read_text()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "eval", "trunc')  # a line cut by a crash
+    again = Monitor(tmp_path, {"name": "t"}, "offline")
+    assert len(again.records("eval")) == 2 and (tmp_path / "wandb_id.txt").read_text() == run_id
+    again.log("eval", {"round": 2, "weight_version": 2, "success_rate": 0.6, "episodes": 10})
+    again.close()
+    assert [r["success_rate"] for r in again.records("eval")] == [0.1, 0.4, 0.6]
+    assert Monitor(tmp_path / "x", {}, "disabled").plot() is None
+
+
+# ---- whole runs -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> None:
+    """``ray start --head`` on loopback with token authentication, then ``ray job submit`` of the main job."""
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    port, dash = _free_port(), _free_port()
+    # Ray's socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must fit a Unix socket's
+    # 107 bytes, which pytest's tmp_path does not leave room for: a short directory under /tmp.
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=8", "--disable-usage-stats",
+                             f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_dir = tmp_path / "run"
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while subprocess.run([RAY, "job", "list", f"--address={address}"], env=env, capture_output=True).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        # Without the token the cluster refuses the job.
+        no_token = subprocess.run([RAY, "job", "list", f"--address={address}"], env={**env, "RAY_AUTH_TOKEN": "wrong"}, capture_output=True)
+        assert no_token.returncode != 0
+        runtime_env = json.dumps({"excludes": [".venv", ".venv-reverb", ".git", "runs", ".whl", "wandb"]})
+        job = subprocess.run([RAY, "job", "submit", f"--address={address}", "--working-dir", str(ROOT), f"--runtime-env-json={runtime_env}",
+                              "--", sys.executable, "launch/online.py", f"run_dir={run_dir}", "name=jobtest", *SMALL],
+                             env=env, capture_output=True, text=True, timeout=1200)
+        assert job.returncode == 0 and "succeeded" in job.stdout.lower(), job.stdout[-4000:] + job.stderr[-2000:]
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=90)
+        shutil.rmtree(temp, ignore_errors=True)
+    _check_finished_run(run_dir, rounds=2)
+    runners = {m["runner"] for m in _replay_episodes(run_dir, "experience_*")}
+    assert len(runners) >= 2  # episodes from both EnvRunners reached replay
+    assert len(_replay_episodes(run_dir, "demos")) == 4
+
+
+def _libero_demo_file(path: Path, demos: int, steps: int, seed: int) -> None:
+    """A LIBERO-Cosmos-Policy demo file (``<task>_demo.hdf5``: JPEG frames, actions, robot_states)."""
+    from cosmos_policy.episode import encode_jpeg
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        for i in range(demos):
+            g = f.create_group(f"data/demo_{i}")
+            for key in ("agentview_rgb_jpeg", "eye_in_hand_rgb_jpeg"):
+                frames = [encode_jpeg(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(steps)]
+                g.create_dataset(f"obs/{key}", data=np.array([np.frombuffer(b, np.uint8) for b in frames], dtype=object),
+                                 dtype=h5py.vlen_dtype(np.uint8))
+            actions = rng.uniform(-1, 1, (steps, 7)).astype(np.float32)
+            actions[:, 6] = np.sign(actions[:, 6])
+            g.create_dataset("actions", data=actions)
+            g.create_dataset("robot_states", data=rng.normal(size=(steps, 9)).astype(np.float32))
+
+
+@pytest.mark.slow
+def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
+    """The libero_spatial experiment end to end: 2 EnvRunners on real LIBERO, tiny model, 2 rounds."""
+    pytest.importorskip("libero.libero")
+    data = tmp_path / "libero_spatial_regen"
+    data.mkdir()
+    name = "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate"
+    _libero_demo_file(data / f"{name}_demo.hdf5", demos=3, steps=24, seed=0)
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "model.size=tiny", "model.text_encoder=random", f"demos.dataset={data}", "demos.max_episodes=3",
+                 "data.augmentation=false", "env.kwargs.image_size=64", "env.kwargs.max_steps=20", f"env.tasks=[{name}]",
+                 "offline.policy_steps=4", "offline.validate_every=4", "offline.planning_steps=2", "offline.batch=4", "online.rounds=2",
+                 "online.episodes_per_round=2", "online.runners=2", "online.refine_steps=2", "online.publish_every=2", "online.batch=4",
+                 "eval.trials=1", "eval.also_without_planning=false", "planner.num_candidates=2", "planner.value_steps=[1]",
+                 "planner.future_steps=[1]", "policy.action_steps=1", "replay.shards=1", "learner.gpus_per_worker=0", "logging.wandb=offline"]
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "online.py"), "--config", "libero_spatial", *overrides], env=_env(RAY_AUTH_MODE="disabled"),
+                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    evals = _records(run_dir, "eval")
+    assert [e["round"] for e in evals] == [0, 1, 2] and all(f"task/{name}" in e for e in evals)
+    runners = {m["runner"] for m in _replay_episodes(run_dir, "experience_*")}
+    assert len(runners) == 2
+
+
+@pytest.mark.slow
+def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
+    """SIGINT mid-run: a final learner checkpoint, exit 0; the same command again finishes the remaining rounds."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", *SMALL, "online.rounds=3"]
+    proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    out = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+        if "round 1: success" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    text = "".join(out) + rest
+    assert proc.returncode == 0, text[-4000:]
+    assert "saving a final learner checkpoint" in text and "run again with the same run_dir to resume" in text
+    state = json.loads((run_dir / "state.json").read_text())
+    assert not state.get("finished") and state["round"] in (1, 2)
+    assert (run_dir / "learner" / "planning_online" / "latest").is_file()
+    again = subprocess.run(cmd, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "(resuming)" in again.stdout
+    _check_finished_run(run_dir, rounds=3)
