@@ -1,0 +1,113 @@
+"""Proof that the system learns from its own experience: the quickstart's recipe, then a large evaluation.
+
+1. ``launch/online.py``'s whole job on the built-in task (the quickstart config, with the
+   overrides given): scripted-expert demonstrations, the policy trained on them until the
+   held-out loss stops improving, the planning model (world model + value) from the policy's
+   weights on the demonstrations, then online rounds in which EnvRunners collect with best-of-N
+   planning and the learner refines the planning model on demonstrations plus those episodes.
+2. On the same fixed initial states (``--initial-states`` x ``--seeds`` episodes each):
+   ``base_success``: the demonstration-trained policy alone;
+   ``offline_planning_success``: planning with the planning model before any experience;
+   ``final_success``: planning with the planning model after the online rounds.
+   ``gain_points`` = 100 x (final_success - base_success). Target: >= 15 over >= 200 episodes.
+
+Writes bench/results/learning_curve.json (or --out) and prints one JSON line per figure.
+
+    python bench/learning_curve.py [--initial-states 100 --seeds 0,1] [override ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+
+from actors.env_process import EnvConfig  # noqa: E402
+from actors.env_runner import EnvRunner, RunnerConfig  # noqa: E402
+from actors.evaluator import EvalConfig, evaluate  # noqa: E402
+from actors.policy_server import PolicyServer, PolicySpec  # noqa: E402
+from launch.experiment import load_experiment  # noqa: E402
+from launch.online import run  # noqa: E402
+
+
+def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str, initial_states: int, seeds: list[int], plan: bool) -> dict:
+    """Success over ``initial_states`` x ``seeds`` episodes from the task's fixed initial states."""
+    spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_ckpt, policy=cfg.policy_config(), planner=cfg.planner_config(),
+                      text_encoder=cfg.model.text_encoder)
+    server = PolicyServer.options(num_cpus=1).remote(spec, cfg.server_config())
+    kwargs = {**cfg.env.kwargs, "num_initial_states": initial_states}
+    runner_cfg = RunnerConfig(env=EnvConfig(cfg.env.name, kwargs), execute=cfg.env.execute, plan=plan, record=False, max_steps=cfg.env.max_steps)
+    runners = [EnvRunner.options(num_cpus=1).remote(runner_cfg, server) for _ in range(cfg.online.runners)]
+    try:
+        start = time.time()
+        rep = evaluate(runners, EvalConfig(trials=initial_states, seeds=seeds), suite=cfg.env.name, plan=plan, record=False)
+        rep["seconds"] = time.time() - start
+        return rep
+    finally:
+        for r in runners:
+            ray.kill(r)
+        ray.kill(server)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="quickstart")
+    parser.add_argument("--initial-states", type=int, default=100)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_curve.json"))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    overrides = ["run_dir=runs/learning_curve", "name=learning_curve", *args.overrides]
+    cfg = load_experiment(args.config, overrides)
+    start = time.time()
+    run(cfg)
+    train_s = time.time() - start
+    state = json.loads((Path(cfg.run_dir) / "state.json").read_text())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    policy, planning_offline, planning_final = state["policy_checkpoint"], state["planning_checkpoint"], state["planning_latest"]
+    figures: dict = {}
+    base = evaluate_with(cfg, policy, planning_offline, args.initial_states, seeds, plan=False)
+    offline_plan = evaluate_with(cfg, policy, planning_offline, args.initial_states, seeds, plan=True)
+    final = evaluate_with(cfg, policy, planning_final, args.initial_states, seeds, plan=True)
+    figures.update({
+        "base_success": base["success_rate"],
+        "offline_planning_success": offline_plan["success_rate"],
+        "final_success": final["success_rate"],
+        "gain_points": round(100 * (final["success_rate"] - base["success_rate"]), 2),
+        "gain_points_from_experience": round(100 * (final["success_rate"] - offline_plan["success_rate"]), 2),
+        "eval_episodes_each": base["episodes"],
+        "initial_states": args.initial_states,
+        "eval_seeds": seeds,
+        "experiment_seed": cfg.seed,
+        "demo_episodes": cfg.demos.episodes,
+        "online_rounds": state.get("round"),
+        "online_episodes": cfg.online.episodes_per_round * int(state.get("round", 0)),
+        "planning_weight_version": state.get("planning_version"),
+        "train_and_rounds_s": round(train_s, 1),
+        "eval_s": round(base["seconds"] + offline_plan["seconds"] + final["seconds"], 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "command": "python bench/learning_curve.py " + " ".join(sys.argv[1:]),
+        "config": cfg.to_dict(),
+    })
+    for k, v in figures.items():
+        if k != "config":
+            print(json.dumps({k: v}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(figures, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
