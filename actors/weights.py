@@ -15,9 +15,11 @@ from cosmos_policy.weights import REGISTRY, WeightVersion, unpack, verify
 
 
 class WeightSubscriber:
-    def __init__(self, target: str = "policy", name: str = REGISTRY) -> None:
+    def __init__(self, target: str = "policy", name: str = REGISTRY, verify_threads: int | None = None) -> None:
+        """``verify_threads``: threads for the checksum (None: one per core; 1 where several readers share few cores)."""
         self.target = target
         self.name = name
+        self.verify_threads = verify_threads
         self.version: int | None = None
         self._registry: Any = None
 
@@ -41,6 +43,6 @@ class WeightSubscriber:
             return None
         record, (ref,) = latest
         packed = ray.get(ref)
-        verify(packed, record)
+        verify(packed, record, self.verify_threads)
         self.version = record.version
         return record, unpack(packed, copy=False)

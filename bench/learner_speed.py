@@ -284,15 +284,8 @@ def bench_publish(args: argparse.Namespace) -> None:
     emit("weights_2b", {"params": sum(int(np.prod(s)) for s, _ in shapes.values()), "tensors": len(packed), "gb": round(nbytes / 1e9, 3),
                         "dtype": "bfloat16", "pack_s_from_bf16": round(pack_s, 3)})
 
-    # The object store's shared memory is touched once at startup (Ray's preallocate_plasma_memory,
-    # i.e. ``ray.preallocate_object_store=true`` in the main job): on a virtual machine the first
-    # touch of a page costs a fault that runs at about 0.25 GB/s here, ten times slower than the
-    # copy into it, and a long-running job pays it once, not at every publication.
-    start = time.perf_counter()
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False, object_store_memory=int(min(2.6 * nbytes, 12e9)), namespace="learner-speed",
-             _system_config={"preallocate_plasma_memory": True})
-    emit("ray_start_with_preallocated_store_s", round(time.perf_counter() - start, 1))
+             configure_logging=False, object_store_memory=int(min(2.6 * nbytes, 12e9)), namespace="learner-speed")
 
     @ray.remote(num_cpus=0.5)
     class Reader:
@@ -301,7 +294,8 @@ def bench_publish(args: argparse.Namespace) -> None:
         def __init__(self, registry_name: str) -> None:
             from actors.weights import WeightSubscriber
 
-            self.sub = WeightSubscriber(name=registry_name)
+            # Four readers share this machine's two cores: one checksum thread each.
+            self.sub = WeightSubscriber(name=registry_name, verify_threads=1)
 
         def pull(self, version: int) -> dict[str, float]:
             from cosmos_policy.weights import verify
@@ -315,7 +309,7 @@ def bench_publish(args: argparse.Namespace) -> None:
             got = time.perf_counter()
             packed = ray.get(ref)
             fetched = time.perf_counter()
-            verify(packed, record)
+            verify(packed, record, self.sub.verify_threads)
             done = time.perf_counter()
             del packed
             return {"registry_s": got - start, "get_s": fetched - got, "verify_s": done - fetched, "end": time.time()}

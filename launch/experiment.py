@@ -34,9 +34,6 @@ class RaySection:
     address: str | None = None  # None: start a local cluster on 127.0.0.1; "auto" or host:port: join one
     num_cpus: int | None = None  # logical CPUs of a local cluster (None: enough for every actor asked for)
     namespace: str = "cosmos-policy-online"
-    # Touch the object store's memory once at startup (Ray's preallocate_plasma_memory): on virtual
-    # machines whose first page touch is slow, weight publications then run at copy speed.
-    preallocate_object_store: bool = False
     object_store_gb: float | None = None  # a local cluster's object store (None: Ray's default, 30 % of RAM)
 
 

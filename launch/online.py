@@ -443,8 +443,6 @@ def connect(cfg: Experiment) -> None:
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
-    if cfg.ray.preallocate_object_store:
-        extra["_system_config"] = {"preallocate_plasma_memory": True}
     ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_cpus or need), include_dashboard=False, _node_ip_address="127.0.0.1",
              namespace=cfg.ray.namespace, log_to_driver=True, **extra)
 
