@@ -18,6 +18,7 @@ from torch import nn
 from cosmos_policy.codec import tile_into_frame, untile_from_frame, value_from_frame, value_into_frame
 from cosmos_policy.config import ModelConfig
 from cosmos_policy.denoiser import Denoiser, build_network
+from cosmos_policy.prefix_encode import PrefixCachedEncoder
 from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.layout import FrameRole, LatentLayout, SampleKind, SlotKind, SlotTime
 from cosmos_policy.objective import LossOutput, diffusion_loss
@@ -85,7 +86,10 @@ class CosmosPolicyModel(nn.Module):
         super().__init__()
         self.config = config
         self.layout = layout
-        self.denoiser = Denoiser(network if network is not None else build_network(config), config.diffusion.sigma_conditional)
+        net = network if network is not None else build_network(config)
+        _, h, w = config.latent_frame_shape
+        _, ph, pw = net.config.patch_size
+        self.denoiser = Denoiser(net, config.diffusion.sigma_conditional, tokens_per_frame=(h // ph) * (w // pw))
         self.tokenizer = VideoTokenizer(vae if vae is not None else build_vae(config), layout, config.image_size)
         frame = config.latent_frame_shape
         if layout.action_size > frame[0] * frame[1] * frame[2]:
@@ -93,10 +97,19 @@ class CosmosPolicyModel(nn.Module):
                 f"layout {layout.name!r}: an action chunk of {layout.action_size} numbers does not fit a latent frame of "
                 f"{frame} at image_size {config.image_size}"
             )
+        self._prefix_encoder: PrefixCachedEncoder | None = None
         self._latent_cache: OrderedDict[bytes, torch.Tensor] | None = None
         self._latent_cache_items = 0
         self.latent_cache_hits = 0
         self.latent_cache_misses = 0
+
+    def enable_prefix_encoder(self, max_clips: int = 8, compile: bool = False, channels_last: bool = False) -> None:
+        """Encode through ``PrefixCachedEncoder``: the constant leading frames once, nothing after the frames asked for.
+
+        The policy turns this on for its queries (LIBERO: 8 of the 13 conditioning pixel frames go
+        through the VAE instead of all 13). The latents equal the whole-clip encode's up to rounding.
+        """
+        self._prefix_encoder = PrefixCachedEncoder(self, max_clips, compile, channels_last)
 
     def enable_latent_cache(self, max_items: int) -> None:
         """Remember the VAE latents of up to ``max_items`` clips, keyed by their pixels (0 turns it off).
@@ -205,6 +218,8 @@ class CosmosPolicyModel(nn.Module):
         device = self.device
         if self._latent_cache is not None:
             latents = self._encode_cached(batch, k)
+        elif self._prefix_encoder is not None:
+            return self._prefix_encoder.latents(batch, k)  # already zeros after frame k
         else:
             images = {name: img.to(device) for name, img in batch.images.items()}
             latents = self.tokenizer.encode(self.tokenizer.assemble_clip(images, k))

@@ -111,6 +111,8 @@ class Planner:
             raise ConfigError(f"planning model layout {planning_model.layout.name!r} differs from the policy's {policy.model.layout.name!r}")
         self.policy = policy
         self.planning = planning_model.eval()
+        if policy.config.prefix_encode and planning_model._prefix_encoder is None:
+            planning_model.enable_prefix_encoder()
         self.config = config or PlannerConfig()
         self.forward_rows = 0  # network evaluations x rows, for cost accounting
 

@@ -1,57 +1,31 @@
-"""Training targets with less VAE work and the same numbers.
+"""Training targets with less VAE work and the same numbers (``cosmos_policy.prefix_encode``).
 
 ``CosmosPolicyModel.targets`` encodes the whole pixel clip of every sample (LIBERO: 33 frames,
-about 8.4 TFLOP per sample through the Wan VAE, more than a forward pass of the 2B denoiser)
-and then overwrites the proprio, action and value frames with tiled vectors. Two parts of that
-work never change what the targets are:
-
-- the *trailing* non-image slots (LIBERO: the value frame, 4 pixel frames): the VAE is causal,
-  so nothing before them depends on them, and their latents are overwritten by injection;
-- the *leading* constant slots (the black frame 0 and the current-proprio slot: 5 black pixel
-  frames): every sample's clip starts with the same pixels, so the encoder's latents AND its
-  causal state (the feature cache of every causal convolution) after them are the same for
-  every sample. They are computed once, with batch 1, and broadcast to each batch.
-
-What remains (LIBERO: 6 chunks of 4 frames, 24 of 33 pixel frames, about 6.0 TFLOP) is
-encoded chunk by chunk exactly as diffusers' ``AutoencoderKLWan._encode`` does, through the
-same encoder modules and feature-cache protocol, ``max_clips`` clips at a time. The result
-equals ``model.targets(batch)`` up to floating-point rounding of batch-size-dependent kernels
-(``tests/test_learner_speedups.py`` checks it against the full encode).
+about 8.4 TFLOP per sample through the Wan VAE, more than a forward pass of the 2B denoiser) and
+then overwrites the proprio, action and value frames with tiled vectors. ``TargetEncoder`` skips
+the trailing slots injection overwrites and reuses the constant leading slots (LIBERO: 24 of 33
+pixel frames encoded, about 6.0 TFLOP), and injects.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 
-from cosmos_policy.config import VAE_TEMPORAL_COMPRESSION
 from cosmos_policy.errors import ConfigError
-from cosmos_policy.layout import SlotKind
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch
-from cosmos_policy.tokenizer import images_to_unit_range
+from cosmos_policy.prefix_encode import PrefixCachedEncoder
 
 ENCODE_MODES = ("full", "needed")
 
 
-def _causal_conv_count(encoder: torch.nn.Module) -> int:
-    """How many feature-cache slots the encoder's causal convolutions use (diffusers counts the same way)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    return sum(isinstance(m, WanCausalConv3d) for m in encoder.modules())
-
-
-class TargetEncoder:
+class TargetEncoder(PrefixCachedEncoder):
     """x0 = inject(encode(clip)) for training batches.
 
     Args:
         model: the model whose frozen VAE and layout are used.
         mode: ``needed`` (skip the trailing non-image slots, reuse the constant leading ones) or
             ``full`` (``model.targets``: the reference path).
-        max_clips: clips per encoder call (activation memory grows with it).
-        compile: compile the VAE encoder with ``torch.compile`` (every call after the constant
-            prefix has the same shapes, so one graph serves them all).
-        channels_last: keep the encoder's 3-D convolution weights and inputs channels-last.
+        max_clips, compile, channels_last: see ``PrefixCachedEncoder``.
     """
 
     def __init__(self, model: CosmosPolicyModel, mode: str = "needed", max_clips: int = 8, compile: bool = False,
@@ -60,88 +34,8 @@ class TargetEncoder:
             raise ConfigError(f"learner.vae_encode: expected one of {ENCODE_MODES}, got {mode!r}")
         if max_clips < 1:
             raise ConfigError(f"learner.vae_batch: expected >= 1, got {max_clips}")
-        self.model, self.mode, self.max_clips = model, mode, max_clips
-        layout = model.layout
-        images = [i for i, s in enumerate(layout.slots) if s.kind is SlotKind.IMAGE]
-        if not images:
-            raise ConfigError(f"layout {layout.name!r}: no image slot, nothing to encode")
-        self.first_image, self.last_image = min(images), max(images)
-        vae = model.tokenizer.vae
-        self.channels_last = channels_last
-        if channels_last:  # cuDNN's 3-D convolutions run on channels-last data without transposing it first
-            for m in vae.encoder.modules():
-                if isinstance(m, torch.nn.Conv3d):
-                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
-        self.encoder: Callable[..., torch.Tensor] = vae.encoder
-        if compile:
-            self.encoder = torch.compile(vae.encoder, dynamic=False)
-        self._cache_slots = _causal_conv_count(vae.encoder)
-        self._prefix: tuple[torch.Tensor, list[Any]] | None = None
-        self._prefix_key: tuple[Any, ...] | None = None
-
-    # ---- the constant prefix ----------------------------------------------------------------
-    def _pixels(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        size = self.model.config.image_size
-        return torch.full((batch, 3, 1, size, size), -1.0, device=device, dtype=dtype)
-
-    def _run_chunk(self, chunk: torch.Tensor, cache: list[Any], encoder: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """One encoder call on a chunk (1 or 4 pixel frames) with the causal feature cache."""
-        return encoder(chunk, feat_cache=cache, feat_idx=[0])
-
-    def _constant_prefix(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, list[Any]]:
-        """Encoder output and feature cache after the leading constant slots, for one clip."""
-        key = (device, dtype)
-        if self._prefix is None or self._prefix_key != key:
-            vae = self.model.tokenizer.vae
-            cache: list[Any] = [None] * self._cache_slots
-            black = self._pixels(1, device, dtype)
-            with torch.no_grad():
-                outs = [self._run_chunk(black, cache, vae.encoder)]  # frame 0 alone, as the VAE does
-                for _ in range(1, self.first_image):
-                    outs.append(self._run_chunk(black.expand(-1, -1, VAE_TEMPORAL_COMPRESSION, -1, -1), cache, vae.encoder))
-            self._prefix = (torch.cat(outs, dim=2), cache)
-            self._prefix_key = key
-        return self._prefix
-
-    # ---- encoding -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def latents(self, batch: ModelBatch) -> torch.Tensor:
-        """Normalized latents (B, z, T, h, w) in float32 of every frame the targets keep.
-
-        Frames after the last image slot are zeros (injection overwrites them).
-        """
-        model, layout = self.model, self.model.layout
-        tokenizer = model.tokenizer
-        device, dtype = next(tokenizer.vae.parameters()).device, tokenizer.dtype
-        names = [s.name for s in layout.slots]
-        unit = {name: images_to_unit_range(img.to(device, non_blocking=True), f"images[{name!r}]") for name, img in batch.images.items()}
-        b = batch.batch_size
-        prefix_out, prefix_cache = self._constant_prefix(device, dtype)
-        parts = []
-        for start in range(0, b, self.max_clips):
-            n = min(self.max_clips, b - start)
-            cache = [c.expand(n, *c.shape[1:]) if isinstance(c, torch.Tensor) else c for c in prefix_cache]
-            outs = [prefix_out.expand(n, *prefix_out.shape[1:])]
-            for k in range(self.first_image, self.last_image + 1):
-                slot = layout.slots[k]
-                if slot.kind is SlotKind.IMAGE:
-                    frame = unit[names[k]][start : start + n].to(dtype)
-                else:  # a non-image slot between images: 4 black frames, as ``assemble_clip`` makes them
-                    frame = self._pixels(n, device, dtype)[:, :, 0]
-                chunk = frame.unsqueeze(2).expand(-1, -1, VAE_TEMPORAL_COMPRESSION, -1, -1)
-                if self.channels_last:
-                    chunk = chunk.contiguous(memory_format=torch.channels_last_3d)
-                outs.append(self._run_chunk(chunk, cache, self.encoder))
-            parts.append(tokenizer.vae.quant_conv(torch.cat(outs, dim=2)))
-        moments = torch.cat(parts)
-        z_dim = tokenizer.vae.config.z_dim
-        z = moments[:, :z_dim].float()  # the posterior mean (``latent_dist.mode()``)
-        mean, std = tokenizer.latent_statistics(z.device)
-        z = (z - mean) / std
-        missing = layout.num_frames - z.shape[2]
-        if missing:
-            z = torch.cat([z, z.new_zeros(b, z.shape[1], missing, *z.shape[3:])], dim=2)
-        return z
+        super().__init__(model, max_clips, compile, channels_last)
+        self.mode = mode
 
     def __call__(self, batch: ModelBatch) -> torch.Tensor:
         """Training targets x0 (B, z, T, h, w), float32."""

@@ -114,3 +114,25 @@ def test_speed_options_are_checked():
     with pytest.raises(ConfigError, match="learner.data_workers"):
         LearnerConfig(data_workers=-2)
     LearnerConfig(zero_stage=3)  # compile left to the default: simply off under ZeRO-3
+
+
+@pytest.mark.parametrize("layout_name", ["libero", "robocasa", "aloha"])
+def test_prefix_encoder_gives_the_whole_clip_latents_of_every_prefix(layout_name):
+    """Inference encodes only the conditioning frames: every prefix length equals ``model.encode``'s."""
+    from cosmos_policy.prefix_encode import PrefixCachedEncoder
+
+    model = CosmosPolicyModel.build(load_model_config("tiny"), load_layout(layout_name), seed=0)
+    batch = random_batch(model.config, model.layout, KINDS, seed=4)
+    encoder = PrefixCachedEncoder(model, max_clips=3)
+    for k in range(1, model.layout.num_frames + 1):
+        reference = model.encode(batch, num_frames=k)
+        out = encoder.latents(batch, k)
+        assert out.shape == reference.shape
+        torch.testing.assert_close(out[:, :, :k], reference[:, :, :k], rtol=0, atol=1e-5)
+        assert torch.all(out[:, :, k:] == 0)
+    # The policy's model switches it on: encode() then goes through it.
+    model.enable_prefix_encoder(max_clips=3)
+    k = model.layout.clean_prefix("policy")
+    torch.testing.assert_close(model.encode(batch, num_frames=k), encoder.latents(batch, k), rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="num_frames"):
+        encoder.latents(batch, 0)
