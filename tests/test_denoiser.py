@@ -86,3 +86,30 @@ def test_bfloat16_matches_float32(tiny_model, libero):
     rel = (x16 - x32)[gen].norm() / x32[gen].norm()
     assert rel < 2e-2, float(rel)
     assert torch.equal(x16[~gen], clean_latents[~gen])
+
+
+def test_per_frame_modulation_gives_the_per_token_outputs_and_gradients(tiny_config):
+    """The AdaLN projections run once per latent frame instead of once per token: same numbers."""
+    import copy
+
+    from cosmos_policy.denoiser import Denoiser, build_network, use_per_frame_modulation
+
+    torch.manual_seed(0)
+    net = build_network(tiny_config)
+    reference = Denoiser(copy.deepcopy(net), 0.0)
+    fast = Denoiser(net, 0.0, tokens_per_frame=16)  # 8x8 latents, patch 2x2
+    assert use_per_frame_modulation(copy.deepcopy(net), 16) == 3 * len(net.transformer_blocks)
+    b = 3
+    x = torch.randn(b, 16, 9, 8, 8)
+    sigma = torch.rand(b, 9) * 20
+    clean = torch.zeros(b, 9, dtype=torch.bool)
+    clean[:, :4] = True
+    text = torch.randn(b, tiny_config.text.max_length, tiny_config.text.embed_dim)
+    out_ref, out_fast = reference(x, sigma, x, clean, text), fast(x, sigma, x, clean, text)
+    torch.testing.assert_close(out_fast, out_ref, rtol=0, atol=1e-6)
+    out_ref.pow(2).sum().backward()
+    out_fast.pow(2).sum().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-3, msg=name)
+    assert fast.state_dict().keys() == reference.state_dict().keys()
