@@ -228,7 +228,7 @@ def _warp(images: torch.Tensor, theta: tuple[tuple[float, ...], ...], output_siz
     """
     n, h, w, _ = images.shape
     x = images.permute(0, 3, 1, 2).reshape(1, 3 * n, h, w).to(torch.float32)
-    grid = _affine_grid(theta, output_size)
+    grid = _affine_grid(theta, output_size, images.device)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # 1 where both source coordinates lie within [-1, 1], else 0 (float ops: bool kernels are slow).
     inside = grid.abs().sub_(1.0).clamp_min_(0.0).sign_().amax(dim=-1).neg_().add_(1.0)
@@ -236,9 +236,9 @@ def _warp(images: torch.Tensor, theta: tuple[tuple[float, ...], ...], output_siz
     return out.view(n, 3, output_size, output_size)
 
 
-def _affine_grid(theta: tuple[tuple[float, ...], ...], size: int) -> torch.Tensor:
+def _affine_grid(theta: tuple[tuple[float, ...], ...], size: int, device: torch.device | None = None) -> torch.Tensor:
     """``F.affine_grid`` for one square output, built by broadcasting (its batched matmul is slower)."""
-    coords = torch.arange(size, dtype=torch.float32).mul_(2.0 / size).add_(1.0 / size - 1.0)
+    coords = torch.arange(size, dtype=torch.float32, device=device).mul_(2.0 / size).add_(1.0 / size - 1.0)
     cols, rows = coords.view(1, size), coords.view(size, 1)
     (a, b, c), (d, e, f) = theta
     grid_x = (cols * a + rows * b).add_(c)
