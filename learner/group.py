@@ -92,7 +92,7 @@ class LearnerWorker:
         model = self.learner.model
         model.denoiser.eval()
         with torch.no_grad():
-            loss = model.training_loss(batch.model, torch.Generator().manual_seed(seed)).loss
+            loss = model.training_loss(getattr(batch, "model", batch), torch.Generator().manual_seed(seed)).loss  # a Batch or a ModelBatch
         model.denoiser.train()
         return float(loss)
 

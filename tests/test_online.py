@@ -27,7 +27,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 # The quickstart scaled down to a couple of minutes of a 2-core machine.
 SMALL = [
-    "demos.episodes=4", "offline.policy_steps=8", "offline.validate_every=4", "offline.planning_steps=4", "offline.batch=4",
+    "demos.episodes=6", "offline.policy_steps=8", "offline.validate_every=4", "offline.planning_steps=4", "offline.batch=4",
     "online.rounds=2", "online.episodes_per_round=4", "online.runners=2", "online.refine_steps=4", "online.publish_every=2",
     "online.batch=4", "eval.trials=2", "env.kwargs.max_steps=34", "env.kwargs.num_initial_states=4", "planner.num_candidates=2",
     "planner.value_steps=[1]", "policy.action_steps=2", "logging.wandb=offline",
@@ -68,6 +68,8 @@ def _check_finished_run(run_dir: Path, rounds: int) -> None:
     assert versions[0] == 0 and len(set(versions[1:])) == rounds and min(versions[1:]) >= 1  # a new version each round
     learner = _records(run_dir, "learner")
     assert {r["phase"] for r in learner} >= {"policy_offline", "planning_offline", "planning_online"}
+    validation = _records(run_dir, "validation")  # the held-out demonstration (1 of 6) is validated on
+    assert validation and all(np.isfinite(r["val_loss"]) for r in validation)
     assert all(np.isfinite(r["loss"]) for r in learner)
     collect = _records(run_dir, "collect")
     assert len(collect) == rounds and all(r["env_steps_per_s"] > 0 for r in collect)
@@ -175,7 +177,7 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
     _check_finished_run(run_dir, rounds=2)
     runners = {m["runner"] for m in _replay_episodes(run_dir, "experience_*")}
     assert len(runners) >= 2  # episodes from both EnvRunners reached replay
-    assert len(_replay_episodes(run_dir, "demos")) == 4
+    assert len(_replay_episodes(run_dir, "demos")) == 6
 
 
 def _libero_demo_file(path: Path, demos: int, steps: int, seed: int) -> None:
