@@ -371,6 +371,8 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
                 group.train(cfg.online.refine_steps, chunk=cfg.online.publish_every, on_metrics=lambda r: (
                     rows.extend(r), monitor.progress(f"round {round_}: refining", len(rows), cfg.online.refine_steps)))
                 _log_learner(monitor, "planning_online", rows)
+            if stopping["stop"]:  # the round is not recorded: a restart collects it again from the saved learner
+                raise Stop()
             # Every round ends on a published version (the last step may fall between publications).
             version = int(rows[-1]["published_version"]) if rows and "published_version" in rows[-1] else group.publish()
             wait_for_version(server, version)
