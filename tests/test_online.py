@@ -165,9 +165,13 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
         no_token = subprocess.run([RAY, "job", "list", f"--address={address}"], env={**env, "RAY_AUTH_TOKEN": "wrong"}, capture_output=True)
         assert no_token.returncode != 0
         runtime_env = json.dumps({"excludes": [".venv", ".venv-reverb", ".git", "runs", ".whl", "wandb"]})
-        job = subprocess.run([RAY, "job", "submit", f"--address={address}", "--working-dir", str(ROOT), f"--runtime-env-json={runtime_env}",
-                              "--", sys.executable, "launch/online.py", f"run_dir={run_dir}", "name=jobtest", *SMALL],
-                             env=env, capture_output=True, text=True, timeout=1200)
+        submit = [RAY, "job", "submit", f"--address={address}", "--working-dir", str(ROOT), f"--runtime-env-json={runtime_env}",
+                  "--", sys.executable, "launch/online.py", f"run_dir={run_dir}", "name=jobtest", *SMALL]
+        for _ in range(30):  # the head answers `job list` a little before its node's job agent takes submissions
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1200)
+            if "No available agent to submit job" not in job.stdout + job.stderr:
+                break
+            time.sleep(4)
         assert job.returncode == 0 and "succeeded" in job.stdout.lower(), job.stdout[-4000:] + job.stderr[-2000:]
     finally:
         if head.poll() is None:
