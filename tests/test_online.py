@@ -147,12 +147,18 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
     """``ray start --head`` on loopback with token authentication, then ``ray job submit`` of the main job."""
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     port, dash = _free_port(), _free_port()
+    # The session's other local cluster (conftest's ``ray_local``) holds Ray's default agent ports (52365 and
+    # friends); a second head that reuses them starts without a job agent ("No available agent to submit
+    # job"), so every port this head listens on is a free one.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                   f"--ray-client-server-port={_free_port()}"]
     # Ray's socket paths (<temp>/session_<date>_<pid>/sockets/plasma_store) must fit a Unix socket's
     # 107 bytes, which pytest's tmp_path does not leave room for: a short directory under /tmp.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=8", "--disable-usage-stats",
-                             f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             f"--temp-dir={temp}", *agent_ports], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     run_dir = tmp_path / "run"
     try:
