@@ -59,5 +59,5 @@ def test_invalid_configs_name_the_field(overrides, message):
 
 
 def test_unknown_size_lists_known_ones():
-    with pytest.raises(ConfigError, match=r"known: \['2b', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"known: \['2b', 'small', 'tiny'\]"):
         load_model_config("7b")
