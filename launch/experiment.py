@@ -137,7 +137,7 @@ class Experiment:
     planner: dict[str, Any] = field(default_factory=dict)  # cosmos_policy.planner.PlannerConfig fields
     server: dict[str, Any] = field(default_factory=dict)  # actors.policy_server.ServerConfig fields
     replay: dict[str, Any] = field(default_factory=dict)  # replay.config.ReplayConfig fields (tables: a list)
-    learner: dict[str, Any] = field(default_factory=dict)  # learner.engine.LearnerConfig fields, plus world_size, gpus
+    learner: dict[str, Any] = field(default_factory=dict)  # learner.engine.LearnerConfig fields, plus world_size, gpus_per_worker, cpus_per_worker
 
     def __post_init__(self) -> None:
         self.validate()
@@ -158,6 +158,8 @@ class Experiment:
             (self.offline.batch >= 1 and self.online.batch >= 1, "offline.batch / online.batch", ">= 1", (self.offline.batch, self.online.batch)),
             (self.offline.validate_every >= 1, "offline.validate_every", ">= 1", self.offline.validate_every),
             (self.model.device in ("auto", "cpu", "cuda"), "model.device", "auto, cpu or cuda", self.model.device),
+            (isinstance(self.learner.get("cpus_per_worker", 1), (int, float)) and self.learner.get("cpus_per_worker", 1) > 0,
+             "learner.cpus_per_worker", "a number > 0", self.learner.get("cpus_per_worker")),
         ]
         for ok, name, expected, got in checks:
             if not ok:
@@ -211,7 +213,7 @@ class Experiment:
 
     def learner_config(self, checkpoint_dir: str, online: bool, init_checkpoint: str | None = None, steps: int | None = None) -> LearnerConfig:
         section = self.online if online else self.offline
-        extra = {k: v for k, v in self.learner.items() if k not in ("world_size", "gpus_per_worker", "schedule")}
+        extra = {k: v for k, v in self.learner.items() if k not in ("world_size", "gpus_per_worker", "cpus_per_worker", "schedule")}
         total = steps or (self.online.refine_steps * max(1, self.online.rounds) if online else self.offline.policy_steps)
         warmup = min(self.offline.warmup_steps, max(0, total - 1))
         schedule = _build(ScheduleConfig, {"warmup_steps": 0 if online else warmup, "cycle_steps": max(total, warmup + 1),
@@ -228,6 +230,11 @@ class Experiment:
     @property
     def gpus_per_worker(self) -> float:
         return float(self.learner.get("gpus_per_worker", 0))
+
+    @property
+    def cpus_per_worker(self) -> float:
+        """CPUs (and so torch threads) each learner process gets: more than 1 speeds CPU-only training."""
+        return float(self.learner.get("cpus_per_worker", 1))
 
     def to_dict(self) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)  # type: ignore[return-value]

@@ -186,7 +186,7 @@ def _source_kwargs(cfg: Experiment, stats: NormalizationStats, text: TextEmbeddi
 
 
 def _group(cfg: Experiment, learner_cfg: Any, source: Any, publish: PublishConfig | None = None) -> LearnerGroup:
-    return LearnerGroup(learner_cfg, source, world_size=cfg.world_size, gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=1,
+    return LearnerGroup(learner_cfg, source, world_size=cfg.world_size, gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cfg.cpus_per_worker,
                         publish_cfg=publish)
 
 
@@ -441,7 +441,7 @@ def connect(cfg: Experiment) -> None:
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         return
-    need = cfg.online.runners + 1 + cfg.world_size + 1
+    need = cfg.online.runners + 1 + int(np.ceil(cfg.world_size * cfg.cpus_per_worker)) + 1
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
