@@ -1,7 +1,7 @@
 """Proof that the system learns from its own experience: the quickstart's recipe, then a large evaluation.
 
-1. ``launch/online.py``'s whole job on the built-in task (the quickstart config, with the
-   overrides given): scripted-expert demonstrations, the policy trained on them until the
+1. ``launch/online.py``'s whole job on the built-in task (``configs/experiment/learning_curve.yaml``,
+   the quickstart recipe with the small model, plus the overrides given): scripted-expert demonstrations, the policy trained on them until the
    held-out loss stops improving, the planning model (world model + value) from the policy's
    weights on the demonstrations, then online rounds in which EnvRunners collect with best-of-N
    planning and the learner refines the planning model on demonstrations plus those episodes.
@@ -11,7 +11,9 @@
    ``final_success``: planning with the planning model after the online rounds.
    ``gain_points`` = 100 x (final_success - base_success). Target: >= 15 over >= 200 episodes.
 
-Writes bench/results/learning_curve.json (or --out) and prints one JSON line per figure.
+Writes bench/results/learning_curve.json (or --out) after each evaluation (``complete`` turns true
+at the end) and prints one JSON line per evaluation. A run directory that exists is resumed, so a
+second call goes straight to the evaluations.
 
     python bench/learning_curve.py [--initial-states 100 --seeds 0,1] [override ...]
 """
@@ -63,9 +65,10 @@ def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str, initial_states: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="quickstart")
+    parser.add_argument("--config", default="learning_curve")
     parser.add_argument("--initial-states", type=int, default=100)
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--evals", default="base,offline_planning,final", help="which evaluations, in order (comma-separated)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_curve.json"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -77,37 +80,41 @@ def main() -> None:
     state = json.loads((Path(cfg.run_dir) / "state.json").read_text())
     seeds = [int(s) for s in args.seeds.split(",")]
     policy, planning_offline, planning_final = state["policy_checkpoint"], state["planning_checkpoint"], state["planning_latest"]
-    figures: dict = {}
-    base = evaluate_with(cfg, policy, planning_offline, args.initial_states, seeds, plan=False)
-    offline_plan = evaluate_with(cfg, policy, planning_offline, args.initial_states, seeds, plan=True)
-    final = evaluate_with(cfg, policy, planning_final, args.initial_states, seeds, plan=True)
-    figures.update({
-        "base_success": base["success_rate"],
-        "offline_planning_success": offline_plan["success_rate"],
-        "final_success": final["success_rate"],
-        "gain_points": round(100 * (final["success_rate"] - base["success_rate"]), 2),
-        "gain_points_from_experience": round(100 * (final["success_rate"] - offline_plan["success_rate"]), 2),
-        "eval_episodes_each": base["episodes"],
-        "initial_states": args.initial_states,
+    figures: dict = {
         "eval_seeds": seeds,
+        "initial_states": args.initial_states,
         "experiment_seed": cfg.seed,
         "demo_episodes": cfg.demos.episodes,
         "online_rounds": state.get("round"),
         "online_episodes": cfg.online.episodes_per_round * int(state.get("round", 0)),
         "planning_weight_version": state.get("planning_version"),
         "train_and_rounds_s": round(train_s, 1),
-        "eval_s": round(base["seconds"] + offline_plan["seconds"] + final["seconds"], 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "command": "python bench/learning_curve.py " + " ".join(sys.argv[1:]),
+        "complete": False,
         "config": cfg.to_dict(),
-    })
-    for k, v in figures.items():
-        if k != "config":
-            print(json.dumps({k: v}), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(figures, indent=1))
-    print(f"wrote {args.out}")
-
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Each evaluation is written as soon as it ends: a run cut short keeps what it measured.
+    plans = {"base": (planning_offline, False), "offline_planning": (planning_offline, True), "final": (planning_final, True)}
+    for name in args.evals.split(","):
+        if name not in plans:
+            raise SystemExit(f"--evals: expected some of {sorted(plans)}, got {name!r}")
+        rep = evaluate_with(cfg, policy, plans[name][0], args.initial_states, seeds, plan=plans[name][1])
+        figures[f"{name}_success"] = rep["success_rate"]
+        figures[f"{name}_episodes"] = rep["episodes"]
+        figures[f"{name}_eval_s"] = round(rep["seconds"], 1)
+        print(json.dumps({f"{name}_success": rep["success_rate"], "episodes": rep["episodes"], "seconds": round(rep["seconds"], 1)}), flush=True)
+        if "base_success" in figures and "final_success" in figures:
+            figures["gain_points"] = round(100 * (figures["final_success"] - figures["base_success"]), 2)
+        if "offline_planning_success" in figures and "final_success" in figures:
+            figures["gain_points_from_experience"] = round(100 * (figures["final_success"] - figures["offline_planning_success"]), 2)
+        out.write_text(json.dumps(figures, indent=1))
+    figures["complete"] = True
+    out.write_text(json.dumps(figures, indent=1))
+    print(json.dumps({k: v for k, v in figures.items() if k != "config"}), flush=True)
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()
