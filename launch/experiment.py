@@ -97,7 +97,7 @@ class OnlineSection:
     plan: bool = True  # collect with best-of-N planning
     refine_steps: int = 300  # learner steps per round
     publish_every: int = 100  # learner steps between weight publications
-    refine_policy: bool = False  # also train the policy (not only the planning model) on experience
+    refine_policy: bool = False  # also train the policy on experience: not wired into the main job yet (an error)
     budget_s: float | None = None  # stop after this much wall time (the current round finishes)
     lr: float = 5e-4
     batch: int = 32
@@ -164,6 +164,9 @@ class Experiment:
         for ok, name, expected, got in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {got!r}")
+        if self.online.refine_policy:
+            raise ConfigError("online.refine_policy: refining the policy during online rounds is not supported yet; the main job "
+                              "refines the planning model (world model + value) only. Train a policy offline with learner.engine.")
         if self.demos.source == "dataset" and not self.demos.dataset:
             raise ConfigError("demos.dataset: source 'dataset' needs a path to the demonstrations")
         if self.demos.source == "expert" and self.env.name != "lift":

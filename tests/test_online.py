@@ -98,6 +98,7 @@ def test_every_experiment_config_loads() -> None:
         (["learner.zero_stage=5"], "learner.zero_stage"),
         (["demos.source=dataset"], "demos.dataset: source 'dataset' needs a path"),
         (["env.name=libero"], "demos.source: the scripted expert exists for the built-in task 'lift' only"),
+        (["online.refine_policy=true"], "online.refine_policy: refining the policy during online rounds is not supported yet"),
         (["learner.cpus_per_worker=0"], "learner.cpus_per_worker: expected a number > 0"),
         (["logging.wandb=sometimes"], None),
     ],
