@@ -22,6 +22,7 @@ from cosmos_policy.config import resolve_config_path
 from cosmos_policy.data.augment import AugmentConfig
 from cosmos_policy.data.mixture import MixtureConfig, mixture_preset
 from cosmos_policy.errors import ConfigError
+from cosmos_policy.layout import load_layout
 from cosmos_policy.planner import PlannerConfig
 from cosmos_policy.policy import PolicyConfig
 from learner.engine import LearnerConfig
@@ -202,7 +203,9 @@ class Experiment:
     def replay_config(self, root: str) -> ReplayConfig:
         data = {"root": root, **{k: v for k, v in self.replay.items() if k != "root"}}
         tables = data.pop("tables", None)
-        window = self.env.execute
+        # Replay hands out step windows the sample builder turns into training samples: their length is
+        # the layout's action chunk (the future frame sits one chunk ahead), whatever env.execute is.
+        window = load_layout(self.model.layout).action_chunk
         if tables is None:
             built = default_tables(window=window)
         else:

@@ -85,6 +85,9 @@ def test_every_experiment_config_loads() -> None:
         assert cfg.name == name
     cfg = load_experiment("quickstart", ["online.rounds=7", "planner.num_candidates=4"])
     assert cfg.online.rounds == 7 and cfg.planner_config().num_candidates == 4
+    # Replay's step windows are the layout's action chunk even when fewer actions run per query.
+    cfg = load_experiment("quickstart", ["env.execute=8"])
+    assert {t.window for t in cfg.replay_config("replay").tables} == {16}
 
 
 @pytest.mark.parametrize(
