@@ -63,6 +63,12 @@ def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str, initial_states: int
         ray.kill(server)
 
 
+def _run_wall_s(run_dir: Path) -> float | None:
+    """Wall time at the job's last finished round, as its monitor recorded it (continues across resumes)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "round"' in line]
+    return round(rows[-1]["wall_s"], 1) if rows else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="learning_curve")
@@ -88,7 +94,8 @@ def main() -> None:
         "online_rounds": state.get("round"),
         "online_episodes": cfg.online.episodes_per_round * int(state.get("round", 0)),
         "planning_weight_version": state.get("planning_version"),
-        "train_and_rounds_s": round(train_s, 1),
+        "this_call_run_s": round(train_s, 1),  # run(cfg) in this call (little when it resumed a finished run)
+        "run_wall_s": _run_wall_s(Path(cfg.run_dir)),  # the whole job, from its own metrics (over resumes)
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "command": "python bench/learning_curve.py " + " ".join(sys.argv[1:]),
         "complete": False,
