@@ -25,6 +25,7 @@ from cosmos_policy.objective import LossOutput, diffusion_loss
 from cosmos_policy.sampler import sample as run_sampler
 from cosmos_policy.sampler import seeded_noise
 from cosmos_policy.tokenizer import VideoTokenizer, build_vae
+from cosmos_policy.transfer import to_device
 
 
 @dataclass
@@ -52,6 +53,15 @@ class ModelBatch:
     @property
     def batch_size(self) -> int:
         return len(self.kinds)
+
+    def to(self, device: torch.device | str) -> "ModelBatch":
+        """The batch with every tensor on ``device`` (host -> GPU copies queued without waiting for the GPU)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else to_device(t, device)
+
+        return ModelBatch(kinds=list(self.kinds), text=to_device(self.text, device), images={k: to_device(v, device) for k, v in self.images.items()},
+                          proprio=move(self.proprio), future_proprio=move(self.future_proprio), actions=move(self.actions), value=move(self.value))
 
     def select(self, indices: list[int], kinds: list[SampleKind] | None = None) -> "ModelBatch":
         """The samples at ``indices`` (optionally asking for other sample kinds)."""
@@ -264,13 +274,13 @@ class CosmosPolicyModel(nn.Module):
         device = out.device
         b = out.shape[0]
         if batch.actions is not None:
-            out[:, :, layout.action_index] = tile_into_frame(batch.actions.reshape(b, -1).float().to(device), frame)
+            out[:, :, layout.action_index] = tile_into_frame(to_device(batch.actions.reshape(b, -1).float(), device), frame)
         for time, vec in ((SlotTime.CURRENT, batch.proprio), (SlotTime.FUTURE, batch.future_proprio)):
             idx = layout.proprio_index(time)
             if idx is not None and vec is not None:
-                out[:, :, idx] = tile_into_frame(vec.float().to(device), frame)
+                out[:, :, idx] = tile_into_frame(to_device(vec.float(), device), frame)
         if batch.value is not None:
-            out[:, :, layout.value_index] = value_into_frame(batch.value.float().to(device), frame)
+            out[:, :, layout.value_index] = value_into_frame(to_device(batch.value.float(), device), frame)
         return out
 
     def targets(self, batch: ModelBatch) -> torch.Tensor:
@@ -278,14 +288,20 @@ class CosmosPolicyModel(nn.Module):
         return self.inject(self.encode(batch), batch)
 
     # ---- training ------------------------------------------------------------------------
-    def training_loss(self, batch: ModelBatch, generator: torch.Generator | None = None, x0: torch.Tensor | None = None) -> LossOutput:
-        """The method's loss on one batch; ``x0`` may be given when latents were precomputed."""
-        self.validate(batch, kinds_need_targets=True)
+    def training_loss(self, batch: ModelBatch, generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
+                      validate: bool = True) -> LossOutput:
+        """The method's loss on one batch; ``x0`` may be given when latents were precomputed.
+
+        ``validate=False`` skips the input checks for a batch the caller checked already (on the
+        host: checking a batch on the GPU reads values back, which stalls the GPU's queue).
+        """
+        if validate:
+            self.validate(batch, kinds_need_targets=True)
         kinds = [SampleKind(k) for k in batch.kinds]
         if x0 is None:
             x0 = self.targets(batch)
-        roles = self.layout.role_tensor(kinds, device=x0.device)
-        text = batch.text.to(x0.device)
+        roles = self.layout.role_tensor(kinds)  # host; the loss copies it over without a sync
+        text = to_device(batch.text, x0.device)
         return diffusion_loss(self.denoiser, x0, roles, text, kinds, self.layout, self.config.diffusion, generator)
 
     # ---- sampling ------------------------------------------------------------------------

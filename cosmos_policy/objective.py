@@ -21,6 +21,7 @@ import torch
 from cosmos_policy.config import DiffusionConfig
 from cosmos_policy.denoiser import Denoiser
 from cosmos_policy.layout import FrameRole, LatentLayout, SampleKind, SlotTime
+from cosmos_policy.transfer import to_device
 
 
 def sample_training_sigma(
@@ -44,9 +45,19 @@ def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LossOutput:
+    """The loss and its metrics; ``metric_tensors`` stay on the device (reading them waits for the GPU)."""
+
     loss: torch.Tensor
-    metrics: dict[str, float]
+    metric_tensors: dict[str, torch.Tensor]
     x0_pred: torch.Tensor
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics as floats (one device synchronization for all of them)."""
+        if not self.metric_tensors:
+            return {}
+        values = torch.stack([v.detach().float().reshape(()) for v in self.metric_tensors.values()]).tolist()
+        return dict(zip(self.metric_tensors, values))
 
 
 def output_groups(layout: LatentLayout) -> dict[str, list[int]]:
@@ -71,32 +82,41 @@ def diffusion_loss(
     """One denoising-score-matching loss evaluation on target latents ``x0`` (B, C, T, H, W)."""
     b, _, t_frames = x0.shape[:3]
     device = x0.device
-    sigma = sample_training_sigma(b, t_frames, cfg, generator).to(device)
-    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    # Noise is drawn on the host generator (the same numbers on any device) and copied without a sync.
+    sigma = to_device(sample_training_sigma(b, t_frames, cfg, generator), device)
+    eps = to_device(torch.randn(x0.shape, generator=generator, dtype=torch.float32), device)
+    roles = to_device(roles, device)
     x_sigma = x0 + sigma.view(b, 1, 1, 1, 1) * eps
     clean = roles == FrameRole.CLEAN
     x0_pred = denoiser(x_sigma, sigma, x0, clean, text)
     generated = (roles == FrameRole.GENERATED).to(x0_pred.dtype).view(b, 1, t_frames, 1, 1)
     per_element = loss_weight(sigma).view(b, 1, 1, 1, 1) * (x0_pred - x0) ** 2 * generated
     loss = per_element.mean() * cfg.loss_scale
-    metrics = {"loss": float(loss.detach())}
-    metrics.update(kind_metrics(x0_pred.detach(), x0, roles, kinds, layout))
-    return LossOutput(loss=loss, metrics=metrics, x0_pred=x0_pred)
+    metrics = {"loss": loss.detach()}
+    metrics.update(kind_metrics(x0_pred.detach(), x0, layout.role_tensor(kinds), kinds, layout))
+    return LossOutput(loss=loss, metric_tensors=metrics, x0_pred=x0_pred)
 
 
 def kind_metrics(
     x0_pred: torch.Tensor, x0: torch.Tensor, roles: torch.Tensor, kinds: list[SampleKind], layout: LatentLayout
-) -> dict[str, float]:
-    """``<kind>/<output>_l1``: mean |x0_pred - x0| over an output's frames where it is generated."""
-    out: dict[str, float] = {}
+) -> dict[str, torch.Tensor]:
+    """``<kind>/<output>_l1``: mean |x0_pred - x0| over an output's frames where it is generated.
+
+    Which frames count is decided on the host from ``roles`` (moved there if needed), so no value
+    computed on the device is read back here: the results are 0-d tensors on ``x0``'s device.
+    """
+    out: dict[str, torch.Tensor] = {}
+    roles = roles.cpu()
     abs_err = (x0_pred - x0).abs().mean(dim=(1, 3, 4))  # (B, T)
     for kind in dict.fromkeys(kinds):
-        rows = torch.tensor([k == kind for k in kinds], device=x0.device)
+        rows = [i for i, k in enumerate(kinds) if k == kind]
         for name, frames in output_groups(layout).items():
-            sel = abs_err[rows][:, frames]
-            gen = roles[rows][:, frames] == FrameRole.GENERATED
-            if gen.any():
-                out[f"{SampleKind(kind).value}/{name}_l1"] = float(sel[gen].mean())
+            gen = roles[rows][:, frames] == FrameRole.GENERATED  # (rows, frames), host
+            count = int(gen.sum())
+            if count:
+                weights = to_device(gen.to(abs_err.dtype), abs_err.device)
+                sel = abs_err[to_device(torch.tensor(rows), abs_err.device)][:, frames]
+                out[f"{SampleKind(kind).value}/{name}_l1"] = (sel * weights).sum() / count
     return out
 
 

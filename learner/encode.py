@@ -37,12 +37,13 @@ class TargetEncoder(PrefixCachedEncoder):
         super().__init__(model, max_clips, compile, channels_last)
         self.mode = mode
 
-    def __call__(self, batch: ModelBatch) -> torch.Tensor:
-        """Training targets x0 (B, z, T, h, w), float32."""
+    def __call__(self, batch: ModelBatch, validate: bool = True) -> torch.Tensor:
+        """Training targets x0 (B, z, T, h, w), float32 (``validate=False``: the caller checked the batch)."""
         if self.mode == "full" or getattr(self.model, "_latent_cache", None) is not None:
             # ``full``, or the model remembers latents of clips it has seen (training without
             # augmentation): then its own path, which looks clips up before encoding them.
             return self.model.targets(batch)
-        self.model.validate(batch, kinds_need_targets=True)
+        if validate:
+            self.model.validate(batch, kinds_need_targets=True)
         return self.model.inject(self.latents(batch), batch)
 

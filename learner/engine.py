@@ -253,23 +253,28 @@ class Learner:
         cfg = self.config
         start = time.perf_counter()
         wait_before = getattr(self.source, "wait_s", 0.0)
-        sums: dict[str, list[float]] = {}
         versions: list[int] = []
         self.engine.train()
+        sums: dict[str, list[torch.Tensor]] = {}
         for micro in range(cfg.grad_accum):
             batch = self.source.batch(self.step * cfg.grad_accum + micro)
-            x0 = self.targets(batch.model)
+            # Checked on the host, then copied without waiting: nothing in the micro-steps reads a
+            # value back from the GPU, so the host queues work ahead of it (metrics are read once below).
+            self.model.validate(batch.model, kinds_need_targets=True)
+            model_batch = batch.model.to(self.device)
+            x0 = self.targets(model_batch, validate=False)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                out = self.model.training_loss(batch.model, self.generator(micro), x0=x0)
+                out = self.model.training_loss(model_batch, self.generator(micro), x0=x0, validate=False)
             self.engine.backward(out.loss)
             self.engine.step()
-            for k, v in out.metrics.items():
-                sums.setdefault(k, []).append(v)
+            for k, v in out.metric_tensors.items():
+                sums.setdefault(k, []).append(v.detach().float())
             versions += [v for v in batch.policy_versions if v is not None]
+        means = torch.stack([torch.stack(v).mean() for v in sums.values()]).tolist() if sums else []
+        metrics = dict(zip(sums, means))
         self.step += 1
         self.samples += cfg.micro_batch * cfg.grad_accum * self.world_size
         elapsed = time.perf_counter() - start
-        metrics = {k: float(np.mean(v)) for k, v in sums.items()}
         norm = self.engine.get_global_grad_norm()
         metrics.update({
             "step": self.step,

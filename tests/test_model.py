@@ -52,6 +52,20 @@ def test_loss_counts_generated_frames_only(tiny_model, tiny_config, libero):
     assert torch.equal(base.x0_pred[clean], x0[clean])
     assert set(base.metrics) >= {"loss", "value_sprime/value_l1", "world_model/future_image_l1", "world_model/value_l1"}
     assert "value_sprime/action_l1" not in base.metrics
+    # The per-kind L1s (computed without reading the device) equal the plain masked means.
+    err = (base.x0_pred - x0).abs().mean(dim=(1, 3, 4))
+    wm = libero.value_index
+    assert base.metrics["world_model/value_l1"] == pytest.approx(float(err[1, wm]), rel=1e-5)
+    assert base.metrics["value_sprime/value_l1"] == pytest.approx(float(err[0, wm]), rel=1e-5)
+    assert all(isinstance(v, float) for v in base.metrics.values())
+
+
+def test_batch_moves_whole_and_unchanged(tiny_config, libero):
+    batch = random_batch(tiny_config, libero, [SampleKind.POLICY, SampleKind.VALUE])
+    moved = batch.to("cpu")
+    assert moved.kinds == batch.kinds and moved.kinds is not batch.kinds
+    assert torch.equal(moved.text, batch.text) and torch.equal(moved.actions, batch.actions)
+    assert set(moved.images) == set(batch.images) and all(torch.equal(moved.images[k], batch.images[k]) for k in batch.images)
 
 
 def test_loss_falls_tenfold_when_overfitting(tiny_config, libero):
