@@ -252,11 +252,41 @@ def bench_train(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             vt.append(time.perf_counter() - s)
         emit(f"vae_ms_per_sample{tag}", 1e3 * statistics.median(vt[1:]) / args.micro_batch)
+        if args.profile and cuda:
+            emit(f"profile{tag}", profile_step(learner))
     except torch.OutOfMemoryError as exc:
         emit(f"train_error{tag}", f"OutOfMemoryError: {str(exc)[:300]}")
     finally:
         if hasattr(learner.source, "close"):
             learner.source.close()
+
+
+def profile_step(learner: Any, top: int = 25) -> dict[str, Any]:
+    """One optimizer step under torch.profiler: GPU time by kernel family and the GPU's idle share of the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        s = time.perf_counter()
+        learner.train_step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - s
+    kernels: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.time_range.elapsed_us() / 1e6
+    busy = sum(kernels.values())
+    families = {"gemm": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"), "attention": ("flash", "fmha", "attention"),
+                "conv": ("conv", "implicit", "cudnn", "xmma_fprop", "dgrad", "wgrad"), "triton": ("triton",),
+                "copy": ("memcpy", "memset", "copy", "cat"), "optimizer": ("adam", "multi_tensor", "foreach")}
+    by_family: dict[str, float] = {}
+    for name, t in kernels.items():
+        low = name.lower()
+        fam = next((f for f, keys in families.items() if any(k in low for k in keys)), "other")
+        by_family[fam] = by_family.get(fam, 0.0) + t
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top), flush=True)
+    return {"wall_s": wall, "gpu_busy_s": busy, "by_family_s": {k: round(v, 4) for k, v in sorted(by_family.items(), key=lambda x: -x[1])},
+            "top_kernels_s": {k[:120]: round(v, 4) for k, v in sorted(kernels.items(), key=lambda x: -x[1])[:top]}}
 
 
 # ---- publication ------------------------------------------------------------------------------
@@ -362,6 +392,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps (compilation happens here)")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
     parser.add_argument("--no-flops", dest="flops", action="store_false")
+    parser.add_argument("--profile", action="store_true", help="profile one more step: GPU time by kernel family, idle share")
     parser.add_argument("--tag", default="", help="suffix for this run's figures (variants in one results file)")
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--publish-repeats", type=int, default=3)
