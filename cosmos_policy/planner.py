@@ -71,6 +71,12 @@ class PlannerConfig:
     depth: int = 1
     depth_value: str = "last"  # with depth > 1: the last depth's value, or the mean over depths
     max_batch: int = 64  # rows per forward pass (memory)
+    # Judge every candidate of an observation with the same world-model and value seeds (common
+    # random numbers): the sampling noise of the judgement is then shared, and score differences
+    # come from the candidates' actions. With per-candidate seeds (the official code's choice) a
+    # small model's judgement noise can exceed the differences between candidates
+    # (bench/planner_noise.py measures both).
+    common_judge_seeds: bool = False
 
     def __post_init__(self) -> None:
         if self.num_candidates < 1:
@@ -152,13 +158,14 @@ class Planner:
         text = batch.text[rep]
         candidates = self._sample(self.policy.model, SampleKind.POLICY, text, cond[rep],
                                   [self.policy.config.action_steps] * len(cand_seeds), cand_seeds)
-        values, futures = self._judge(plan_cond[rep], candidates, text, cand_seeds)
+        judge_seeds = [int(seeds[o]) for o in range(obs_count) for _ in range(n)] if cfg.common_judge_seeds else cand_seeds
+        values, futures = self._judge(plan_cond[rep], candidates, text, judge_seeds)
         depth_values = [values]
         for _ in range(cfg.depth - 1):
             imagined = self._imagine(plan_cond[rep], futures)
             nxt = self._sample(self.policy.model, SampleKind.POLICY, text, imagined,
                                [self.policy.config.action_steps] * len(cand_seeds), [s + 7919 for s in cand_seeds])
-            values, futures = self._judge(imagined, nxt, text, [s + 7919 for s in cand_seeds])
+            values, futures = self._judge(imagined, nxt, text, [s + 7919 for s in judge_seeds])
             depth_values.append(values)
         members = depth_values[-1]  # (rows, members)
         scores = aggregate(members, cfg.aggregation, cfg.success_threshold, cfg.lcb_k)

@@ -206,3 +206,21 @@ def test_planner_variants_and_batching(policy, planning_model):
     assert deep.candidate_values.shape == (2,) and np.all(np.isfinite(deep.candidate_values))
     with pytest.raises(ConfigError, match="planner.value_kind"):
         PlannerConfig(value_kind="advantage")
+
+
+class _IdenticalCandidates(Planner):
+    """Every candidate is a copy of the first: any spread in their judgement is sampling noise."""
+
+    def _sample(self, model, kind, text, clean, steps, seeds):
+        out = super()._sample(model, kind, text, clean, steps, seeds)
+        return out[:1].expand_as(out).clone() if kind is SampleKind.POLICY else out
+
+
+def test_common_judge_seeds_leave_only_the_candidates_differences(policy, planning_model):
+    cfg = dict(num_candidates=4, future_steps=[1], value_steps=[1, 2])
+    shared = _IdenticalCandidates(policy, planning_model, PlannerConfig(common_judge_seeds=True, **cfg)).plan(observation(), seed=3)
+    assert np.allclose(shared.member_values, shared.member_values[0]) and shared.chosen == 0
+    own = _IdenticalCandidates(policy, planning_model, PlannerConfig(**cfg)).plan(observation(), seed=3)
+    assert not np.allclose(own.member_values, own.member_values[0])  # per-candidate seeds: noise alone ranks them
+    real = Planner(policy, planning_model, PlannerConfig(common_judge_seeds=True, **cfg)).plan(observation(), seed=3)
+    assert real.seeds == [3, 4, 5, 6] and len({a.tobytes() for a in real.candidate_actions}) == 4  # candidates still differ
