@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cosmos_policy.codec import tile_into_frame, untile_from_frame
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.layout import SampleKind, SlotKind, SlotTime
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch
@@ -77,6 +78,11 @@ class PlannerConfig:
     # small model's judgement noise can exceed the differences between candidates
     # (bench/planner_noise.py measures both).
     common_judge_seeds: bool = False
+    # Exploration around the policy: every candidate but the first gets a constant offset per action
+    # dimension over its chunk, Gaussian with this std in normalized action units ([-1, 1]), clipped.
+    # The first candidate stays the policy's own sample, so ties keep the policy's choice. 0: off
+    # (the official planner). For a policy whose samples barely differ from seed to seed.
+    candidate_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_candidates < 1:
@@ -95,6 +101,8 @@ class PlannerConfig:
             raise ConfigError(f"planner.depth_value: expected 'last' or 'mean', got {self.depth_value!r}")
         if self.max_batch < 1:
             raise ConfigError(f"planner.max_batch: expected >= 1, got {self.max_batch}")
+        if not self.candidate_noise >= 0:
+            raise ConfigError(f"planner.candidate_noise: expected a std >= 0, got {self.candidate_noise}")
 
 
 @dataclass
@@ -158,6 +166,8 @@ class Planner:
         text = batch.text[rep]
         candidates = self._sample(self.policy.model, SampleKind.POLICY, text, cond[rep],
                                   [self.policy.config.action_steps] * len(cand_seeds), cand_seeds)
+        if cfg.candidate_noise > 0:
+            candidates = self._explore(candidates, cand_seeds, n)
         judge_seeds = [int(seeds[o]) for o in range(obs_count) for _ in range(n)] if cfg.common_judge_seeds else cand_seeds
         values, futures = self._judge(plan_cond[rep], candidates, text, judge_seeds)
         depth_values = [values]
@@ -195,6 +205,20 @@ class Planner:
             )
         self.policy.queries += obs_count
         return plans
+
+    def _explore(self, candidates: torch.Tensor, cand_seeds: list[int], n: int) -> torch.Tensor:
+        """Offset the action chunks of all but each observation's first candidate (``candidate_noise``)."""
+        layout, frame = self.policy.model.layout, self.policy.model.frame_shape
+        a = layout.action_index
+        out = candidates.clone()
+        rows = [r for r in range(len(cand_seeds)) if r % n]
+        if not rows:
+            return out
+        actions = untile_from_frame(candidates[rows, :, a].float(), layout.action_size).view(len(rows), layout.action_chunk, layout.action_dim)
+        offsets = torch.stack([torch.randn(layout.action_dim, generator=torch.Generator().manual_seed(cand_seeds[r] + 30_000)) for r in rows])
+        moved = (actions + self.config.candidate_noise * offsets.to(actions.device)[:, None, :]).clamp(-1.0, 1.0)
+        out[rows, :, a] = tile_into_frame(moved.reshape(len(rows), -1), frame).to(out.dtype)
+        return out
 
     def _judge(self, cond: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, cand_seeds: list[int]) -> tuple[np.ndarray, torch.Tensor]:
         """Member values (rows, F x V) of each candidate, and each candidate's first future state."""

@@ -224,3 +224,17 @@ def test_common_judge_seeds_leave_only_the_candidates_differences(policy, planni
     assert not np.allclose(own.member_values, own.member_values[0])  # per-candidate seeds: noise alone ranks them
     real = Planner(policy, planning_model, PlannerConfig(common_judge_seeds=True, **cfg)).plan(observation(), seed=3)
     assert real.seeds == [3, 4, 5, 6] and len({a.tobytes() for a in real.candidate_actions}) == 4  # candidates still differ
+
+
+def test_candidate_noise_offsets_all_but_the_first_candidate(policy, planning_model, stats):
+    cfg = dict(num_candidates=3, future_steps=[1], value_steps=[1], common_judge_seeds=True)
+    plain = Planner(policy, planning_model, PlannerConfig(**cfg)).plan(observation(), seed=5)
+    moved = Planner(policy, planning_model, PlannerConfig(candidate_noise=0.2, **cfg)).plan(observation(), seed=5)
+    norm = lambda a: stats.normalize_actions(torch.from_numpy(a).double()).numpy()  # noqa: E731
+    assert np.allclose(moved.candidate_actions[0], plain.candidate_actions[0])  # the policy's own sample, untouched
+    for c in (1, 2):
+        delta = norm(moved.candidate_actions[c]) - norm(plain.candidate_actions[c])
+        inside = np.abs(norm(plain.candidate_actions[c]) + delta[0]) < 0.99  # not clipped at +-1
+        assert np.abs(delta).max() > 0.01 and np.allclose(delta[inside], np.broadcast_to(delta[0], delta.shape)[inside], atol=2e-3)
+    with pytest.raises(ConfigError, match="planner.candidate_noise"):
+        PlannerConfig(candidate_noise=-0.1)
