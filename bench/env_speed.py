@@ -87,7 +87,7 @@ def episodes_per_hour(seconds: float) -> float:
     from cosmos_policy.model import CosmosPolicyModel
     from cosmos_policy.policy import PolicyConfig
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     rng = np.random.default_rng(0)
     model = CosmosPolicyModel.build(load_model_config("tiny"), load_layout("libero"))
     stats = NormalizationStats.compute(rng.uniform(-1, 1, (100, 7)), rng.uniform(-1, 1, (100, 9)))

@@ -314,7 +314,7 @@ def bench_publish(args: argparse.Namespace) -> None:
     emit("weights_2b", {"params": sum(int(np.prod(s)) for s, _ in shapes.values()), "tensors": len(packed), "gb": round(nbytes / 1e9, 3),
                         "dtype": "bfloat16", "pack_s_from_bf16": round(pack_s, 3)})
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False, object_store_memory=int(min(2.6 * nbytes, 12e9)), namespace="learner-speed")
 
     @ray.remote(num_cpus=0.5)

@@ -68,7 +68,7 @@ def main() -> None:
     if args.backend == "ray":
         import ray
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  object_store_memory=1 << 30)
 
     data = episodes(args.episodes, args.steps)

@@ -52,7 +52,7 @@ def main() -> None:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")  # our own, beside any other
     gpu = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     spec = PolicySpec(
         checkpoint=str(Path(args.checkpoint).resolve()),

@@ -445,7 +445,9 @@ def connect(cfg: Experiment) -> None:
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
-    ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_cpus or need), include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": a new cluster of our own, even where `ray start` or another job runs one on this
+    # machine (a bare ray.init() would join that one and then refuse num_cpus).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.ray.num_cpus or need), include_dashboard=False, _node_ip_address="127.0.0.1",
              namespace=cfg.ray.namespace, log_to_driver=True, **extra)
 
 

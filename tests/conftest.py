@@ -54,7 +54,7 @@ def ray_local():
     """A real local Ray cluster on loopback, shared by the tests that need one."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False, object_store_memory=300 * 1024 * 1024)
     yield ray
     ray.shutdown()

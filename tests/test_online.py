@@ -195,6 +195,39 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
     assert len(_replay_episodes(run_dir, "demos")) == 6
 
 
+def test_a_local_run_starts_its_own_cluster_beside_a_ray_start_one() -> None:
+    """``ray start`` records its cluster in /tmp/ray/ray_current_cluster, which a bare ``ray.init()`` joins
+    (and then refuses ``num_cpus``); with ``ray.address`` unset the main job starts its own local cluster."""
+    marker = Path("/tmp/ray/ray_current_cluster")
+    had_marker = marker.exists()
+    env = _env(RAY_AUTH_MODE="disabled")
+    port = _free_port()
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+                             "--num-cpus=1", "--disable-usage-stats", *ports], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (marker.exists() and f":{port}" in marker.read_text()):
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        code = ("import ray; from launch.experiment import load_experiment; from launch.online import connect; "
+                "connect(load_experiment('quickstart', ['ray.num_cpus=3'])); "
+                "print('GCS', ray.get_runtime_context().gcs_address, 'CPUS', ray.cluster_resources()['CPU']); ray.shutdown()")
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        line = next(x for x in out.stdout.splitlines() if x.startswith("GCS"))
+        gcs, cpus = line.split()[1], float(line.split()[3])
+        assert not gcs.endswith(f":{port}") and cpus >= 3  # its own cluster, sized as asked
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=90)
+        if not had_marker:  # a stale record would send later bare ray.init() calls to a dead cluster
+            marker.unlink(missing_ok=True)
+
+
 def _libero_demo_file(path: Path, demos: int, steps: int, seed: int) -> None:
     """A LIBERO-Cosmos-Policy demo file (``<task>_demo.hdf5``: JPEG frames, actions, robot_states)."""
     from cosmos_policy.episode import encode_jpeg
