@@ -285,8 +285,29 @@ def profile_step(learner: Any, top: int = 25) -> dict[str, Any]:
         fam = next((f for f, keys in families.items() if any(k in low for k in keys)), "other")
         by_family[fam] = by_family.get(fam, 0.0) + t
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top), flush=True)
-    return {"wall_s": wall, "gpu_busy_s": busy, "by_family_s": {k: round(v, 4) for k, v in sorted(by_family.items(), key=lambda x: -x[1])},
+    gaps = idle_gaps(prof.events())
+    return {"wall_s": wall, "idle_gaps": gaps, "gpu_busy_s": busy, "by_family_s": {k: round(v, 4) for k, v in sorted(by_family.items(), key=lambda x: -x[1])},
             "top_kernels_s": {k[:120]: round(v, 4) for k, v in sorted(kernels.items(), key=lambda x: -x[1])[:top]}}
+
+
+def idle_gaps(events: Any, min_ms: float = 0.3, top: int = 20) -> dict[str, Any]:
+    """Where the GPU waits: gaps between kernels longer than ``min_ms``, with the host operations running then."""
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    gaps, end = [], None
+    for start, stop in kernels:
+        if end is not None and start - end > 1000 * min_ms:
+            gaps.append((end, start))
+        end = stop if end is None else max(end, stop)
+    by_op: dict[str, float] = {}
+    for g0, g1 in sorted(gaps, key=lambda g: g[0] - g[1])[:200]:  # the 200 longest (attribution is a scan of host events)
+        # The innermost host operations alive during the gap (the shortest ones that cover its middle).
+        mid = (g0 + g1) / 2
+        alive = sorted((e for e in host if e.time_range.start <= mid <= e.time_range.end), key=lambda e: e.time_range.elapsed_us())
+        name = " < ".join(e.name[:60] for e in alive[:3]) or "(no host op)"
+        by_op[name] = by_op.get(name, 0.0) + (g1 - g0) / 1e6
+    return {"count": len(gaps), "total_s": round(sum(g1 - g0 for g0, g1 in gaps) / 1e6, 4),
+            "longest_200_by_host_op_s": {k: round(v, 4) for k, v in sorted(by_op.items(), key=lambda x: -x[1])[:top]}}
 
 
 # ---- publication ------------------------------------------------------------------------------

@@ -63,6 +63,15 @@ class ModelBatch:
         return ModelBatch(kinds=list(self.kinds), text=to_device(self.text, device), images={k: to_device(v, device) for k, v in self.images.items()},
                           proprio=move(self.proprio), future_proprio=move(self.future_proprio), actions=move(self.actions), value=move(self.value))
 
+    def pinned(self) -> "ModelBatch":
+        """The batch with its host tensors in pinned memory, so the copy to a GPU can be queued without waiting."""
+
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None or t.device.type != "cpu" else t.pin_memory()
+
+        return ModelBatch(kinds=list(self.kinds), text=pin(self.text), images={k: pin(v) for k, v in self.images.items()},
+                          proprio=pin(self.proprio), future_proprio=pin(self.future_proprio), actions=pin(self.actions), value=pin(self.value))
+
     def select(self, indices: list[int], kinds: list[SampleKind] | None = None) -> "ModelBatch":
         """The samples at ``indices`` (optionally asking for other sample kinds)."""
         idx = torch.as_tensor(indices, dtype=torch.long)

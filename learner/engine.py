@@ -28,10 +28,13 @@ See ``bench/learner_speed.py`` for what each buys on one H100.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +87,7 @@ class LearnerConfig:
     vae_channels_last: bool | None = None  # channels-last 3-D convolutions in the VAE encoder; None: on GPUs
     vae_dtype: str = "auto"  # auto: bf16 when training in bf16, else the VAE's own dtype
     data_workers: int = 0  # >0: batches built ahead in this many worker processes
+    prepare_ahead: bool | None = None  # a host thread draws, checks and pins the next micro-batch; None: on GPUs
     cudnn_benchmark: bool = True  # GPUs: let cuDNN time its convolution algorithms once (the VAE's shapes never change)
 
     def __post_init__(self) -> None:
@@ -231,6 +235,9 @@ class Learner:
         self.step = 0
         self.version = 0
         self.samples = 0
+        # GPUs: a host thread prepares the next micro-batch (source, checks, pinning) during this one.
+        self.prepare_ahead = config.prepare_ahead if config.prepare_ahead is not None else self.cuda
+        self._ahead: tuple[int, Future] | None = None
 
     def _initial_model(self) -> CosmosPolicyModel:
         cfg = self.config
@@ -257,10 +264,12 @@ class Learner:
         self.engine.train()
         sums: dict[str, list[torch.Tensor]] = {}
         for micro in range(cfg.grad_accum):
-            batch = self.source.batch(self.step * cfg.grad_accum + micro)
+            index = self.step * cfg.grad_accum + micro
+            batch = self._prepared(index)
+            if self.prepare_ahead:  # the next micro-batch is drawn, checked and pinned while this one trains
+                self._ahead = (index + 1, self._prepare_in_background(index + 1))
             # Checked on the host, then copied without waiting: nothing in the micro-steps reads a
             # value back from the GPU, so the host queues work ahead of it (metrics are read once below).
-            self.model.validate(batch.model, kinds_need_targets=True)
             model_batch = batch.model.to(self.device)
             x0 = self.targets(model_batch, validate=False)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -287,6 +296,41 @@ class Learner:
         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             self.save()
         return metrics
+
+    def _prepare(self, index: int) -> Any:
+        """Micro-batch ``index`` from the source, checked (and pinned on GPUs): the host's share of a micro-step.
+
+        On a GPU this runs in a thread one micro-batch ahead: checking and pinning a batch takes tens
+        of milliseconds of host time (measured: 0.3 s of GPU idle per 2b step when done inline).
+        """
+        batch = self.source.batch(index)
+        self.model.validate(batch.model, kinds_need_targets=True)
+        if self.cuda:
+            batch = dataclasses.replace(batch, model=batch.model.pinned()) if dataclasses.is_dataclass(batch) else batch
+        return batch
+
+    def _prepare_in_background(self, index: int) -> Future:
+        """``_prepare(index)`` in a daemon thread (one that never holds up the process's exit, e.g. while a
+        replay source waits for data at shutdown)."""
+        future: Future = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self._prepare(index))
+            except BaseException as exc:  # handed to the training thread, which raises it
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"learner-prep-{index}", daemon=True).start()
+        return future
+
+    def _prepared(self, index: int) -> Any:
+        ahead = self._ahead
+        self._ahead = None
+        if ahead is not None:
+            batch = ahead[1].result()  # also when it is not the one asked for: the source is never used by two threads
+            if ahead[0] == index:
+                return batch
+        return self._prepare(index)
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self) -> Path:

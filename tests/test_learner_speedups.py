@@ -89,9 +89,10 @@ def test_prefetched_batches_are_the_sources_batches():
 
 def test_fused_adamw_and_prefetching_learner_trains_like_the_default(tmp_path):
     losses = {}
-    for name, kw in (("default", {}), ("fast", {"fused_optimizer": True, "data_workers": 1, "checkpoint_blocks": 1})):
+    fast = {"fused_optimizer": True, "data_workers": 1, "checkpoint_blocks": 1, "prepare_ahead": True}
+    for name, kw in (("default", {"prepare_ahead": False}), ("fast", fast)):
         os.environ.update(MASTER_PORT="29671" if name == "default" else "29672")
-        cfg = LearnerConfig(micro_batch=2, lr=2e-3, schedule=FLAT, checkpoint_dir=str(tmp_path / name), checkpoint_every=0, **kw)
+        cfg = LearnerConfig(micro_batch=2, grad_accum=2, lr=2e-3, schedule=FLAT, checkpoint_dir=str(tmp_path / name), checkpoint_every=0, **kw)
         learner = Learner(cfg, synthetic_source(2))
         if name == "fast":
             assert type(learner.optimizer.optimizer).__name__ == "AdamW" and learner.optimizer.optimizer.defaults["fused"]
