@@ -8,8 +8,9 @@ actions) are written as episode HDF5 files (``cosmos_policy.data.episode_file``)
 statistics come from the demonstrations, the sample builder decodes and augments (one draw per
 sample) in ``--data-workers`` processes (``learner.data.PrefetchBatches`` over
 ``EpisodeBatches``, base mixture 50/25/25), and ``learner.engine.Learner`` trains with
-DeepSpeed (ZeRO-2, bf16 weights with fp32 master weights, AdamW, clip 1.0). Every step
-VAE-encodes its samples' clips (no latent caching). Figures:
+DeepSpeed (ZeRO-2, bf16 weights with fp32 master weights, AdamW, clip 1.0; on GPUs float8
+matrix products for the blocks' token-wise layers, ``learner.float8: tensorwise``, and no
+gradient checkpointing). Every step VAE-encodes its samples' clips (no latent caching). Figures:
     train_samples_per_s_incl_vae   samples per second over timed optimizer steps (wall clock:
                                    data wait + VAE encode + forward/backward + optimizer)
     peak_memory_gb                 torch.cuda.max_memory_allocated over the timed steps
@@ -29,9 +30,9 @@ and registers the version; 4 reader actors on the same host (a real local Ray cl
     weight_publish_s_2b            from the start of the put to the last reader's verified copy
                                    (median of --publish-repeats)
 
-    python bench/learner_speed.py --part train [--config 2b] [--micro-batch 8] [--grad-accum 4] [--checkpoint-blocks 12] ...
+    python bench/learner_speed.py --part train [--config 2b] [--micro-batch 8] [--grad-accum 4] [--checkpoint-blocks 0] [--float8 off] ...
     python bench/learner_speed.py --part publish
-    python bench/learner_speed.py --part train --config tiny --device cpu --steps 2   # smoke run
+    python bench/learner_speed.py --part train --config tiny --device cpu --steps 2 --data-workers 0   # smoke run
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def bench_train(args: argparse.Namespace) -> None:
         checkpoint_dir=str(workdir / "ckpt"), checkpoint_every=0,
         checkpoint_blocks=args.checkpoint_blocks, compile=args.compile, fused_optimizer=None if args.fused else False,
         vae_encode=args.vae_encode, vae_batch=args.vae_batch, vae_compile=args.vae_compile, data_workers=args.data_workers,
-        vae_channels_last=args.vae_channels_last,
+        vae_channels_last=args.vae_channels_last, float8=args.float8,
     )
     emit(f"learner_config{tag}", {k: v for k, v in vars(cfg).items() if k not in ("schedule", "checkpoint_dir")})
     if args.flops:
@@ -210,6 +211,7 @@ def bench_train(args: argparse.Namespace) -> None:
 
     learner = Learner(cfg, source, model=model)
     emit(f"checkpointed_blocks{tag}", learner.checkpointed_blocks)
+    emit(f"float8{tag}", {"recipe": learner.float8, "layers": learner.float8_layers})
     per_step = args.micro_batch * args.grad_accum
     try:
         t0 = time.perf_counter()
@@ -400,13 +402,15 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=4)
     parser.add_argument("--zero-stage", type=int, default=2)
-    parser.add_argument("--checkpoint-blocks", type=int, default=12, help="blocks recomputed in the backward pass (-1: the model config's choice)")
+    parser.add_argument("--checkpoint-blocks", type=int, default=0, help="blocks recomputed in the backward pass (-1: the model config's choice)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="eager transformer blocks (default: compiled on GPUs)")
     parser.add_argument("--no-vae-compile", dest="vae_compile", action="store_false", default=None)
     parser.add_argument("--no-vae-channels-last", dest="vae_channels_last", action="store_false", default=None)
     parser.add_argument("--vae-encode", default="needed", choices=("needed", "full"))
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--no-fused", dest="fused", action="store_false", help="DeepSpeed's torch AdamW instead of the fused kernel")
+    parser.add_argument("--float8", default="auto", help="float8 recipe for the blocks' token-wise layers (learner.float8; "
+                        "auto: tensorwise on GPUs with float8, off elsewhere)")
     parser.add_argument("--data-workers", type=int, default=4)
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--episode-steps", type=int, default=64)

@@ -21,7 +21,7 @@ from cosmos_policy.denoiser import Denoiser, build_network
 from cosmos_policy.prefix_encode import PrefixCachedEncoder
 from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.layout import FrameRole, LatentLayout, SampleKind, SlotKind, SlotTime
-from cosmos_policy.objective import LossOutput, diffusion_loss
+from cosmos_policy.objective import LossOutput, TrainingNoise, diffusion_loss
 from cosmos_policy.sampler import sample as run_sampler
 from cosmos_policy.sampler import seeded_noise
 from cosmos_policy.tokenizer import VideoTokenizer, build_vae
@@ -298,8 +298,10 @@ class CosmosPolicyModel(nn.Module):
 
     # ---- training ------------------------------------------------------------------------
     def training_loss(self, batch: ModelBatch, generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
-                      validate: bool = True) -> LossOutput:
+                      validate: bool = True, noise: TrainingNoise | None = None) -> LossOutput:
         """The method's loss on one batch; ``x0`` may be given when latents were precomputed.
+
+        ``noise``: the draws, when the caller drew them ahead (``training_noise``); else from ``generator``.
 
         ``validate=False`` skips the input checks for a batch the caller checked already (on the
         host: checking a batch on the GPU reads values back, which stalls the GPU's queue).
@@ -311,7 +313,11 @@ class CosmosPolicyModel(nn.Module):
             x0 = self.targets(batch)
         roles = self.layout.role_tensor(kinds)  # host; the loss copies it over without a sync
         text = to_device(batch.text, x0.device)
-        return diffusion_loss(self.denoiser, x0, roles, text, kinds, self.layout, self.config.diffusion, generator)
+        return diffusion_loss(self.denoiser, x0, roles, text, kinds, self.layout, self.config.diffusion, generator, noise)
+
+    def training_noise(self, batch_size: int, generator: torch.Generator | None = None) -> TrainingNoise:
+        """The noise ``training_loss`` would draw from ``generator`` for a batch of this size (host tensors)."""
+        return TrainingNoise.draw((batch_size, *self._latent_shape()), self.config.diffusion, generator)
 
     # ---- sampling ------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,6 +20,7 @@ import torch
 
 from cosmos_policy.config import DiffusionConfig
 from cosmos_policy.denoiser import Denoiser
+from cosmos_policy.errors import InputError
 from cosmos_policy.layout import FrameRole, LatentLayout, SampleKind, SlotTime
 from cosmos_policy.transfer import to_device
 
@@ -36,6 +37,29 @@ def sample_training_sigma(
     if n.scale_by_sqrt_frames:
         sigma = sigma * math.sqrt(num_frames)
     return sigma.float()
+
+
+@dataclass
+class TrainingNoise:
+    """The random draws of one loss evaluation: noise levels (B,) and Gaussian noise (B, C, T, H, W).
+
+    Drawn on the host generator so that any device gets the same numbers; a learner can draw (and
+    pin) them ahead of the step that uses them, off the GPU's critical path.
+    """
+
+    sigma: torch.Tensor
+    eps: torch.Tensor
+
+    @classmethod
+    def draw(cls, shape: tuple[int, ...], cfg: DiffusionConfig, generator: torch.Generator | None = None) -> TrainingNoise:
+        """sigma first, then eps, from ``generator``: the order every loss evaluation has always used."""
+        b, _, t_frames = shape[:3]
+        sigma = sample_training_sigma(b, t_frames, cfg, generator)
+        return cls(sigma=sigma, eps=torch.randn(tuple(shape), generator=generator, dtype=torch.float32))
+
+    def pinned(self) -> TrainingNoise:
+        """Both tensors in pinned host memory (for a copy to a GPU that does not wait)."""
+        return TrainingNoise(self.sigma.pin_memory(), self.eps.pin_memory())
 
 
 def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
@@ -78,13 +102,22 @@ def diffusion_loss(
     layout: LatentLayout,
     cfg: DiffusionConfig,
     generator: torch.Generator | None = None,
+    noise: TrainingNoise | None = None,
 ) -> LossOutput:
-    """One denoising-score-matching loss evaluation on target latents ``x0`` (B, C, T, H, W)."""
+    """One denoising-score-matching loss evaluation on target latents ``x0`` (B, C, T, H, W).
+
+    ``noise``: the draws to use (``TrainingNoise.draw`` of ``x0``'s shape); else drawn here from ``generator``.
+    """
     b, _, t_frames = x0.shape[:3]
     device = x0.device
-    # Noise is drawn on the host generator (the same numbers on any device) and copied without a sync.
-    sigma = to_device(sample_training_sigma(b, t_frames, cfg, generator), device)
-    eps = to_device(torch.randn(x0.shape, generator=generator, dtype=torch.float32), device)
+    if noise is None:
+        noise = TrainingNoise.draw(tuple(x0.shape), cfg, generator)
+    elif tuple(noise.eps.shape) != tuple(x0.shape) or tuple(noise.sigma.shape) != (b,):
+        raise InputError(f"noise: expected sigma {(b,)} and eps {tuple(x0.shape)}, got {tuple(noise.sigma.shape)} and "
+                         f"{tuple(noise.eps.shape)}")
+    # Host draws, copied without a sync.
+    sigma = to_device(noise.sigma, device)
+    eps = to_device(noise.eps, device)
     roles = to_device(roles, device)
     x_sigma = x0 + sigma.view(b, 1, 1, 1, 1) * eps
     clean = roles == FrameRole.CLEAN
@@ -120,4 +153,4 @@ def kind_metrics(
     return out
 
 
-__all__ = ["LossOutput", "diffusion_loss", "kind_metrics", "loss_weight", "output_groups", "sample_training_sigma"]
+__all__ = ["LossOutput", "TrainingNoise", "diffusion_loss", "kind_metrics", "loss_weight", "output_groups", "sample_training_sigma"]

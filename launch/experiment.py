@@ -175,7 +175,8 @@ class Experiment:
         if self.demos.source == "none" and not (self.model.checkpoint and self.model.planning_checkpoint):
             raise ConfigError("demos.source: 'none' needs model.checkpoint and model.planning_checkpoint (nothing to train from)")
         # Build every component config once, so their own errors surface at load time.
-        self.policy_config(), self.planner_config(), self.server_config(), self.replay_config("replay"), self.learner_config("x", False)
+        self.policy_config(), self.planner_config(), self.server_config(), self.replay_config("replay")
+        self.learner_config("x", False), self.learner_config("x", True)
         self.env_config()
 
     # ---- component configs -------------------------------------------------------------
@@ -224,8 +225,13 @@ class Experiment:
         warmup = min(self.offline.warmup_steps, max(0, total - 1))
         schedule = _build(ScheduleConfig, {"warmup_steps": 0 if online else warmup, "cycle_steps": max(total, warmup + 1),
                                            "end_of_cycle": 0.3, **self.learner.get("schedule", {})}, "learner.schedule")
+        # The batch of a step is split into learner.grad_accum micro-batches (memory: the 2b model on one GPU).
+        accum = self.learner.get("grad_accum", 1)
+        if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1 or section.batch % accum:
+            raise ConfigError(f"learner.grad_accum: expected a divisor of {'online' if online else 'offline'}.batch "
+                              f"({section.batch}), got {accum}")
         values = {"model": self.model.size, "layout": self.model.layout, "init_checkpoint": init_checkpoint, "lr": section.lr,
-                  "micro_batch": section.batch, "checkpoint_dir": checkpoint_dir, "checkpoint_every": 0, "seed": self.seed,
+                  "micro_batch": section.batch // accum, "checkpoint_dir": checkpoint_dir, "checkpoint_every": 0, "seed": self.seed,
                   **extra, "schedule": schedule}
         return _build(LearnerConfig, values, "learner")
 

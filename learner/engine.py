@@ -11,7 +11,7 @@ Batches come from a ``BatchSource`` as a function of (seed, rank, step), and the
 step from a generator seeded the same way, so a run stopped after k steps and resumed from its
 checkpoint continues with exactly the steps it would have taken.
 
-Speed options (``LearnerConfig``; none changes what is computed, only how):
+Speed options (``LearnerConfig``; all but ``float8`` change only how things are computed, not what):
 - ``checkpoint_blocks``: gradient checkpointing of the first N transformer blocks only
   (selective: recompute just enough blocks for the activations to fit);
 - ``compile``: each transformer block through ``torch.compile`` (fuses the norms, RoPE and
@@ -21,6 +21,8 @@ Speed options (``LearnerConfig``; none changes what is computed, only how):
 - ``vae_encode="needed"`` with ``vae_batch`` / ``vae_compile`` / ``vae_dtype``: the training
   targets without encoding frames that injection overwrites or that are the same for every
   sample (``learner.encode``);
+- ``float8``: float8 matrix products for the blocks' token-wise linear layers on GPUs that have
+  them (``learner.float8``; this one changes the numbers by float8 rounding, off by default);
 - ``data_workers``: samples built (JPEG decode, augmentation) in worker processes ahead of the
   step that needs them (``learner.data.PrefetchBatches``), still as a function of the step.
 See ``bench/learner_speed.py`` for what each buys on one H100.
@@ -48,10 +50,12 @@ from cosmos_policy.config import load_model_config
 from cosmos_policy.errors import CheckpointError, ConfigError
 from cosmos_policy.layout import load_layout
 from cosmos_policy.model import CosmosPolicyModel
+from cosmos_policy.objective import TrainingNoise
 from cosmos_policy.text import TextEmbeddingCache
 from cosmos_policy.weights import Packed, Packer
 from learner.data import BatchSource, PrefetchBatches
 from learner.encode import ENCODE_MODES, TargetEncoder
+from learner.float8 import FLOAT8_RECIPES, convert_float8, resolve_float8
 from learner.schedule import ScheduleConfig, lr_multiplier
 
 _TAG = re.compile(r"^step(\d+)$")
@@ -89,6 +93,7 @@ class LearnerConfig:
     data_workers: int = 0  # >0: batches built ahead in this many worker processes
     prepare_ahead: bool | None = None  # a host thread draws, checks and pins the next micro-batch; None: on GPUs
     cudnn_benchmark: bool = True  # GPUs: let cuDNN time its convolution algorithms once (the VAE's shapes never change)
+    float8: str = "off"  # float8 matrix products in the blocks' token-wise layers (learner.float8): off, auto, tensorwise, rowwise, ...
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -112,6 +117,8 @@ class LearnerConfig:
             raise ConfigError(f"learner.vae_batch: expected >= 1, got {self.vae_batch}")
         if self.data_workers < 0:
             raise ConfigError(f"learner.data_workers: expected >= 0, got {self.data_workers}")
+        if self.float8 not in FLOAT8_RECIPES:
+            raise ConfigError(f"learner.float8: expected one of {FLOAT8_RECIPES}, got {self.float8!r}")
         if self.compile is True and self.zero_stage == 3:
             raise ConfigError("learner.compile: not supported with zero_stage 3 (its parameter gathering hooks run inside "
                               "every block); use zero_stage <= 2 or compile: false")
@@ -212,6 +219,8 @@ class Learner:
             self.model.tokenizer.vae.to(torch.float32)
         compile_blocks = config.compile if config.compile is not None else (self.cuda and config.zero_stage <= 2)
         compile_vae = config.vae_compile if config.vae_compile is not None else self.cuda
+        self.float8 = resolve_float8(config.float8)  # the recipe in use (auto resolved for this device)
+        self.float8_layers = convert_float8(self.model.denoiser.net, self.float8)  # before compiling and the optimizer
         self.checkpointed_blocks = configure_blocks(self.model.denoiser.net, config.checkpoint_blocks, compile_blocks)
         channels_last = config.vae_channels_last if config.vae_channels_last is not None else self.cuda
         self.targets = TargetEncoder(self.model, config.vae_encode, config.vae_batch, compile_vae, channels_last)
@@ -252,8 +261,10 @@ class Learner:
         return CosmosPolicyModel.build(load_model_config(cfg.model), load_layout(cfg.layout), seed=cfg.seed)
 
     # ---- training ----------------------------------------------------------------------
-    def generator(self, micro: int) -> torch.Generator:
-        return torch.Generator().manual_seed(hash((self.config.seed, self.rank, self.step, micro)) & 0x7FFF_FFFF_FFFF)
+    def generator(self, micro: int, step: int | None = None) -> torch.Generator:
+        """The noise generator of (seed, rank, step, micro-step): a resumed run draws what it would have drawn."""
+        step = self.step if step is None else step
+        return torch.Generator().manual_seed(hash((self.config.seed, self.rank, step, micro)) & 0x7FFF_FFFF_FFFF)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (this rank's)."""
@@ -265,7 +276,7 @@ class Learner:
         sums: dict[str, list[torch.Tensor]] = {}
         for micro in range(cfg.grad_accum):
             index = self.step * cfg.grad_accum + micro
-            batch = self._prepared(index)
+            batch, noise = self._prepared(index)
             if self.prepare_ahead:  # the next micro-batch is drawn, checked and pinned while this one trains
                 self._ahead = (index + 1, self._prepare_in_background(index + 1))
             # Checked on the host, then copied without waiting: nothing in the micro-steps reads a
@@ -273,7 +284,7 @@ class Learner:
             model_batch = batch.model.to(self.device)
             x0 = self.targets(model_batch, validate=False)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                out = self.model.training_loss(model_batch, self.generator(micro), x0=x0, validate=False)
+                out = self.model.training_loss(model_batch, x0=x0, validate=False, noise=noise)
             self.engine.backward(out.loss)
             self.engine.step()
             for k, v in out.metric_tensors.items():
@@ -297,17 +308,23 @@ class Learner:
             self.save()
         return metrics
 
-    def _prepare(self, index: int) -> Any:
-        """Micro-batch ``index`` from the source, checked (and pinned on GPUs): the host's share of a micro-step.
+    def _prepare(self, index: int) -> tuple[Any, TrainingNoise]:
+        """Micro-batch ``index`` from the source, checked, and its noise drawn (all pinned on GPUs): the
+        host's share of a micro-step.
 
-        On a GPU this runs in a thread one micro-batch ahead: checking and pinning a batch takes tens
-        of milliseconds of host time (measured: 0.3 s of GPU idle per 2b step when done inline).
+        On a GPU this runs in a thread one micro-batch ahead: checking and pinning a batch and
+        drawing its noise take tens of milliseconds of host time (measured: 0.3 s of GPU idle per 2b
+        step when done inline). The noise comes from the generator of (step, micro-step), so it is
+        the same whether drawn ahead or not.
         """
         batch = self.source.batch(index)
         self.model.validate(batch.model, kinds_need_targets=True)
+        step, micro = divmod(index, self.config.grad_accum)
+        noise = self.model.training_noise(batch.model.batch_size, self.generator(micro, step))
         if self.cuda:
             batch = dataclasses.replace(batch, model=batch.model.pinned()) if dataclasses.is_dataclass(batch) else batch
-        return batch
+            noise = noise.pinned()
+        return batch, noise
 
     def _prepare_in_background(self, index: int) -> Future:
         """``_prepare(index)`` in a daemon thread (one that never holds up the process's exit, e.g. while a

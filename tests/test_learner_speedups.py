@@ -5,6 +5,7 @@
 - selective gradient checkpointing gives the same loss and gradients as none;
 - ``PrefetchBatches`` hands out exactly the source's batches, also after a jump;
 - the fused AdamW trains like DeepSpeed's torch AdamW;
+- float8 takes exactly the blocks' token-wise layers, and is a clear error without a float8 GPU;
 - bad values are errors naming the field.
 """
 
@@ -24,6 +25,7 @@ from cosmos_policy.synthetic import random_batch
 from learner.data import PrefetchBatches, SyntheticBatches, synthetic_source
 from learner.encode import TargetEncoder
 from learner.engine import Learner, LearnerConfig, configure_blocks
+from learner.float8 import check_float8_support, convert_float8, float8_layer
 from learner.schedule import ScheduleConfig
 
 FLAT = ScheduleConfig(warmup_steps=0, cycle_steps=1000, end_of_cycle=1.0)
@@ -114,7 +116,25 @@ def test_speed_options_are_checked():
         LearnerConfig(checkpoint_blocks=-1)
     with pytest.raises(ConfigError, match="learner.data_workers"):
         LearnerConfig(data_workers=-2)
+    with pytest.raises(ConfigError, match="learner.float8: expected one of"):
+        LearnerConfig(float8="e4m3")
     LearnerConfig(zero_stage=3)  # compile left to the default: simply off under ZeRO-3
+
+
+def test_float8_takes_the_token_wise_layers_of_the_blocks_and_needs_a_float8_gpu():
+    net = CosmosPolicyModel.build(load_model_config("tiny"), load_layout("libero"), seed=0).denoiser.net
+    chosen = {name for name, module in net.named_modules() if float8_layer(module, name)}
+    per_block = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+                 "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"}
+    assert chosen == {f"transformer_blocks.{i}.{layer}" for i in range(len(net.transformer_blocks)) for layer in per_block}
+    # Modulation (a few rows per sample) and the layers outside the blocks stay bf16.
+    assert not any(".norm" in name or not name.startswith("transformer_blocks.") for name in chosen)
+    assert not float8_layer(torch.nn.Linear(64, 40), "transformer_blocks.0.ff.net.2")  # 40: not a multiple of 16
+    check_float8_support("off")
+    if not torch.cuda.is_available():  # this machine: a clear error, never a silent bf16 run
+        with pytest.raises(ConfigError, match="learner.float8: 'tensorwise' needs a CUDA GPU"):
+            convert_float8(net, "tensorwise")
+        assert all(type(m) is torch.nn.Linear for name, m in net.named_modules() if name in chosen)
 
 
 @pytest.mark.parametrize("layout_name", ["libero", "robocasa", "aloha"])

@@ -60,6 +60,21 @@ def test_loss_counts_generated_frames_only(tiny_model, tiny_config, libero):
     assert all(isinstance(v, float) for v in base.metrics.values())
 
 
+def test_noise_drawn_ahead_is_the_noise_drawn_inside_the_loss(tiny_model, tiny_config, libero):
+    """A learner draws (and pins) the noise before the step; the loss must be the one drawn inline."""
+    batch = random_batch(tiny_config, libero, [SampleKind.POLICY, SampleKind.VALUE, SampleKind.WORLD_MODEL], seed=2)
+    x0 = tiny_model.targets(batch)
+    inline = tiny_model.training_loss(batch, torch.Generator().manual_seed(5), x0=x0)
+    noise = tiny_model.training_noise(3, torch.Generator().manual_seed(5))
+    assert noise.sigma.shape == (3,) and noise.eps.shape == x0.shape
+    ahead = tiny_model.training_loss(batch, x0=x0, noise=noise)
+    assert torch.equal(ahead.loss, inline.loss)
+    other = tiny_model.training_loss(batch, x0=x0, noise=tiny_model.training_noise(3, torch.Generator().manual_seed(6)))
+    assert not torch.equal(other.loss, inline.loss)
+    with pytest.raises(InputError, match="noise: expected sigma"):
+        tiny_model.training_loss(batch, x0=x0, noise=tiny_model.training_noise(2, torch.Generator().manual_seed(5)))
+
+
 def test_batch_moves_whole_and_unchanged(tiny_config, libero):
     batch = random_batch(tiny_config, libero, [SampleKind.POLICY, SampleKind.VALUE])
     moved = batch.to("cpu")

@@ -83,6 +83,9 @@ def test_every_experiment_config_loads() -> None:
     for name in experiment_names():
         cfg = load_experiment(name)
         assert cfg.name == name
+    # The 2b configs split each batch of 32 into micro-batches of 8 and ask for float8 where the GPU has it.
+    learner = load_experiment("libero_spatial").learner_config("x", online=True)
+    assert (learner.micro_batch, learner.grad_accum, learner.checkpoint_blocks, learner.float8) == (8, 4, 0, "auto")
     cfg = load_experiment("quickstart", ["online.rounds=7", "planner.num_candidates=4"])
     assert cfg.online.rounds == 7 and cfg.planner_config().num_candidates == 4
     # Replay's step windows are the layout's action chunk even when fewer actions run per query.
@@ -99,6 +102,8 @@ def test_every_experiment_config_loads() -> None:
         (["planner.num_candidatez=3"], r"planner: unknown key\(s\) \['num_candidatez'\]"),
         (["planner.aggregation=best"], "planner.aggregation"),
         (["learner.zero_stage=5"], "learner.zero_stage"),
+        (["learner.grad_accum=5"], r"learner.grad_accum: expected a divisor of offline.batch \(32\), got 5"),
+        (["learner.float8=e5m2"], "learner.float8: expected one of"),
         (["demos.source=dataset"], "demos.dataset: source 'dataset' needs a path"),
         (["env.name=libero"], "demos.source: the scripted expert exists for the built-in task 'lift' only"),
         (["online.refine_policy=true"], "online.refine_policy: refining the policy during online rounds is not supported yet"),
