@@ -4,7 +4,8 @@ No Ray (the GPU machine has none): every part runs one process per GPU under tor
 driver (this script without ``--part``) starts those runs and merges their figures into
 bench/results/multi_gpu.json (or --out):
     learner_samples_per_s_per_gpu   {gpus: samples/s per GPU}: the 2b learner (DeepSpeed ZeRO-2 by
-                                    default, bf16, LIBERO-shaped samples through the real data path:
+                                    default, bf16 with float8 matrix products in the blocks where the
+                                    GPU has them, no gradient checkpointing; LIBERO-shaped samples through the real data path:
                                     episode files -> sample builder with augmentation -> VAE targets),
                                     each rank on its own shard of the data
     scaling_efficiency_<N>gpu       per-GPU samples/s at N GPUs over 1 GPU (N = 4 where lent, else
@@ -69,7 +70,7 @@ def part_learner(args: argparse.Namespace) -> dict[str, Any]:
         model = CosmosPolicyModel.build(model_cfg, layout, seed=0)
     cfg = LearnerConfig(model=args.config, micro_batch=args.micro_batch, grad_accum=args.grad_accum, zero_stage=args.zero_stage,
                         schedule=ScheduleConfig(warmup_steps=0, cycle_steps=10**6, end_of_cycle=1.0), checkpoint_dir=str(work / "ckpt"),
-                        checkpoint_every=0, checkpoint_blocks=args.checkpoint_blocks, data_workers=args.data_workers)
+                        checkpoint_every=0, checkpoint_blocks=args.checkpoint_blocks, data_workers=args.data_workers, float8=args.float8)
     learner = Learner(cfg, source, model=model)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -90,7 +91,8 @@ def part_learner(args: argparse.Namespace) -> dict[str, Any]:
     out = {"gpus": world, "zero_stage": args.zero_stage, "samples_per_s_total": world * per_step * args.steps / float(slowest),
            "samples_per_s_per_gpu": per_step * args.steps / float(slowest), "step_s_median": statistics.median(times),
            "samples_per_step_per_gpu": per_step, "warmup_s": round(warmup_s, 1), "losses": [round(x, 4) for x in losses],
-           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "checkpointed_blocks": learner.checkpointed_blocks}
+           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30, "checkpointed_blocks": learner.checkpointed_blocks,
+           "float8": learner.float8}
     if hasattr(learner.source, "close"):
         learner.source.close()
     return out
@@ -159,7 +161,8 @@ def main() -> None:
     parser.add_argument("--config", default="2b")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--checkpoint-blocks", type=int, default=12)
+    parser.add_argument("--checkpoint-blocks", type=int, default=0)
+    parser.add_argument("--float8", default="auto", help="learner.float8 (auto: tensorwise on float8 GPUs; the recipe of bench/learner_speed.py)")
     parser.add_argument("--data-workers", type=int, default=4)
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--episode-steps", type=int, default=48)
@@ -195,7 +198,8 @@ def main() -> None:
         raise SystemExit("multi_gpu: needs at least 2 visible GPUs")
     counts = [int(c) for c in args.gpus.split(",")] if args.gpus else [c for c in (1, 2, 4, 8) if c <= visible]
     common = ["--config", args.config, "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
-              "--checkpoint-blocks", str(args.checkpoint_blocks), "--data-workers", str(args.data_workers), "--episodes", str(args.episodes),
+              "--checkpoint-blocks", str(args.checkpoint_blocks), "--float8", args.float8,
+              "--data-workers", str(args.data_workers), "--episodes", str(args.episodes),
               "--episode-steps", str(args.episode_steps), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     # The broadcast first: it is quick, and the learner runs may use up the time there is.
     bc = run_part("broadcast", visible, ["--config", args.config, "--bucket-mb", str(args.bucket_mb), "--repeats", str(args.repeats)],
