@@ -74,8 +74,10 @@ class DemoSection:
 class DataSection:
     gamma: float = 0.99
     augmentation: bool = False  # the official recipes augment; the quickstart's fixed cameras need not
-    policy_mixture: str = "base"  # offline policy training (demonstrations alone)
-    planning_mixture: str = "planning"  # the planning model: 10 / 45 / 45
+    # A preset name (cosmos_policy.data.mixture.PRESETS: base, planning, planning_q) or a mapping
+    # {pools: {demo, success, failure}, kinds: {pool: {sample kind: probability}}}.
+    policy_mixture: Any = "base"  # offline policy training (demonstrations alone)
+    planning_mixture: Any = "planning"  # the planning model: 10 / 45 / 45 with V(s') samples
     demos_as_rollouts: bool = True  # the planning model also learns value and dynamics from the demonstrations
 
 
@@ -177,6 +179,7 @@ class Experiment:
         # Build every component config once, so their own errors surface at load time.
         self.policy_config(), self.planner_config(), self.server_config(), self.replay_config("replay")
         self.learner_config("x", False), self.learner_config("x", True)
+        self.mixture("policy"), self.mixture("planning")
         self.env_config()
 
     # ---- component configs -------------------------------------------------------------
@@ -197,9 +200,15 @@ class Experiment:
         return AugmentConfig() if self.data.augmentation else None
 
     def mixture(self, which: str) -> MixtureConfig:
-        name = self.data.policy_mixture if which == "policy" else self.data.planning_mixture
+        field_name = "policy_mixture" if which == "policy" else "planning_mixture"
+        name = getattr(self.data, field_name)
+        if not isinstance(name, str):
+            name = OmegaConf.to_container(name, resolve=True) if OmegaConf.is_config(name) else name
         overrides = {"demos_as_success_rollouts": True} if which == "planning" and self.data.demos_as_rollouts else {}
-        return mixture_preset(name, **overrides)
+        try:
+            return mixture_preset(name, **overrides)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"data.{field_name}: {exc}") from exc
 
     def replay_config(self, root: str) -> ReplayConfig:
         data = {"root": root, **{k: v for k, v in self.replay.items() if k != "root"}}

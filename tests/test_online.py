@@ -86,6 +86,13 @@ def test_every_experiment_config_loads() -> None:
     # The 2b configs split each batch of 32 into micro-batches of 8 and ask for float8 where the GPU has it.
     learner = load_experiment("libero_spatial").learner_config("x", online=True)
     assert (learner.micro_batch, learner.grad_accum, learner.checkpoint_blocks, learner.float8) == (8, 4, 0, "auto")
+    # The planning mixture: a preset (planning_q: Q(s, a) value samples) or a mapping of pools and kinds.
+    q = load_experiment("quickstart", ["data.planning_mixture=planning_q", "planner.value_kind=q_value"])
+    assert q.mixture("planning").expected_kinds() == pytest.approx({"policy": 0.1, "world_model": 0.45, "q_value": 0.45})
+    own = load_experiment("quickstart", ["data.planning_mixture={pools: {demo: 0.2, success: 0.4, failure: 0.4}, kinds: "
+                                         "{demo: {policy: 1.0}, success: {q_value: 1.0}, failure: {q_value: 1.0}}}"])
+    assert own.mixture("planning").expected_kinds() == pytest.approx({"policy": 0.2, "q_value": 0.8})
+    assert own.to_dict()["data"]["planning_mixture"]["pools"]["demo"] == 0.2
     cfg = load_experiment("quickstart", ["online.rounds=7", "planner.num_candidates=4"])
     assert cfg.online.rounds == 7 and cfg.planner_config().num_candidates == 4
     # Replay's step windows are the layout's action chunk even when fewer actions run per query.
@@ -104,6 +111,9 @@ def test_every_experiment_config_loads() -> None:
         (["learner.zero_stage=5"], "learner.zero_stage"),
         (["learner.grad_accum=5"], r"learner.grad_accum: expected a divisor of offline.batch \(32\), got 5"),
         (["learner.float8=e5m2"], "learner.float8: expected one of"),
+        (["data.planning_mixture=planing"], "data.planning_mixture: mixture preset 'planing': expected one of"),
+        (["data.planning_mixture={pools: {demo: 1.0}, kinds: {demo: {qvalue: 1.0}}}"],
+         "data.planning_mixture: mixture.kinds.demo: unknown entry 'qvalue'"),
         (["demos.source=dataset"], "demos.dataset: source 'dataset' needs a path"),
         (["env.name=libero"], "demos.source: the scripted expert exists for the built-in task 'lift' only"),
         (["online.refine_policy=true"], "online.refine_policy: refining the policy during online rounds is not supported yet"),

@@ -85,14 +85,33 @@ PRESETS: dict[str, dict[str, Any]] = {
             "failure": {"world_model": 0.5, "value_sprime": 0.5},
         },
     },
+    # The planning pools with a model-free, action-conditioned value Q(s, a) (the future state
+    # masked) in place of V(s'): for ``planner.value_kind: q_value``.
+    "planning_q": {
+        "pools": {"demo": 0.1, "success": 0.45, "failure": 0.45},
+        "kinds": {
+            "demo": {"policy": 1.0},
+            "success": {"world_model": 0.5, "q_value": 0.5},
+            "failure": {"world_model": 0.5, "q_value": 0.5},
+        },
+    },
 }
 
 
-def mixture_preset(name: str, **overrides: Any) -> MixtureConfig:
-    """``base`` (50/25/25) or ``planning`` (10/45/45, V(s') value samples), with field overrides."""
-    if name not in PRESETS:
-        raise ConfigError(f"mixture preset {name!r}: expected one of {sorted(PRESETS)}")
-    return MixtureConfig(**{**PRESETS[name], **overrides})
+def mixture_preset(name: str | dict[str, Any], **overrides: Any) -> MixtureConfig:
+    """A preset by name (``base`` 50/25/25, ``planning`` 10/45/45 with V(s') samples, ``planning_q``
+    with Q(s, a) samples) or a mapping of ``MixtureConfig`` fields (``pools``, ``kinds``, ...), with
+    field overrides."""
+    if isinstance(name, str):
+        if name not in PRESETS:
+            raise ConfigError(f"mixture preset {name!r}: expected one of {sorted(PRESETS)} or a mapping with pools and kinds")
+        return MixtureConfig(**{**PRESETS[name], **overrides})
+    if not isinstance(name, dict):
+        raise ConfigError(f"mixture: expected a preset name or a mapping with pools and kinds, got {type(name).__name__}")
+    unknown = sorted(set(name) - {"pools", "kinds", "demos_as_success_rollouts"})
+    if unknown:
+        raise ConfigError(f"mixture: unknown key(s) {unknown}; expected pools, kinds, demos_as_success_rollouts")
+    return MixtureConfig(**{**name, **overrides})
 
 
 def pools_of(episode: Episode, demos_as_success_rollouts: bool = False) -> list[str]:
