@@ -117,6 +117,8 @@ class LearnerConfig:
             raise ConfigError(f"learner.vae_batch: expected >= 1, got {self.vae_batch}")
         if self.data_workers < 0:
             raise ConfigError(f"learner.data_workers: expected >= 0, got {self.data_workers}")
+        if self.float8 is False:  # YAML 1.1 reads a bare `off` (float8: off, learner.float8=off) as false
+            self.float8 = "off"
         if self.float8 not in FLOAT8_RECIPES:
             raise ConfigError(f"learner.float8: expected one of {FLOAT8_RECIPES}, got {self.float8!r}")
         if self.compile is True and self.zero_stage == 3:
