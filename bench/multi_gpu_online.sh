@@ -1,9 +1,10 @@
 #!/bin/bash
 # The main job (launch/online.py, quickstart recipe scaled down) on one host with 2 or more GPUs:
-# Ray gives the learner one GPU (learner.gpus_per_worker=1) and the PolicyServer another (it takes
-# a GPU whenever the cluster has one), EnvRunners run on the host's cores. Each round ends by
-# waiting until the PolicyServer serves the newly published planning weights, so a finished run
-# shows every weight version reaching the server. Writes <name>.log, <name>_metrics.jsonl and
+# Ray gives the learner one GPU (learner.gpus_per_worker=1) and each PolicyServer another (one
+# server per remaining GPU, online.servers, at most the 4 EnvRunners; servers take a GPU whenever
+# the cluster has one), EnvRunners run on the host's cores. Each round ends by waiting until every
+# PolicyServer serves the newly published planning weights, so a finished run shows every weight
+# version reaching every server. Writes <name>.log, <name>_metrics.jsonl and
 # <name>_gpu.csv (per-GPU memory and utilisation every 5 s) to $OUT (default runs/multi_gpu_online).
 #
 #   bash bench/multi_gpu_online.sh small [timeout_s]   # the small model (1.1 M parameters)
@@ -30,7 +31,8 @@ fi
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 MUJOCO_GL=${MUJOCO_GL:-egl} PYOPENGL_PLATFORM=${PYOPENGL_PLATFORM:-egl} RAY_USAGE_STATS_ENABLED=0
 gpus=$(nvidia-smi -L | wc -l)
 if [ "$gpus" -lt 2 ]; then echo "multi_gpu_online: needs a host with 2 or more GPUs, found $gpus" >&2; exit 2; fi
-common="demos.episodes=8 offline.validate_every=1000 online.rounds=2 online.episodes_per_round=8 online.runners=4 eval.trials=4
+servers=$(( gpus - 1 < 4 ? gpus - 1 : 4 ))
+common="online.servers=$servers demos.episodes=8 offline.validate_every=1000 online.rounds=2 online.episodes_per_round=8 online.runners=4 eval.trials=4
   eval.also_without_planning=false learner.gpus_per_worker=1 logging.wandb=disabled"
 case "$name" in
   small) model="model.size=small offline.policy_steps=40 offline.planning_steps=20 online.refine_steps=20 online.publish_every=10" ;;

@@ -97,6 +97,9 @@ class OnlineSection:
     rounds: int = 3
     episodes_per_round: int = 40
     runners: int = 2
+    # PolicyServers, each holding the policy and the planning model (one GPU each where the cluster
+    # has GPUs, e.g. a learner GPU plus N server GPUs on one host); EnvRunners are dealt to them in turn.
+    servers: int = 1
     plan: bool = True  # collect with best-of-N planning
     refine_steps: int = 300  # learner steps per round
     publish_every: int = 100  # learner steps between weight publications
@@ -153,6 +156,8 @@ class Experiment:
             (0 <= self.demos.validation_fraction < 1, "demos.validation_fraction", "a value in [0, 1)", self.demos.validation_fraction),
             (self.online.rounds >= 0, "online.rounds", ">= 0", self.online.rounds),
             (self.online.runners >= 1, "online.runners", ">= 1", self.online.runners),
+            (isinstance(self.online.servers, int) and 1 <= self.online.servers <= max(1, self.online.runners), "online.servers",
+             "an integer from 1 to online.runners (a server without EnvRunners would idle)", self.online.servers),
             (self.online.episodes_per_round >= 1, "online.episodes_per_round", ">= 1", self.online.episodes_per_round),
             (self.online.refine_steps >= 0, "online.refine_steps", ">= 0", self.online.refine_steps),
             (self.online.publish_every >= 1, "online.publish_every", ">= 1", self.online.publish_every),

@@ -334,10 +334,12 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_now, policy=cfg.policy_config(), planner=cfg.planner_config(),
                       device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else None, text_encoder=cfg.model.text_encoder)
     version0 = int(state.get("planning_version", 0))
-    server = PolicyServer.options(num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server_config(), 0, version0)
-    ray.get(server.set_registry.remote(registry))
+    servers = [PolicyServer.options(num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server_config(), 0, version0)
+               for _ in range(cfg.online.servers)]
+    ray.get([s.set_registry.remote(registry) for s in servers])
     runner_cfg = RunnerConfig(env=cfg.env_config(), execute=cfg.env.execute, plan=cfg.online.plan, record=True, max_steps=cfg.env.max_steps)
-    runners = [EnvRunner.options(num_cpus=1).remote(runner_cfg, server, replay_cfg, replay_name) for _ in range(cfg.online.runners)]
+    runners = [EnvRunner.options(num_cpus=1).remote(runner_cfg, servers[i % len(servers)], replay_cfg, replay_name)
+               for i in range(cfg.online.runners)]
     tasks = cfg.env.tasks or ray.get(runners[0].tasks.remote())
     publish = PublishConfig(every=cfg.online.publish_every, target="planning", registry=registry)
     source = ReplaySource(replay_cfg, replay_name, mixture=cfg.mixture("planning"), **_source_kwargs(cfg, stats, text, cfg.online.batch))
@@ -361,7 +363,7 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
                                     "success_rate": float(np.mean([r.success for r in ok])) if ok else 0.0,
                                     "env_steps": steps, "env_steps_per_s": steps / max(t1 - t0, 1e-9),
                                     "episodes_per_s": len(results) / max(t1 - t0, 1e-9),
-                                    "inference_s_per_query": _server_latency(server),
+                                    "inference_s_per_query": _server_latency(servers),
                                     **{f"replay_items/{t}": s.get("items", 0) for t, s in rstats.items()},
                                     **{f"calibration/{k}": v for k, v in calibration(ok).items()}})
             if stopping["stop"]:
@@ -375,7 +377,7 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
                 raise Stop()
             # Every round ends on a published version (the last step may fall between publications).
             version = int(rows[-1]["published_version"]) if rows and "published_version" in rows[-1] else group.publish()
-            wait_for_version(server, version)
+            wait_for_version(servers, version)
             latest = group.export(str(run_dir / "checkpoints" / "planning_latest"))
             evaluate_round(cfg, runners, tasks, monitor, round_, version)
             group.save()
@@ -393,21 +395,26 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     finally:
         for r in runners:
             ray.kill(r)
-        ray.kill(server)
+        for s in servers:
+            ray.kill(s)
         group.stop()
 
 
-def _server_latency(server: Any) -> float:
-    s = ray.get(server.stats.remote())
-    return s["busy_s"] / max(1, s["batches"])
+def _server_latency(servers: list[Any]) -> float:
+    """Seconds per served batch, over all PolicyServers."""
+    stats = ray.get([s.stats.remote() for s in servers])
+    return sum(s["busy_s"] for s in stats) / max(1, sum(s["batches"] for s in stats))
 
 
-def wait_for_version(server: Any, version: int, timeout_s: float = 120.0) -> None:
-    """Block until the PolicyServer serves planning weights ``version`` (it polls the registry)."""
+def wait_for_version(servers: list[Any], version: int, timeout_s: float = 120.0) -> None:
+    """Block until every PolicyServer serves planning weights ``version`` (each polls the registry)."""
     deadline = time.time() + timeout_s
-    while ray.get(server.versions.remote()).get("planning") != version:
+    while True:
+        served = [v.get("planning") for v in ray.get([s.versions.remote() for s in servers])]
+        if all(v == version for v in served):
+            return
         if time.time() > deadline:
-            raise TimeoutError(f"PolicyServer did not pick up planning weights v{version} within {timeout_s:.0f} s")
+            raise TimeoutError(f"PolicyServers did not all pick up planning weights v{version} within {timeout_s:.0f} s (serving {served})")
         time.sleep(0.2)
 
 
@@ -441,7 +448,7 @@ def connect(cfg: Experiment) -> None:
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         return
-    need = cfg.online.runners + 1 + int(np.ceil(cfg.world_size * cfg.cpus_per_worker)) + 1
+    need = cfg.online.runners + cfg.online.servers + int(np.ceil(cfg.world_size * cfg.cpus_per_worker)) + 1
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)

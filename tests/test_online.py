@@ -106,6 +106,8 @@ def test_every_experiment_config_loads() -> None:
         (["online.roundz=3"], "roundz"),
         (["online.rounds=three"], "online.rounds"),
         (["online.runners=0"], "online.runners: expected >= 1"),
+        (["online.servers=0"], "online.servers: expected an integer from 1 to online.runners"),
+        (["online.servers=3", "online.runners=2"], "online.servers: expected an integer from 1 to online.runners .*got 3"),
         (["planner.num_candidatez=3"], r"planner: unknown key\(s\) \['num_candidatez'\]"),
         (["planner.aggregation=best"], "planner.aggregation"),
         (["learner.zero_stage=5"], "learner.zero_stage"),
@@ -263,7 +265,8 @@ def _libero_demo_file(path: Path, demos: int, steps: int, seed: int) -> None:
 
 @pytest.mark.slow
 def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
-    """The libero_spatial experiment end to end: 2 EnvRunners on real LIBERO, tiny model, 2 rounds."""
+    """The libero_spatial experiment end to end: 2 EnvRunners on real LIBERO, tiny model, 2 rounds, 2 PolicyServers
+    (the multi-GPU layout: every published version must reach both servers before a round's evaluation)."""
     pytest.importorskip("libero.libero")
     data = tmp_path / "libero_spatial_regen"
     data.mkdir()
@@ -273,14 +276,17 @@ def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
     overrides = [f"run_dir={run_dir}", "model.size=tiny", "model.text_encoder=random", f"demos.dataset={data}", "demos.max_episodes=3",
                  "data.augmentation=false", "env.kwargs.image_size=64", "env.kwargs.max_steps=20", f"env.tasks=[{name}]",
                  "offline.policy_steps=4", "offline.validate_every=4", "offline.planning_steps=2", "offline.batch=4", "online.rounds=2",
-                 "online.episodes_per_round=2", "online.runners=2", "online.refine_steps=2", "online.publish_every=2", "online.batch=4",
-                 "eval.trials=1", "eval.also_without_planning=false", "planner.num_candidates=2", "planner.value_steps=[1]",
+                 "online.episodes_per_round=2", "online.runners=2", "online.servers=2", "online.refine_steps=2", "online.publish_every=2",
+                 "online.batch=4", "eval.trials=1", "eval.also_without_planning=false", "planner.num_candidates=2", "planner.value_steps=[1]",
                  "planner.future_steps=[1]", "policy.action_steps=1", "replay.shards=1", "learner.gpus_per_worker=0", "logging.wandb=offline"]
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "online.py"), "--config", "libero_spatial", *overrides], env=_env(RAY_AUTH_MODE="disabled"),
                           capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     evals = _records(run_dir, "eval")
     assert [e["round"] for e in evals] == [0, 1, 2] and all(f"task/{name}" in e for e in evals)
+    # Each round waited until both PolicyServers served the round's version (else the job fails with a TimeoutError).
+    versions = [e["weight_version"] for e in evals]
+    assert versions[0] == 0 and versions[1] < versions[2], versions
     runners = {m["runner"] for m in _replay_episodes(run_dir, "experience_*")}
     assert len(runners) == 2
 
