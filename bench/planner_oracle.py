@@ -1,0 +1,176 @@
+"""How much best-of-N could gain at all: candidates judged by their real outcome in the simulator.
+
+Best-of-N planning can only beat the policy if, where the policy fails, some other candidate
+chunk would have led to success. This script measures that headroom on the built-in task with
+an oracle instead of the learned world model and value: at the first ``--queries`` query
+points of an episode it restores the simulator state, executes each candidate's chunk, lets the
+plain policy finish the episode, and keeps the first candidate that succeeds (the policy's own
+sample, candidate 0, first). Candidates are made exactly as the planner makes them (the
+policy's samples for seeds seed+c, with ``planner.candidate_noise`` offsets when set).
+
+It is a diagnostic, not a planner: it uses privileged simulator access (state restore and
+rollouts) that the system's planner never has. Figures (printed; written to --out):
+    policy_success        the plain policy from the same states and seeds (candidate 0 always)
+    oracle_success        success when the oracle may switch candidates at the first --queries queries
+    headroom_points       100 x (oracle_success - policy_success): the most best-of-N could add there
+    rollouts              simulated candidate rollouts spent
+
+Restoring a mid-episode state re-anchors robosuite's controller and clears the gripper's
+command ramp (``LiftEnv.reset(initial_state=...)``), so a restored rollout of candidate 0 can
+differ slightly from the uninterrupted episode; both figures use the same restored rollouts.
+
+    python bench/planner_oracle.py [--trials 0-19] [--queries 2] [override ...]   # e.g. planner.candidate_noise=0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from actors.policy_server import PolicySpec  # noqa: E402
+from cosmos_policy.layout import SampleKind  # noqa: E402
+from cosmos_policy.planner import Planner  # noqa: E402
+from launch.experiment import load_experiment  # noqa: E402
+
+QUERY_SEED = 7919  # the EnvRunner's per-query seed stride: query q of an episode seeded s uses s + 7919 q
+
+
+def candidates(planner: Planner, obs, seed: int) -> list[np.ndarray]:
+    """The planner's N candidate chunks for ``obs`` (dataset units), before any judging."""
+    policy, n = planner.policy, planner.config.num_candidates
+    batch = policy.batch([obs])
+    cond = planner._conditioning(policy.model, batch)
+    rep = torch.zeros(n, dtype=torch.long)
+    seeds = [seed + c for c in range(n)]
+    cands = planner._sample(policy.model, SampleKind.POLICY, batch.text[rep], cond[rep], [policy.config.action_steps] * n, seeds)
+    if planner.config.candidate_noise > 0:
+        cands = planner._explore(cands, seeds, n)
+    return [o.actions for o in policy.outputs(policy.model.read_outputs(cands), batch=None)]
+
+
+def finish(env, policy, obs, chunk: np.ndarray, execute: int, seed: int, query: int) -> bool:
+    """Execute ``chunk`` from the current state, then the plain policy until the episode ends; success?"""
+    q = query
+    while True:
+        acts = chunk[:execute]
+        for i, a in enumerate(acts):
+            r = env.step(a, render=i == len(acts) - 1)
+            if r.done:
+                return bool(r.success)
+        obs = r.observation
+        q += 1
+        chunk = policy.act(obs, seed=seed + QUERY_SEED * q).actions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="learning_curve")
+    parser.add_argument("--run-dir", default="runs/learning_curve")
+    parser.add_argument("--policy", default="checkpoints/policy", help="relative to --run-dir, or absolute")
+    parser.add_argument("--planning", default="checkpoints/planning", help="only its layout is used (candidates come from the policy)")
+    parser.add_argument("--trials", default="0-19", help="fixed initial states: a range a-b or a comma list")
+    parser.add_argument("--seed", type=int, default=0, help="the episode seed (evaluations use 0 and 1)")
+    parser.add_argument("--queries", type=int, default=2, help="query points at which the oracle may switch candidates")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_oracle.json"))
+    parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. planner.candidate_noise=0.1")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_experiment(args.config, [f"run_dir={args.run_dir}", *args.overrides])
+    if cfg.env.name != "lift":
+        raise SystemExit(f"--config: this script drives the built-in task 'lift', the experiment uses {cfg.env.name!r}")
+    if "-" in args.trials:
+        a, b = (int(x) for x in args.trials.split("-"))
+        trials = list(range(a, b + 1))
+    else:
+        trials = [int(t) for t in args.trials.split(",")]
+    run_dir = Path(args.run_dir)
+    policy_ckpt, planning_ckpt = (str(p if Path(p).is_absolute() else run_dir / p) for p in (args.policy, args.planning))
+    spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_ckpt, policy=cfg.policy_config(), planner=cfg.planner_config(),
+                      text_encoder=cfg.model.text_encoder)
+    policy, planner = spec.build()
+    assert planner is not None
+
+    from actors.envs.lift import LiftEnv
+
+    kwargs = dict(cfg.env.kwargs)
+    env = LiftEnv(image_size=int(kwargs.get("image_size", 64)), max_steps=int(kwargs.get("max_steps", 100)), num_initial_states=max(trials) + 1)
+    states = env.initial_states("lift")
+    execute, seed = cfg.env.execute, args.seed
+    rows, rollouts, start = [], 0, time.time()
+    for trial in trials:
+        obs = env.reset("lift", seed, states[trial])
+        policy_ok, oracle_ok, switched_at = None, False, None
+        q = 0
+        while True:
+            qseed = seed + QUERY_SEED * q
+            if q < args.queries:
+                here = env.get_state()
+                cands = candidates(planner, obs, qseed)
+                chosen = None
+                for c, chunk in enumerate(cands):
+                    rollouts += 1
+                    env.reset("lift", seed, here)
+                    ok = finish(env, policy, obs, chunk, execute, seed, q)
+                    if c == 0 and q == 0:
+                        policy_ok = ok  # candidate 0 at every query: the plain policy
+                    if ok:
+                        chosen = c
+                        break
+                if chosen is not None:
+                    oracle_ok, switched_at = True, (q if chosen else None)
+                    break
+                # No candidate succeeds from here: go on with the policy's own chunk and try again at the next query.
+                env.reset("lift", seed, here)
+                chunk = cands[0]
+            else:
+                chunk = policy.act(obs, seed=qseed).actions
+            done = False
+            for i, a in enumerate(chunk[:execute]):
+                r = env.step(a, render=i == execute - 1)
+                if r.done:
+                    done, oracle_ok = True, bool(r.success)
+                    break
+            if done:
+                break
+            obs = r.observation
+            q += 1
+        rows.append({"trial": trial, "policy": bool(policy_ok), "oracle": bool(oracle_ok), "switched_at_query": switched_at})
+        print(json.dumps(rows[-1]), flush=True)
+    env.close()
+    policy_rate = float(np.mean([r["policy"] for r in rows]))
+    oracle_rate = float(np.mean([r["oracle"] for r in rows]))
+    figures = {
+        "policy_success": policy_rate,
+        "oracle_success": oracle_rate,
+        "headroom_points": round(100 * (oracle_rate - policy_rate), 1),
+        "episodes": len(rows),
+        "rollouts": rollouts,
+        "seconds": round(time.time() - start, 1),
+        "oracle_queries": args.queries,
+        "planner": cfg.to_dict()["planner"],
+        "policy_checkpoint": policy_ckpt,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": "python bench/planner_oracle.py " + " ".join(sys.argv[1:]),
+        "rows": rows,
+    }
+    print(json.dumps({k: v for k, v in figures.items() if k != "rows"}), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
