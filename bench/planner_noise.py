@@ -28,16 +28,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(ROOT / "bench"))
 
-from actors.policy_server import PolicySpec  # noqa: E402
+from lift_planning import add_run_args, load  # noqa: E402
+
 from cosmos_policy.layout import SampleKind  # noqa: E402
 from cosmos_policy.planner import Planner  # noqa: E402
-from launch.experiment import load_experiment  # noqa: E402
 
 
 class IdenticalCandidates(Planner):
@@ -54,25 +52,13 @@ class IdenticalCandidates(Planner):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="learning_curve")
-    parser.add_argument("--run-dir", default="runs/learning_curve")
-    parser.add_argument("--policy", default="checkpoints/policy", help="relative to --run-dir, or absolute")
-    parser.add_argument("--planning", default="checkpoints/planning_latest", help="relative to --run-dir, or absolute")
+    add_run_args(parser, "checkpoints/planning_latest")
     parser.add_argument("--trials", default="0,1,2,3", help="fixed initial states to start from")
     parser.add_argument("--queries", type=int, default=6, help="planner queries per episode at most")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_noise.json"))
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. planner.future_steps=[1,1,1]")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    cfg = load_experiment(args.config, [f"run_dir={args.run_dir}", *args.overrides])
-    if cfg.env.name != "lift":
-        raise SystemExit(f"--config: this script drives the built-in task 'lift', the experiment uses {cfg.env.name!r}")
-    run_dir = Path(args.run_dir)
-    policy_ckpt, planning_ckpt = (str(p if Path(p).is_absolute() else run_dir / p) for p in (args.policy, args.planning))
-    spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_ckpt, policy=cfg.policy_config(), planner=cfg.planner_config(),
-                      text_encoder=cfg.model.text_encoder)
-    policy, planner = spec.build()
-    assert planner is not None
+    cfg, policy, planner, policy_ckpt, planning_ckpt = load(args, args.overrides)
     twin = IdenticalCandidates(policy, planner.planning, planner.config)
 
     from actors.envs.lift import LiftEnv

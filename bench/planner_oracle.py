@@ -36,13 +36,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MUJOCO_GL", "egl")
+sys.path.insert(0, str(ROOT / "bench"))
 
-from actors.policy_server import PolicySpec  # noqa: E402
+from lift_planning import add_run_args, load  # noqa: E402
+
 from cosmos_policy.layout import SampleKind  # noqa: E402
 from cosmos_policy.planner import Planner  # noqa: E402
-from launch.experiment import load_experiment  # noqa: E402
 
 QUERY_SEED = 7919  # the EnvRunner's per-query seed stride: query q of an episode seeded s uses s + 7919 q
 
@@ -76,32 +75,19 @@ def finish(env, policy, obs, chunk: np.ndarray, execute: int, seed: int, query: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="learning_curve")
-    parser.add_argument("--run-dir", default="runs/learning_curve")
-    parser.add_argument("--policy", default="checkpoints/policy", help="relative to --run-dir, or absolute")
-    parser.add_argument("--planning", default="checkpoints/planning", help="only its layout is used (candidates come from the policy)")
+    add_run_args(parser, "checkpoints/planning", "only its layout is used (candidates come from the policy)")
     parser.add_argument("--trials", default="0-19", help="fixed initial states: a range a-b or a comma list")
     parser.add_argument("--seed", type=int, default=0, help="the episode seed (evaluations use 0 and 1)")
     parser.add_argument("--queries", type=int, default=2, help="query points at which the oracle may switch candidates")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_oracle.json"))
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. planner.candidate_noise=0.1")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    cfg = load_experiment(args.config, [f"run_dir={args.run_dir}", *args.overrides])
-    if cfg.env.name != "lift":
-        raise SystemExit(f"--config: this script drives the built-in task 'lift', the experiment uses {cfg.env.name!r}")
+    cfg, policy, planner, policy_ckpt, _ = load(args, args.overrides)
     if "-" in args.trials:
         a, b = (int(x) for x in args.trials.split("-"))
         trials = list(range(a, b + 1))
     else:
         trials = [int(t) for t in args.trials.split(",")]
-    run_dir = Path(args.run_dir)
-    policy_ckpt, planning_ckpt = (str(p if Path(p).is_absolute() else run_dir / p) for p in (args.policy, args.planning))
-    spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_ckpt, policy=cfg.policy_config(), planner=cfg.planner_config(),
-                      text_encoder=cfg.model.text_encoder)
-    policy, planner = spec.build()
-    assert planner is not None
-
     from actors.envs.lift import LiftEnv
 
     kwargs = dict(cfg.env.kwargs)
