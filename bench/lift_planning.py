@@ -47,3 +47,14 @@ def load(args: argparse.Namespace, overrides: list[str]) -> tuple[Experiment, An
     policy, planner = spec.build()
     assert planner is not None
     return cfg, policy, planner, policy_ckpt, planning_ckpt
+
+
+def write_figures(figures: dict[str, Any], out: str, detail: str) -> None:
+    """Print the figures (without the per-episode ``detail`` entry) as one JSON line, write them all to ``out``."""
+    import json
+
+    print(json.dumps({k: v for k, v in figures.items() if k != detail}), flush=True)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1))
+    print(f"wrote {path}")

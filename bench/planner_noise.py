@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lift_planning import add_run_args, load  # noqa: E402
+from lift_planning import add_run_args, load, write_figures  # noqa: E402
 
 from cosmos_policy.layout import SampleKind  # noqa: E402
 from cosmos_policy.planner import Planner  # noqa: E402
@@ -107,11 +107,7 @@ def main() -> None:
         "command": "python bench/planner_noise.py " + " ".join(sys.argv[1:]),
         "episodes": episodes,
     }
-    print(json.dumps({k: v for k, v in figures.items() if k != "episodes"}), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=1))
-    print(f"wrote {out}")
+    write_figures(figures, args.out, "episodes")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lift_planning import add_run_args, load  # noqa: E402
+from lift_planning import add_run_args, load, write_figures  # noqa: E402
 
 from cosmos_policy.layout import SampleKind  # noqa: E402
 from cosmos_policy.planner import Planner  # noqa: E402
@@ -151,11 +151,7 @@ def main() -> None:
         "command": "python bench/planner_oracle.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
-    print(json.dumps({k: v for k, v in figures.items() if k != "rows"}), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=1))
-    print(f"wrote {out}")
+    write_figures(figures, args.out, "rows")
 
 
 if __name__ == "__main__":
