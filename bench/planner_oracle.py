@@ -19,7 +19,19 @@ Restoring a mid-episode state re-anchors robosuite's controller and clears the g
 command ramp (``LiftEnv.reset(initial_state=...)``), so a restored rollout of candidate 0 can
 differ slightly from the uninterrupted episode; both figures use the same restored rollouts.
 
+With ``--label-first-query`` it grades the learned judge instead: at the first query of each
+episode every candidate is rolled out (its real outcome is its label) and the planner scores the
+same candidates with the planning model of ``--planning``; figures:
+    policy_success        candidate 0's outcome (the plain policy)
+    judge_success         the outcome of the candidate the learned judge picks (best-of-N at the first query)
+    oracle_success        some candidate succeeds
+    candidate_success     the mean outcome over all candidates
+    judge_pair_accuracy   over candidate pairs of one state with different outcomes: how often the
+                          judge scores the succeeding one higher (0.5: no better than chance)
+A judge can then be compared with another on the same labels without running online rounds.
+
     python bench/planner_oracle.py [--trials 0-19] [--queries 2] [override ...]   # e.g. planner.candidate_noise=0.1
+    python bench/planner_oracle.py --label-first-query --planning checkpoints/planning_latest [override ...]
 """
 
 from __future__ import annotations
@@ -73,16 +85,50 @@ def finish(env, policy, obs, chunk: np.ndarray, execute: int, seed: int, query: 
         chunk = policy.act(obs, seed=seed + QUERY_SEED * q).actions
 
 
+def label_first_query(env, policy, planner: Planner, states: list, trials: list[int], execute: int, seed: int) -> tuple[dict, list[dict]]:
+    """Every candidate of the first query rolled out (labels) beside the learned judge's scores of them."""
+    rows = []
+    for trial in trials:
+        obs = env.reset("lift", seed, states[trial])
+        here = env.get_state()
+        cands = candidates(planner, obs, seed)
+        plan = planner.plan(obs, seed=seed)  # the same candidates (same seeds and offsets), judged
+        if not np.allclose(plan.candidate_actions, np.stack(cands), atol=1e-4):
+            raise RuntimeError("the planner's candidates differ from the ones rolled out; the labels would not match")
+        outcomes = []
+        for chunk in cands:
+            env.reset("lift", seed, here)
+            outcomes.append(finish(env, policy, obs, chunk, execute, seed, 0))
+        values = [float(v) for v in plan.candidate_values]
+        pairs = [(values[i] > values[j]) + 0.5 * (values[i] == values[j])
+                 for i in range(len(cands)) for j in range(len(cands)) if outcomes[i] and not outcomes[j]]
+        rows.append({"trial": trial, "outcomes": outcomes, "values": [round(v, 4) for v in values], "chosen": plan.chosen,
+                     "pair_wins": float(np.sum(pairs)) if pairs else None, "pairs": len(pairs)})
+        print(json.dumps(rows[-1]), flush=True)
+    n_pairs = sum(r["pairs"] for r in rows)
+    figures = {
+        "policy_success": float(np.mean([r["outcomes"][0] for r in rows])),
+        "judge_success": float(np.mean([r["outcomes"][r["chosen"]] for r in rows])),
+        "oracle_success": float(np.mean([any(r["outcomes"]) for r in rows])),
+        "candidate_success": float(np.mean([np.mean(r["outcomes"]) for r in rows])),
+        "judge_pair_accuracy": (sum(r["pair_wins"] or 0.0 for r in rows) / n_pairs) if n_pairs else None,
+        "pairs": n_pairs,
+        "rollouts": sum(len(r["outcomes"]) for r in rows),
+    }
+    return figures, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_args(parser, "checkpoints/planning", "only its layout is used (candidates come from the policy)")
+    add_run_args(parser, "checkpoints/planning", "the judge graded by --label-first-query; else only its layout is used")
     parser.add_argument("--trials", default="0-19", help="fixed initial states: a range a-b or a comma list")
     parser.add_argument("--seed", type=int, default=0, help="the episode seed (evaluations use 0 and 1)")
     parser.add_argument("--queries", type=int, default=2, help="query points at which the oracle may switch candidates")
+    parser.add_argument("--label-first-query", action="store_true", help="grade the learned judge on labelled first-query candidates")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_oracle.json"))
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. planner.candidate_noise=0.1")
     args = parser.parse_args()
-    cfg, policy, planner, policy_ckpt, _ = load(args, args.overrides)
+    cfg, policy, planner, policy_ckpt, planning_ckpt = load(args, args.overrides)
     if "-" in args.trials:
         a, b = (int(x) for x in args.trials.split("-"))
         trials = list(range(a, b + 1))
@@ -95,6 +141,15 @@ def main() -> None:
     states = env.initial_states("lift")
     execute, seed = cfg.env.execute, args.seed
     rows, rollouts, start = [], 0, time.time()
+    if args.label_first_query:
+        figures, rows = label_first_query(env, policy, planner, states, trials, execute, seed)
+        env.close()
+        figures.update({"episodes": len(rows), "seconds": round(time.time() - start, 1), "planner": cfg.to_dict()["planner"],
+                        "policy_checkpoint": policy_ckpt, "planning_checkpoint": planning_ckpt,
+                        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                        "command": "python bench/planner_oracle.py " + " ".join(sys.argv[1:]), "rows": rows})
+        write_figures(figures, args.out, "rows")
+        return
     for trial in trials:
         obs = env.reset("lift", seed, states[trial])
         policy_ok, oracle_ok, switched_at = None, False, None
