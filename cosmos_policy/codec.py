@@ -1,6 +1,7 @@
 """Non-image modalities as latent frames (method sheet section 2).
 
-- Normalization: per-dimension min-max to [-1, 1] from dataset statistics, no clipping.
+- Normalization: per-dimension min-max to [-1, 1] from dataset statistics. Actions are not
+  clipped (as in the official code); normalized proprio is clipped to +-PROPRIO_CLIP (ours, see below).
 - Tiling: a flattened vector (an action chunk row-major in time, or a proprio vector) is
   repeated to fill a whole latent frame (C x H x W numbers) and overwrites it; reading it back
   averages the complete copies and ignores a partial trailing copy (ALOHA's 50 x 14 chunk fills
@@ -22,6 +23,13 @@ import numpy as np
 import torch
 
 from cosmos_policy.errors import InputError, StatisticsError
+
+# Normalized proprio is clipped to this bound. The official code does not clip, and its datasets'
+# wide ranges keep rollouts near [-1, 1]; a dimension the demonstrations barely vary (the built-in
+# task's end-effector quaternion spans 0.008) maps the system's own episodes to 5-27 there, which
+# then dominates the world-model and policy losses on experience and puts the proprio frame far
+# outside anything the model saw. 2 keeps up to half a range of excess on either side.
+PROPRIO_CLIP = 2.0
 
 # Keys of the official dataset_statistics.json (method 2.1); only min/max are used.
 _STAT_FIELDS = ("min", "max", "mean", "std", "median")
@@ -147,10 +155,25 @@ class NormalizationStats:
         return _scale(actions, self.actions_min, self.actions_max, "actions", forward=True)
 
     def unnormalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        return _scale(actions, self.actions_min, self.actions_max, "actions", forward=False)
+        """Dataset units. A dimension the demonstrations never varied (std 0, e.g. the rotation of a
+        scripted expert that never rotates) comes back as their constant: the model learned nothing
+        there, and its sampling noise, scaled by the placeholder range of width 2, would otherwise
+        move the robot (up to 0.1 rad per step of rotation on the built-in task)."""
+        out = _scale(actions, self.actions_min, self.actions_max, "actions", forward=False)
+        held = self.held_action_dims()
+        if held.any():
+            value = torch.tensor(np.asarray(self.actions_mean, dtype=np.float64)[held], dtype=out.dtype, device=out.device)
+            out[..., torch.from_numpy(held).to(out.device)] = value
+        return out
+
+    def held_action_dims(self) -> np.ndarray:
+        """Action dimensions the demonstrations never varied (boolean mask; none without std/mean)."""
+        if self.actions_std is None or self.actions_mean is None:
+            return np.zeros(len(self.actions_min), dtype=bool)
+        return np.asarray(self.actions_std) == 0
 
     def normalize_proprio(self, proprio: torch.Tensor) -> torch.Tensor:
-        return _scale(proprio, self.proprio_min, self.proprio_max, "proprio", forward=True)
+        return _scale(proprio, self.proprio_min, self.proprio_max, "proprio", forward=True).clamp(-PROPRIO_CLIP, PROPRIO_CLIP)
 
     def unnormalize_proprio(self, proprio: torch.Tensor) -> torch.Tensor:
         return _scale(proprio, self.proprio_min, self.proprio_max, "proprio", forward=False)

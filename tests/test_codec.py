@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cosmos_policy.codec import (
+    PROPRIO_CLIP,
     NormalizationStats,
     tile_into_frame,
     untile_from_frame,
@@ -122,6 +123,25 @@ def test_constant_dimensions_normalize_to_zero_and_back(tmp_path):
     norm = stats.normalize_actions(a)
     assert torch.all(norm[:, 2] == 0)
     assert torch.allclose(stats.unnormalize_actions(norm), a)
+    # A model's prediction there is sampling noise: it comes back as the demonstrations' constant,
+    # while the dimensions that vary keep the formula.
+    noisy = norm + 0.1
+    out = stats.unnormalize_actions(noisy)
+    assert torch.all(out[:, 2] == 0.5)
+    assert torch.allclose(out[:, [0, 1, 3]], 0.5 * (noisy[:, [0, 1, 3]] + 1) * torch.as_tensor(stats.actions_max - stats.actions_min)[[0, 1, 3]].float()
+                          + torch.as_tensor(stats.actions_min)[[0, 1, 3]].float(), atol=1e-5)
+    assert stats.held_action_dims().tolist() == [i == 2 for i in range(actions.shape[1])]
+
+
+def test_proprio_far_outside_the_demonstrations_is_clipped():
+    """Rollouts can leave a narrow demonstration range by many widths (the built-in task's quaternion):
+    the normalized proprio stops at +-PROPRIO_CLIP; inside the range nothing changes."""
+    actions, proprio = _demo_arrays()
+    stats = NormalizationStats.compute(actions, proprio)
+    lo, hi = stats.proprio_min, stats.proprio_max
+    far = torch.as_tensor(np.stack([hi + 10 * (hi - lo), lo - 10 * (hi - lo), (lo + hi) / 2]), dtype=torch.float64)
+    norm = stats.normalize_proprio(far)
+    assert torch.all(norm[0] == PROPRIO_CLIP) and torch.all(norm[1] == -PROPRIO_CLIP) and torch.allclose(norm[2], torch.zeros_like(norm[2]), atol=1e-9)
 
 
 def test_degenerate_statistics_are_clear_errors(tmp_path):
