@@ -132,10 +132,16 @@ class LearnerGroup:
         time.sleep(0.5)  # let the dead ranks' sockets close
         self.start()
 
-    def train(self, steps: int, chunk: int = 1, on_metrics: Callable[[list[dict]], None] | None = None) -> int:
-        """Train until the group's step reaches its current step + ``steps``; returns the final step."""
+    def train(self, steps: int, chunk: int = 1, on_metrics: Callable[[list[dict]], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> int:
+        """Train until the group's step reaches its current step + ``steps``; returns the final step.
+
+        ``should_stop`` is asked between chunks: a job being stopped (Ctrl-C) then waits for one
+        chunk, not for the whole phase (minutes on a CPU)."""
         target = self.step() + steps
         while self.step() < target:
+            if should_stop is not None and should_stop():
+                break
             n = min(chunk, target - self.step())
             try:
                 results = ray.get([w.train.remote(n) for w in self.workers])

@@ -115,6 +115,10 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_pa
     assert group.restarts == 1
     states = group.states()
     assert all(s["resumed"] for s in states) and len({s["checksum"] for s in states}) == 1
+    # A job being stopped ends a phase after the current chunk: asked before each chunk, the first
+    # "stop" leaves the group 2 steps on, not 6.
+    answers = iter([False, True])
+    assert group.train(6, chunk=2, should_stop=lambda: next(answers)) == 10
     group.stop()
 
 
