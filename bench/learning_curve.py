@@ -4,11 +4,14 @@
    the quickstart recipe with the small model, plus the overrides given): scripted-expert demonstrations, the policy trained on them until the
    held-out loss stops improving, the planning model (world model + value) from the policy's
    weights on the demonstrations, then online rounds in which EnvRunners collect with best-of-N
-   planning and the learner refines the planning model on demonstrations plus those episodes.
+   planning and the learner refines the planning model on demonstrations plus those episodes
+   (and, with ``online.refine_policy=true``, the acting policy on demonstrations plus the
+   successful episodes).
 2. On the same fixed initial states (``--initial-states`` x ``--seeds`` episodes each):
    ``base_success``: the demonstration-trained policy alone;
    ``offline_planning_success``: planning with the planning model before any experience;
-   ``final_success``: planning with the planning model after the online rounds.
+   ``final_success``: planning with the planning model (and policy) after the online rounds;
+   ``final_policy_success`` (``--evals ...,final_policy``): that policy alone, without planning.
    ``gain_points`` = 100 x (final_success - base_success). Target: >= 15 over >= 200 episodes.
 
 Writes bench/results/learning_curve.json (or --out) after each evaluation (``complete`` turns true
@@ -86,6 +89,7 @@ def main() -> None:
     state = json.loads((Path(cfg.run_dir) / "state.json").read_text())
     seeds = [int(s) for s in args.seeds.split(",")]
     policy, planning_offline, planning_final = state["policy_checkpoint"], state["planning_checkpoint"], state["planning_latest"]
+    policy_final = state.get("policy_latest") or policy  # the refined policy, with online.refine_policy
     figures: dict = {
         "eval_seeds": seeds,
         "initial_states": args.initial_states,
@@ -94,6 +98,8 @@ def main() -> None:
         "online_rounds": state.get("round"),
         "online_episodes": cfg.online.episodes_per_round * int(state.get("round", 0)),
         "planning_weight_version": state.get("planning_version"),
+        "policy_refined": policy_final != policy,
+        "policy_weight_version": state.get("policy_version", 0),
         "this_call_run_s": round(train_s, 1),  # run(cfg) in this call (little when it resumed a finished run)
         "run_wall_s": _run_wall_s(Path(cfg.run_dir)),  # the whole job, from its own metrics (over resumes)
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
@@ -104,11 +110,14 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Each evaluation is written as soon as it ends: a run cut short keeps what it measured.
-    plans = {"base": (planning_offline, False), "offline_planning": (planning_offline, True), "final": (planning_final, True)}
+    # (acting policy, planning model, plan?) per evaluation; final_policy: the final policy alone, so the
+    # gain splits into what the refined policy brings and what planning adds on top of it.
+    plans = {"base": (policy, planning_offline, False), "offline_planning": (policy, planning_offline, True),
+             "final": (policy_final, planning_final, True), "final_policy": (policy_final, planning_final, False)}
     for name in args.evals.split(","):
         if name not in plans:
             raise SystemExit(f"--evals: expected some of {sorted(plans)}, got {name!r}")
-        rep = evaluate_with(cfg, policy, plans[name][0], args.initial_states, seeds, plan=plans[name][1])
+        rep = evaluate_with(cfg, plans[name][0], plans[name][1], args.initial_states, seeds, plan=plans[name][2])
         figures[f"{name}_success"] = rep["success_rate"]
         figures[f"{name}_episodes"] = rep["episodes"]
         figures[f"{name}_eval_s"] = round(rep["seconds"], 1)
@@ -117,6 +126,8 @@ def main() -> None:
             figures["gain_points"] = round(100 * (figures["final_success"] - figures["base_success"]), 2)
         if "offline_planning_success" in figures and "final_success" in figures:
             figures["gain_points_from_experience"] = round(100 * (figures["final_success"] - figures["offline_planning_success"]), 2)
+        if "final_policy_success" in figures and "final_success" in figures:
+            figures["gain_points_from_planning"] = round(100 * (figures["final_success"] - figures["final_policy_success"]), 2)
         out.write_text(json.dumps(figures, indent=1))
     figures["complete"] = True
     out.write_text(json.dumps(figures, indent=1))

@@ -77,6 +77,9 @@ class DataSection:
     # A preset name (cosmos_policy.data.mixture.PRESETS: base, planning, planning_q) or a mapping
     # {pools: {demo, success, failure}, kinds: {pool: {sample kind: probability}}}.
     policy_mixture: Any = "base"  # offline policy training (demonstrations alone)
+    # The policy's refinement during online rounds (online.refine_policy): demonstrations and the
+    # system's successful episodes, action samples only.
+    policy_online_mixture: Any = "policy_experience"
     planning_mixture: Any = "planning"  # the planning model: 10 / 45 / 45 with V(s') samples
     demos_as_rollouts: bool = True  # the planning model also learns value and dynamics from the demonstrations
 
@@ -103,7 +106,12 @@ class OnlineSection:
     plan: bool = True  # collect with best-of-N planning
     refine_steps: int = 300  # learner steps per round
     publish_every: int = 100  # learner steps between weight publications
-    refine_policy: bool = False  # also train the policy on experience: not wired into the main job yet (an error)
+    # Also refine the acting policy each round (after the planning model), on demonstrations plus the
+    # system's own successful episodes (data.policy_online_mixture), and publish it to the
+    # PolicyServers. Off by default: the paper keeps the acting policy fixed (dual deployment).
+    refine_policy: bool = False
+    policy_refine_steps: int = 300  # policy learner steps per round, with refine_policy
+    policy_lr: float | None = None  # the policy's refinement learning rate (None: online.lr)
     budget_s: float | None = None  # stop after this much wall time (the current round finishes)
     lr: float = 5e-4
     batch: int = 32
@@ -160,6 +168,8 @@ class Experiment:
              "an integer from 1 to online.runners (a server without EnvRunners would idle)", self.online.servers),
             (self.online.episodes_per_round >= 1, "online.episodes_per_round", ">= 1", self.online.episodes_per_round),
             (self.online.refine_steps >= 0, "online.refine_steps", ">= 0", self.online.refine_steps),
+            (self.online.policy_lr is None or self.online.policy_lr > 0, "online.policy_lr", "a learning rate > 0 or null", self.online.policy_lr),
+            (self.online.policy_refine_steps >= 1, "online.policy_refine_steps", ">= 1 (with online.refine_policy)", self.online.policy_refine_steps),
             (self.online.publish_every >= 1, "online.publish_every", ">= 1", self.online.publish_every),
             (self.eval.trials >= 1, "eval.trials", ">= 1", self.eval.trials),
             (bool(self.eval.seeds), "eval.seeds", "at least one seed", self.eval.seeds),
@@ -172,9 +182,6 @@ class Experiment:
         for ok, name, expected, got in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, got {got!r}")
-        if self.online.refine_policy:
-            raise ConfigError("online.refine_policy: refining the policy during online rounds is not supported yet; the main job "
-                              "refines the planning model (world model + value) only. Train a policy offline with learner.engine.")
         if self.demos.source == "dataset" and not self.demos.dataset:
             raise ConfigError("demos.dataset: source 'dataset' needs a path to the demonstrations")
         if self.demos.source == "expert" and self.env.name != "lift":
@@ -184,7 +191,7 @@ class Experiment:
         # Build every component config once, so their own errors surface at load time.
         self.policy_config(), self.planner_config(), self.server_config(), self.replay_config("replay")
         self.learner_config("x", False), self.learner_config("x", True)
-        self.mixture("policy"), self.mixture("planning")
+        self.mixture("policy"), self.mixture("planning"), self.mixture("policy_online")
         self.env_config()
 
     # ---- component configs -------------------------------------------------------------
@@ -205,7 +212,7 @@ class Experiment:
         return AugmentConfig() if self.data.augmentation else None
 
     def mixture(self, which: str) -> MixtureConfig:
-        field_name = "policy_mixture" if which == "policy" else "planning_mixture"
+        field_name = {"policy": "policy_mixture", "planning": "planning_mixture", "policy_online": "policy_online_mixture"}[which]
         name = getattr(self.data, field_name)
         if not isinstance(name, str):
             name = OmegaConf.to_container(name, resolve=True) if OmegaConf.is_config(name) else name
@@ -232,7 +239,8 @@ class Experiment:
                 built.append(_build(TableConfig, {"window": window, **t, "rate_limiter": limiter, "signature": signature}, f"replay.tables[{i}]"))
         return _build(ReplayConfig, {**data, "tables": built}, "replay")
 
-    def learner_config(self, checkpoint_dir: str, online: bool, init_checkpoint: str | None = None, steps: int | None = None) -> LearnerConfig:
+    def learner_config(self, checkpoint_dir: str, online: bool, init_checkpoint: str | None = None, steps: int | None = None,
+                       lr: float | None = None) -> LearnerConfig:
         section = self.online if online else self.offline
         extra = {k: v for k, v in self.learner.items() if k not in ("world_size", "gpus_per_worker", "cpus_per_worker", "schedule")}
         total = steps or (self.online.refine_steps * max(1, self.online.rounds) if online else self.offline.policy_steps)
@@ -244,7 +252,7 @@ class Experiment:
         if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1 or section.batch % accum:
             raise ConfigError(f"learner.grad_accum: expected a divisor of {'online' if online else 'offline'}.batch "
                               f"({section.batch}), got {accum}")
-        values = {"model": self.model.size, "layout": self.model.layout, "init_checkpoint": init_checkpoint, "lr": section.lr,
+        values = {"model": self.model.size, "layout": self.model.layout, "init_checkpoint": init_checkpoint, "lr": lr or section.lr,
                   "micro_batch": section.batch // accum, "checkpoint_dir": checkpoint_dir, "checkpoint_every": 0, "seed": self.seed,
                   **extra, "schedule": schedule}
         return _build(LearnerConfig, values, "learner")

@@ -329,12 +329,14 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
             replay.insert("demos", ep)
         state.set(demos_in_replay=True)
     gpu = 1 if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)) else 0
-    # A resumed job serves the newest planning weights it exported, not the offline ones.
+    # A resumed job serves the newest weights it exported, not the offline ones.
     planning_now = state.get("planning_latest") or planning_ckpt
-    spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_now, policy=cfg.policy_config(), planner=cfg.planner_config(),
+    policy_now = state.get("policy_latest") or policy_ckpt
+    spec = PolicySpec(checkpoint=policy_now, planning_checkpoint=planning_now, policy=cfg.policy_config(), planner=cfg.planner_config(),
                       device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else None, text_encoder=cfg.model.text_encoder)
     version0 = int(state.get("planning_version", 0))
-    servers = [PolicyServer.options(num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server_config(), 0, version0)
+    policy_version = int(state.get("policy_version", 0))
+    servers = [PolicyServer.options(num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server_config(), policy_version, version0)
                for _ in range(cfg.online.servers)]
     ray.get([s.set_registry.remote(registry) for s in servers])
     runner_cfg = RunnerConfig(env=cfg.env_config(), execute=cfg.env.execute, plan=cfg.online.plan, record=True, max_steps=cfg.env.max_steps)
@@ -345,10 +347,11 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     source = ReplaySource(replay_cfg, replay_name, mixture=cfg.mixture("planning"), **_source_kwargs(cfg, stats, text, cfg.online.batch))
     group = _group(cfg, cfg.learner_config(str(run_dir / "learner" / "planning_online"), online=True, init_checkpoint=planning_ckpt), source,
                    publish)
+    policy_group = policy_learner(cfg, run_dir, replay_cfg, replay_name, registry, stats, text, policy_ckpt) if cfg.online.refine_policy else None
     try:
         start_round = int(state.get("round", 0))
         if start_round == 0 and cfg.eval.at_start and not state.get("eval0_done"):
-            evaluate_round(cfg, runners, tasks, monitor, 0, version0)
+            evaluate_round(cfg, runners, tasks, monitor, 0, version0, policy_version)
             state.set(eval0_done=True)
         for round_ in range(start_round + 1, cfg.online.rounds + 1):
             if stopping["stop"]:
@@ -371,25 +374,36 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
             rows: list[dict[str, float]] = []
             if cfg.online.refine_steps:
                 group.train(cfg.online.refine_steps, chunk=cfg.online.publish_every, on_metrics=lambda r: (
-                    rows.extend(r), monitor.progress(f"round {round_}: refining", len(rows), cfg.online.refine_steps)))
+                    rows.extend(r), monitor.progress(f"round {round_}: refining", len(rows), cfg.online.refine_steps)),
+                    should_stop=lambda: stopping["stop"])
                 _log_learner(monitor, "planning_online", rows)
             if stopping["stop"]:  # the round is not recorded: a restart collects it again from the saved learner
                 raise Stop()
             # Every round ends on a published version (the last step may fall between publications).
             version = int(rows[-1]["published_version"]) if rows and "published_version" in rows[-1] else group.publish()
+            if policy_group is not None:
+                policy_version = refine_policy(cfg, policy_group, monitor, round_, stopping)
             wait_for_version(servers, version)
             latest = group.export(str(run_dir / "checkpoints" / "planning_latest"))
-            evaluate_round(cfg, runners, tasks, monitor, round_, version)
+            progress: dict[str, Any] = dict(round=round_, planning_version=version, planning_latest=latest)
+            if policy_group is not None:
+                wait_for_version(servers, policy_version, target="policy")
+                progress.update(policy_version=policy_version, policy_latest=policy_group.export(str(run_dir / "checkpoints" / "policy_latest")))
+            evaluate_round(cfg, runners, tasks, monitor, round_, version, policy_version)
             group.save()
+            if policy_group is not None:
+                policy_group.save()
             replay.checkpoint()
-            state.set(round=round_, planning_version=version, planning_latest=latest)
-            monitor.log("round", {"round": round_, "weight_version": version, "seconds": time.time() - t0})
+            state.set(**progress)
+            monitor.log("round", {"round": round_, "weight_version": version, "policy_version": policy_version, "seconds": time.time() - t0})
             if cfg.online.budget_s and monitor.elapsed() > cfg.online.budget_s:
                 say(f"time budget of {cfg.online.budget_s:.0f} s reached after round {round_}")
                 break
     except Stop:
         say("stopping: saving a final learner checkpoint")
         group.save()
+        if policy_group is not None:
+            policy_group.save()
         replay.checkpoint()
         raise
     finally:
@@ -398,6 +412,33 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
         for s in servers:
             ray.kill(s)
         group.stop()
+        if policy_group is not None:
+            policy_group.stop()
+
+
+def policy_learner(cfg: Experiment, run_dir: Path, replay_cfg: Any, replay_name: str, registry: str, stats: NormalizationStats,
+                   text: TextEmbeddingCache, policy_ckpt: str) -> LearnerGroup:
+    """The acting policy's own learner (``online.refine_policy``): a second engine beside the planning
+    model's, from the policy's weights, on demonstrations plus successful experience, publishing
+    the ``policy`` target. Its own checkpoint directory makes a restarted job resume it too."""
+    source = ReplaySource(replay_cfg, replay_name, mixture=cfg.mixture("policy_online"), **_source_kwargs(cfg, stats, text, cfg.online.batch))
+    steps = cfg.online.policy_refine_steps * max(1, cfg.online.rounds)
+    learner_cfg = cfg.learner_config(str(run_dir / "learner" / "policy_online"), online=True, init_checkpoint=policy_ckpt, steps=steps,
+                                     lr=cfg.online.policy_lr)
+    return _group(cfg, learner_cfg, source, PublishConfig(every=cfg.online.publish_every, target="policy", registry=registry))
+
+
+def refine_policy(cfg: Experiment, group: LearnerGroup, monitor: Monitor, round_: int, stopping: dict[str, bool]) -> int:
+    """One round's policy refinement; returns the policy version it ends on (published)."""
+    rows: list[dict[str, float]] = []
+    steps = cfg.online.policy_refine_steps
+    group.train(steps, chunk=cfg.online.publish_every,
+                on_metrics=lambda r: (rows.extend(r), monitor.progress(f"round {round_}: refining the policy", len(rows), steps)),
+                should_stop=lambda: stopping["stop"])
+    _log_learner(monitor, "policy_online", rows)
+    if stopping["stop"]:
+        raise Stop()
+    return int(rows[-1]["published_version"]) if rows and "published_version" in rows[-1] else group.publish()
 
 
 def _server_latency(servers: list[Any]) -> float:
@@ -406,22 +447,24 @@ def _server_latency(servers: list[Any]) -> float:
     return sum(s["busy_s"] for s in stats) / max(1, sum(s["batches"] for s in stats))
 
 
-def wait_for_version(servers: list[Any], version: int, timeout_s: float = 120.0) -> None:
-    """Block until every PolicyServer serves planning weights ``version`` (each polls the registry)."""
+def wait_for_version(servers: list[Any], version: int, timeout_s: float = 120.0, target: str = "planning") -> None:
+    """Block until every PolicyServer serves ``target`` weights ``version`` (each polls the registry)."""
     deadline = time.time() + timeout_s
     while True:
-        served = [v.get("planning") for v in ray.get([s.versions.remote() for s in servers])]
+        served = [v.get(target) for v in ray.get([s.versions.remote() for s in servers])]
         if all(v == version for v in served):
             return
         if time.time() > deadline:
-            raise TimeoutError(f"PolicyServers did not all pick up planning weights v{version} within {timeout_s:.0f} s (serving {served})")
+            raise TimeoutError(f"PolicyServers did not all pick up {target} weights v{version} within {timeout_s:.0f} s (serving {served})")
         time.sleep(0.2)
 
 
-def evaluate_round(cfg: Experiment, runners: list[Any], tasks: list[str], monitor: Monitor, round_: int, version: int) -> dict[str, Any]:
+def evaluate_round(cfg: Experiment, runners: list[Any], tasks: list[str], monitor: Monitor, round_: int, version: int,
+                   policy_version: int = 0) -> dict[str, Any]:
     t0 = time.time()
     rep = run_eval(runners, cfg, tasks, plan=cfg.eval.plan)
-    record: dict[str, Any] = {"round": round_, "weight_version": version, "success_rate": rep["success_rate"], "episodes": rep["episodes"],
+    record: dict[str, Any] = {"round": round_, "weight_version": version, "policy_version": policy_version,
+                              "success_rate": rep["success_rate"], "episodes": rep["episodes"],
                               "planning": cfg.eval.plan, **{f"task/{t}": row["success_rate"] for t, row in rep["tasks"].items()},
                               **{f"calibration/{k}": v for k, v in calibration([_as_result(e) for e in rep["episodes_detail"]]).items()}}
     if cfg.eval.also_without_planning and cfg.eval.plan:
@@ -448,7 +491,8 @@ def connect(cfg: Experiment) -> None:
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         return
-    need = cfg.online.runners + cfg.online.servers + int(np.ceil(cfg.world_size * cfg.cpus_per_worker)) + 1
+    learners = 2 if cfg.online.refine_policy else 1  # the planning model's learner, and the policy's
+    need = cfg.online.runners + cfg.online.servers + learners * int(np.ceil(cfg.world_size * cfg.cpus_per_worker)) + 1
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)

@@ -118,7 +118,10 @@ def test_every_experiment_config_loads() -> None:
          "data.planning_mixture: mixture.kinds.demo: unknown entry 'qvalue'"),
         (["demos.source=dataset"], "demos.dataset: source 'dataset' needs a path"),
         (["env.name=libero"], "demos.source: the scripted expert exists for the built-in task 'lift' only"),
-        (["online.refine_policy=true"], "online.refine_policy: refining the policy during online rounds is not supported yet"),
+        (["online.refine_policy=maybe"], r"'maybe' is not a valid bool(.|\n)*full_key: online.refine_policy"),
+        (["online.refine_policy=true", "online.policy_refine_steps=0"], "online.policy_refine_steps: expected >= 1"),
+        (["data.policy_online_mixture={pools: {failure: 1.0}, kinds: {failure: {polcy: 1.0}}}"],
+         "data.policy_online_mixture: mixture.kinds.failure: unknown entry 'polcy'"),
         (["learner.cpus_per_worker=0"], "learner.cpus_per_worker: expected a number > 0"),
         (["logging.wandb=sometimes"], None),
     ],
@@ -293,9 +296,13 @@ def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
-    """SIGINT mid-run: a final learner checkpoint, exit 0; the same command again finishes the remaining rounds."""
+    """SIGINT mid-run: a final learner checkpoint, exit 0; the same command again finishes the remaining rounds.
+
+    With the policy refined too (online.refine_policy): both learners checkpoint and resume, and every
+    round's evaluation runs on the round's published policy and planning versions."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", *SMALL, "online.rounds=3"]
+    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", *SMALL, "online.rounds=3", "online.refine_policy=true",
+           "online.policy_refine_steps=2"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     out = []
     assert proc.stdout is not None
@@ -311,7 +318,15 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     state = json.loads((run_dir / "state.json").read_text())
     assert not state.get("finished") and state["round"] in (1, 2)
     assert (run_dir / "learner" / "planning_online" / "latest").is_file()
+    assert (run_dir / "learner" / "policy_online" / "latest").is_file()
     again = subprocess.run(cmd, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "(resuming)" in again.stdout
     _check_finished_run(run_dir, rounds=3)
+    # The policy's versions: 0 (offline) at round 0, then one more published version per round, each
+    # served before the round's evaluation (else wait_for_version fails the job); the latest exported.
+    policy_versions = [e["policy_version"] for e in _records(run_dir, "eval")]
+    assert policy_versions[0] == 0 and policy_versions[1:] == sorted(set(policy_versions[1:])) and policy_versions[1] >= 1, policy_versions
+    assert {r["phase"] for r in _records(run_dir, "learner")} >= {"policy_online"}
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["policy_version"] == policy_versions[-1] and (Path(state["policy_latest"]) / "manifest.json").is_file()

@@ -85,6 +85,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             "failure": {"world_model": 0.5, "value_sprime": 0.5},
         },
     },
+    # The policy refined on experience (``online.refine_policy``): action samples from the
+    # demonstrations and, in equal share, from the system's own successful episodes (the chunks
+    # it executed there); failures never teach the policy. Not in the paper, which keeps the acting
+    # policy fixed; the architecture's optional policy refinement.
+    "policy_experience": {
+        "pools": {"demo": 0.5, "success": 0.5},
+        "kinds": {"demo": {"policy": 1.0}, "success": {"policy": 1.0}},
+    },
     # The planning pools with a model-free, action-conditioned value Q(s, a) (the future state
     # masked) in place of V(s'): for ``planner.value_kind: q_value``.
     "planning_q": {
