@@ -158,7 +158,7 @@ class NormalizationStats:
         """Dataset units. A dimension the demonstrations never varied (std 0, e.g. the rotation of a
         scripted expert that never rotates) comes back as their constant: the model learned nothing
         there, and its sampling noise, scaled by the placeholder range of width 2, would otherwise
-        move the robot (up to 0.1 rad per step of rotation on the built-in task)."""
+        move the robot (rotation commands of about 0.1, i.e. 0.05 rad per step, on the built-in task)."""
         out = _scale(actions, self.actions_min, self.actions_max, "actions", forward=False)
         held = self.held_action_dims()
         if held.any():
