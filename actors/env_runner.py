@@ -28,6 +28,7 @@ import ray
 from actors.env import check_action, check_observation
 from actors.env_process import EnvConfig, EnvProcess, SimulatorCrashed
 from cosmos_policy.episode import Episode, ImageSequence, PlannerQuery, Source, encode_jpeg
+from cosmos_policy.errors import ConfigError
 from cosmos_policy.planner import Planner
 from cosmos_policy.policy import CosmosPolicy, Observation, PolicyOutput
 from replay.client import ReplayClient, table_for
@@ -80,8 +81,17 @@ class RunnerConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     execute: int = 16  # actions executed per query (the chunk K for LIBERO and ALOHA, 16 of RoboCasa's 32)
     plan: bool = False  # best-of-N planning at every query
+    # With ``plan``: plan only at the first N queries of an episode and act on the policy's own chunk
+    # after (None: every query). Where the outcome is decided early (the built-in task's approach,
+    # bench/planner_oracle.py), this spends the planner's compute there and keeps a judge that was
+    # trained on those decisions away from states it judges poorly.
+    plan_queries: int | None = None
     record: bool = True  # insert episodes into replay
     max_steps: int | None = None  # overrides the task's step limit (tests, quick runs)
+
+    def __post_init__(self) -> None:
+        if self.plan_queries is not None and (isinstance(self.plan_queries, bool) or not isinstance(self.plan_queries, int) or self.plan_queries < 1):
+            raise ConfigError(f"plan_queries: expected an integer >= 1 or None (every query), got {self.plan_queries!r}")
 
 
 @dataclass
@@ -118,8 +128,14 @@ class EpisodeRunner:
         return self.env.pid
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
-        """One episode; ``plan`` / ``record`` override the runner's config for it (evaluation: no recording)."""
+            plan: bool | None = None, record: bool | None = None, branch: int | None = None) -> EpisodeResult:
+        """One episode; ``plan`` / ``record`` override the runner's config for it (evaluation: no recording).
+
+        ``branch``: at the first query, execute the planner's candidate of this index instead of its
+        choice (later queries as configured). Episodes with the same seed and initial state and
+        every branch 0..N-1 show what each first chunk leads to from one state: the contrast a
+        value has to learn to rank candidates (``online.branch_first_query``).
+        """
         start = time.time()
         plan = self.config.plan if plan is None else plan
         record = self.config.record if record is None else record
@@ -138,13 +154,19 @@ class EpisodeRunner:
             queue: list[np.ndarray] = []
             for t in range(limit):
                 if not queue:
-                    out, query, versions = self.policy.query(obs, seed + 7919 * queries, plan)
+                    planned = plan and (self.config.plan_queries is None or queries < self.config.plan_queries)
+                    branching = branch is not None and queries == 0
+                    out, query, versions = self.policy.query(obs, seed + 7919 * queries, planned or branching)
                     queries += 1
-                    values.append(float(out.value))
+                    chunk = out.actions
+                    if branching:
+                        chunk = _branch_chunk(query, branch)
+                        query.chosen = int(branch)
+                    values.append(float(query.candidate_values[query.chosen]) if branching else float(out.value))
                     if query is not None:
                         query.step = t
                         planner.append(query)
-                    queue = list(out.actions[: self.config.execute])
+                    queue = list(chunk[: self.config.execute])
                 action = check_action(queue.pop(0), self.spec, where=where)  # a NaN action never reaches the env
                 recorder.add(obs, action)
                 result = self.env.step(action, render=not queue)
@@ -174,6 +196,16 @@ class EpisodeRunner:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _branch_chunk(query: PlannerQuery | None, branch: int) -> np.ndarray:
+    """Candidate ``branch`` of a planned first query, with errors that name what is missing."""
+    if query is None or query.candidate_actions is None:
+        raise ConfigError("branch: the policy client returned no planner candidates; branching needs a planning model")
+    n = len(query.candidate_actions)
+    if isinstance(branch, bool) or not 0 <= int(branch) < n:
+        raise ConfigError(f"branch: expected a candidate index in [0, {n}), got {branch!r}")
+    return query.candidate_actions[int(branch)]
 
 
 class _Recorder:
@@ -240,8 +272,8 @@ class EnvRunner:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
-        return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record)
+            plan: bool | None = None, record: bool | None = None, branch: int | None = None) -> EpisodeResult:
+        return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record, branch)
 
     def run_trial(self, task: str, seed: int, trial: int, plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
         """The evaluation protocol's trial: the task's ``trial``-th fixed initial state."""

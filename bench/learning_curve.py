@@ -53,7 +53,8 @@ def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str, initial_states: int
                       text_encoder=cfg.model.text_encoder)
     server = PolicyServer.options(num_cpus=1).remote(spec, cfg.server_config())
     kwargs = {**cfg.env.kwargs, "num_initial_states": initial_states}
-    runner_cfg = RunnerConfig(env=EnvConfig(cfg.env.name, kwargs), execute=cfg.env.execute, plan=plan, record=False, max_steps=cfg.env.max_steps)
+    runner_cfg = RunnerConfig(env=EnvConfig(cfg.env.name, kwargs), execute=cfg.env.execute, plan=plan, record=False, max_steps=cfg.env.max_steps,
+                              plan_queries=cfg.env.plan_queries)
     runners = [EnvRunner.options(num_cpus=1).remote(runner_cfg, server) for _ in range(cfg.online.runners)]
     try:
         start = time.time()

@@ -56,6 +56,7 @@ class EnvSection:
     tasks: list[str] | None = None  # None: every task of the environment
     execute: int = 16  # actions executed per query
     max_steps: int | None = None  # overrides the task's step limit
+    plan_queries: int | None = None  # with planning: plan at the first N queries of an episode only (None: every query)
 
 
 @dataclass
@@ -104,6 +105,11 @@ class OnlineSection:
     # has GPUs, e.g. a learner GPU plus N server GPUs on one host); EnvRunners are dealt to them in turn.
     servers: int = 1
     plan: bool = True  # collect with best-of-N planning
+    # Collect in branches: each initial state is played once per planner candidate, episode c
+    # executing candidate c at the first query (planner.candidate_noise widens them), so the replay
+    # holds what each first chunk leads to from the same state. episodes_per_round counts episodes
+    # and must be a multiple of planner.num_candidates.
+    branch_first_query: bool = False
     refine_steps: int = 300  # learner steps per round
     publish_every: int = 100  # learner steps between weight publications
     # Also refine the acting policy each round (after the planning model), on demonstrations plus the
@@ -162,11 +168,16 @@ class Experiment:
             (self.demos.dataset_format in ("episodes", "libero"), "demos.dataset_format", "episodes or libero", self.demos.dataset_format),
             (0 <= self.demos.expert_success_rate <= 1, "demos.expert_success_rate", "a value in [0, 1]", self.demos.expert_success_rate),
             (0 <= self.demos.validation_fraction < 1, "demos.validation_fraction", "a value in [0, 1)", self.demos.validation_fraction),
+            (self.env.plan_queries is None or (isinstance(self.env.plan_queries, int) and not isinstance(self.env.plan_queries, bool)
+                                               and self.env.plan_queries >= 1),
+             "env.plan_queries", "an integer >= 1 or null (plan at every query)", self.env.plan_queries),
             (self.online.rounds >= 0, "online.rounds", ">= 0", self.online.rounds),
             (self.online.runners >= 1, "online.runners", ">= 1", self.online.runners),
             (isinstance(self.online.servers, int) and 1 <= self.online.servers <= max(1, self.online.runners), "online.servers",
              "an integer from 1 to online.runners (a server without EnvRunners would idle)", self.online.servers),
             (self.online.episodes_per_round >= 1, "online.episodes_per_round", ">= 1", self.online.episodes_per_round),
+            (not self.online.branch_first_query or self.online.episodes_per_round % int(self.planner.get("num_candidates", 8)) == 0,
+             "online.episodes_per_round", "a multiple of planner.num_candidates with online.branch_first_query", self.online.episodes_per_round),
             (self.online.refine_steps >= 0, "online.refine_steps", ">= 0", self.online.refine_steps),
             (self.online.policy_lr is None or self.online.policy_lr > 0, "online.policy_lr", "a learning rate > 0 or null", self.online.policy_lr),
             (self.online.policy_refine_steps >= 1, "online.policy_refine_steps", ">= 1 (with online.refine_policy)", self.online.policy_refine_steps),

@@ -275,19 +275,31 @@ def train_planning(cfg: Experiment, run_dir: Path, monitor: Monitor, policy_ckpt
 
 
 # ---- phase 3: online rounds --------------------------------------------------------------------
-def collect(runners: list[Any], cfg: Experiment, tasks: list[str], round_: int, monitor: Monitor) -> list[EpisodeResult]:
-    """``episodes_per_round`` episodes with fresh seeds, spread over the runners as they come free."""
+def collection_jobs(cfg: Experiment, tasks: list[str], round_: int) -> list[tuple[str, int, int | None]]:
+    """A round's episodes as (task, seed, branch): fresh seeds per round; with ``online.branch_first_query``
+    each seed (one initial state) once per first-query candidate, else branch None (the planner chooses)."""
     from actors.envs.lift import episode_seed
 
-    jobs = [(tasks[i % len(tasks)], episode_seed(cfg.seed * 7919 + round_, i)) for i in range(cfg.online.episodes_per_round)]
+    n = cfg.online.episodes_per_round
+    if cfg.online.branch_first_query:
+        branches = cfg.planner_config().num_candidates
+        return [(tasks[i % len(tasks)], episode_seed(cfg.seed * 7919 + round_, i), c) for i in range(n // branches) for c in range(branches)]
+    return [(tasks[i % len(tasks)], episode_seed(cfg.seed * 7919 + round_, i), None) for i in range(n)]
+
+
+def collect(runners: list[Any], cfg: Experiment, tasks: list[str], round_: int, monitor: Monitor) -> list[EpisodeResult]:
+    """``episodes_per_round`` episodes with fresh seeds, spread over the runners as they come free (in branches
+    of every first-query candidate per seed with ``online.branch_first_query``)."""
+    jobs = collection_jobs(cfg, tasks, round_)
     pending: dict[Any, Any] = {}
     free = list(runners)
     results: list[EpisodeResult] = []
     while jobs or pending:
         while free and jobs:
             runner = free.pop()
-            task, seed = jobs.pop(0)
-            pending[runner.run.remote(task, seed, None, {"round": round_})] = runner
+            task, seed, branch = jobs.pop(0)
+            meta = {"round": round_, **({"branch": branch} if branch is not None else {})}
+            pending[runner.run.remote(task, seed, None, meta, None, None, branch)] = runner
         done, _ = ray.wait(list(pending), num_returns=1)
         free.append(pending.pop(done[0]))
         results.append(ray.get(done[0]))
@@ -339,7 +351,8 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     servers = [PolicyServer.options(num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server_config(), policy_version, version0)
                for _ in range(cfg.online.servers)]
     ray.get([s.set_registry.remote(registry) for s in servers])
-    runner_cfg = RunnerConfig(env=cfg.env_config(), execute=cfg.env.execute, plan=cfg.online.plan, record=True, max_steps=cfg.env.max_steps)
+    runner_cfg = RunnerConfig(env=cfg.env_config(), execute=cfg.env.execute, plan=cfg.online.plan, record=True, max_steps=cfg.env.max_steps,
+                              plan_queries=cfg.env.plan_queries)
     runners = [EnvRunner.options(num_cpus=1).remote(runner_cfg, servers[i % len(servers)], replay_cfg, replay_name)
                for i in range(cfg.online.runners)]
     tasks = cfg.env.tasks or ray.get(runners[0].tasks.remote())

@@ -19,7 +19,7 @@ from cosmos_policy.checkpoint import save_checkpoint  # noqa: E402
 from cosmos_policy.codec import NormalizationStats  # noqa: E402
 from cosmos_policy.config import load_model_config  # noqa: E402
 from cosmos_policy.data.episode_file import read_episode  # noqa: E402
-from cosmos_policy.errors import InputError  # noqa: E402
+from cosmos_policy.errors import ConfigError, InputError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
 from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
 from cosmos_policy.planner import PlannerConfig  # noqa: E402
@@ -92,6 +92,83 @@ def test_lift_episodes_land_in_replay_and_replay_exactly(tiny_policy_parts, tmp_
             nan_runner.run("lift", seed=0, initial_state=states[0])
         assert np.array_equal(nan_runner.env.get_state(), states[0]) or nan_runner.env.call("success") is False
         nan_runner.close()
+    finally:
+        runner.close()
+
+
+class PlanFlags:
+    """Wraps a real policy client and records, per query, whether the runner asked for planning."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.flags = inner, []
+
+    def query(self, observation, seed, plan):
+        self.flags.append(plan)
+        return self.inner.query(observation, seed, False)  # the tiny policy has no planner; the flag is what is tested
+
+
+def test_plan_queries_plans_only_the_first_queries(tiny_policy_parts):
+    client = PlanFlags(LocalPolicyClient(local_policy(tiny_policy_parts)))
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=1), client, None)
+    try:
+        result = runner.run("lift", seed=0, initial_state=runner.env.initial_states("lift")[0])
+        assert result.queries == 3 and client.flags == [True, False, False]
+        client.flags.clear()
+        runner.run("lift", seed=0, initial_state=runner.env.initial_states("lift")[0], plan=False)
+        assert client.flags == [False, False, False]  # never plans when planning is off
+    finally:
+        runner.close()
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ConfigError, match="plan_queries: expected an integer >= 1 or None"):
+            RunnerConfig(env=LIFT, plan=True, plan_queries=bad)
+    from launch.experiment import load_experiment
+
+    assert load_experiment("quickstart", ["env.plan_queries=2"]).env.plan_queries == 2
+    with pytest.raises(ConfigError, match="env.plan_queries"):
+        load_experiment("quickstart", ["env.plan_queries=0"])
+    assert load_experiment("quickstart", ["online.branch_first_query=true", "online.episodes_per_round=16"]).online.branch_first_query
+    with pytest.raises(ConfigError, match="online.episodes_per_round: expected a multiple of planner.num_candidates"):
+        load_experiment("quickstart", ["online.branch_first_query=true", "online.episodes_per_round=20"])
+    from launch.online import collection_jobs
+
+    cfg = load_experiment("quickstart", ["online.branch_first_query=true", "online.episodes_per_round=16"])
+    jobs = collection_jobs(cfg, ["lift"], round_=1)
+    assert [b for _, _, b in jobs] == list(range(8)) * 2  # every candidate of each state
+    assert len({s for _, s, _ in jobs[:8]}) == 1 and jobs[0][1] != jobs[8][1]  # one seed (state) per branch group
+    plain = collection_jobs(load_experiment("quickstart", ["online.episodes_per_round=16"]), ["lift"], round_=1)
+    assert len({s for _, s, _ in plain}) == 16 and {b for _, _, b in plain} == {None}
+    assert plain[0][1] == jobs[0][1] and collection_jobs(cfg, ["lift"], round_=2)[0][1] != jobs[0][1]  # fresh seeds per round
+
+
+def test_branches_execute_each_first_query_candidate(tiny_policy_parts, tmp_path):
+    """online.branch_first_query: episode c of one seed executes the planner's candidate c at the first
+    query, then acts as configured; the same seed gives the same state and the same candidates."""
+    from cosmos_policy.planner import Planner
+
+    model, _ = tiny_policy_parts
+    policy = local_policy(tiny_policy_parts)
+    planner = Planner(policy, model, PlannerConfig(num_candidates=3, future_steps=[1], value_steps=[1], candidate_noise=0.3))
+    replay = LocalReplay(ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16)))
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=False), LocalPolicyClient(policy, planner), replay)
+    try:
+        eps = []
+        for c in range(3):
+            result = runner.run("lift", seed=5, metadata={"branch": c}, branch=c)
+            table = "experience_success" if result.success else "experience_failure"
+            eps.append(read_episode(tmp_path / "replay" / table / f"{result.episode_id}.hdf5"))
+        cands = eps[0].planner[0].candidate_actions
+        for c, ep in enumerate(eps):
+            assert len(ep.planner) == 1 and ep.planner[0].chosen == c and ep.planner[0].step == 0  # only the first query is planned
+            assert np.allclose(ep.planner[0].candidate_actions, cands, atol=1e-6)  # the same candidates in every branch
+            assert np.allclose(ep.actions[:16], np.clip(cands[c][:16], -1, 1), atol=1e-5)  # candidate c was executed
+            assert np.array_equal(ep.proprio[0], eps[0].proprio[0]) and ep.metadata["branch"] == c
+        assert not np.allclose(eps[1].actions[:16], eps[2].actions[:16])  # the offsets make the branches differ
+        with pytest.raises(ConfigError, match=r"branch: expected a candidate index in \[0, 3\), got 3"):
+            runner.run("lift", seed=5, branch=3)
+        no_planner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), LocalPolicyClient(policy), None)
+        with pytest.raises(ValueError, match="plan: this runner has no planner"):
+            no_planner.run("lift", seed=5, branch=0)
+        no_planner.close()
     finally:
         runner.close()
 
