@@ -30,8 +30,18 @@ same candidates with the planning model of ``--planning``; figures:
                           judge scores the succeeding one higher (0.5: no better than chance)
 A judge can then be compared with another on the same labels without running online rounds.
 
+With ``--continuations K`` (K >= 2) each candidate is rolled out K times, the policy that finishes
+the episode drawing its samples from K different seed streams; this asks whether the outcome is
+decided by the first chunk at all (only then can any judge of that chunk pick well):
+    outcome_agreement     fraction of candidates whose K outcomes all agree
+    perfect_judge_success  a judge that knew each candidate's success rate over streams 1..K-1
+                          (ties to the policy's own candidate) picks; scored on stream 0, which
+                          it never saw: the most a judge of the first chunk could reach
+    policy_success        as above, on stream 0
+
     python bench/planner_oracle.py [--trials 0-19] [--queries 2] [override ...]   # e.g. planner.candidate_noise=0.1
     python bench/planner_oracle.py --label-first-query --planning checkpoints/planning_latest [override ...]
+    python bench/planner_oracle.py --label-first-query --continuations 3 planner.candidate_noise=0.1
 """
 
 from __future__ import annotations
@@ -85,8 +95,16 @@ def finish(env, policy, obs, chunk: np.ndarray, execute: int, seed: int, query: 
         chunk = policy.act(obs, seed=seed + QUERY_SEED * q).actions
 
 
-def label_first_query(env, policy, planner: Planner, states: list, trials: list[int], execute: int, seed: int) -> tuple[dict, list[dict]]:
-    """Every candidate of the first query rolled out (labels) beside the learned judge's scores of them."""
+CONTINUATION_SEED = 100003  # seed stream k of the finishing policy: episode seed + k * CONTINUATION_SEED
+
+
+def label_first_query(env, policy, planner: Planner, states: list, trials: list[int], execute: int, seed: int,
+                      continuations: int = 1) -> tuple[dict, list[dict]]:
+    """Every candidate of the first query rolled out (labels) beside the learned judge's scores of them.
+
+    ``outcomes`` (stream 0) are the labels; with ``continuations`` > 1 each candidate is also
+    finished from the same restored state with other seed streams (``streams``: candidate x stream).
+    """
     rows = []
     for trial in trials:
         obs = env.reset("lift", seed, states[trial])
@@ -95,15 +113,21 @@ def label_first_query(env, policy, planner: Planner, states: list, trials: list[
         plan = planner.plan(obs, seed=seed)  # the same candidates (same seeds and offsets), judged
         if not np.allclose(plan.candidate_actions, np.stack(cands), atol=1e-4):
             raise RuntimeError("the planner's candidates differ from the ones rolled out; the labels would not match")
-        outcomes = []
+        streams = []
         for chunk in cands:
-            env.reset("lift", seed, here)
-            outcomes.append(finish(env, policy, obs, chunk, execute, seed, 0))
+            row = []
+            for k in range(continuations):
+                env.reset("lift", seed, here)
+                row.append(finish(env, policy, obs, chunk, execute, seed + k * CONTINUATION_SEED, 0))
+            streams.append(row)
+        outcomes = [row[0] for row in streams]
         values = [float(v) for v in plan.candidate_values]
         pairs = [(values[i] > values[j]) + 0.5 * (values[i] == values[j])
                  for i in range(len(cands)) for j in range(len(cands)) if outcomes[i] and not outcomes[j]]
         rows.append({"trial": trial, "outcomes": outcomes, "values": [round(v, 4) for v in values], "chosen": plan.chosen,
                      "pair_wins": float(np.sum(pairs)) if pairs else None, "pairs": len(pairs)})
+        if continuations > 1:
+            rows[-1]["streams"] = streams
         print(json.dumps(rows[-1]), flush=True)
     n_pairs = sum(r["pairs"] for r in rows)
     figures = {
@@ -113,9 +137,27 @@ def label_first_query(env, policy, planner: Planner, states: list, trials: list[
         "candidate_success": float(np.mean([np.mean(r["outcomes"]) for r in rows])),
         "judge_pair_accuracy": (sum(r["pair_wins"] or 0.0 for r in rows) / n_pairs) if n_pairs else None,
         "pairs": n_pairs,
-        "rollouts": sum(len(r["outcomes"]) for r in rows),
+        "rollouts": sum(len(r["outcomes"]) for r in rows) * continuations,
     }
+    if continuations > 1:
+        figures.update(continuation_figures([r["streams"] for r in rows]))
     return figures, rows
+
+
+def continuation_figures(streams: list[list[list[bool]]]) -> dict[str, float]:
+    """Is the outcome decided by the first chunk? ``streams[state][candidate][k]``: the outcome with seed stream k.
+
+    The perfect judge ranks candidates by their success rate over streams 1..K-1 (ties go to the
+    lowest index, the policy's own candidate first) and is scored on stream 0, held out from it.
+    """
+    agree, picks = [], []
+    for state in streams:
+        outcomes = np.asarray(state, dtype=float)  # candidates x streams
+        agree.extend(bool(row.min() == row.max()) for row in outcomes)
+        picks.append(outcomes[int(np.argmax(outcomes[:, 1:].mean(axis=1))), 0])
+    return {"continuations": len(streams[0][0]), "outcome_agreement": float(np.mean(agree)),
+            "perfect_judge_success": float(np.mean(picks)),
+            "candidate_success_all_streams": float(np.mean([np.mean(s) for s in streams]))}
 
 
 def main() -> None:
@@ -125,6 +167,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the episode seed (evaluations use 0 and 1)")
     parser.add_argument("--queries", type=int, default=2, help="query points at which the oracle may switch candidates")
     parser.add_argument("--label-first-query", action="store_true", help="grade the learned judge on labelled first-query candidates")
+    parser.add_argument("--continuations", type=int, default=1,
+                        help="with --label-first-query: finish each candidate with this many seed streams of the policy")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_oracle.json"))
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. planner.candidate_noise=0.1")
     args = parser.parse_args()
@@ -142,7 +186,9 @@ def main() -> None:
     execute, seed = cfg.env.execute, args.seed
     rows, rollouts, start = [], 0, time.time()
     if args.label_first_query:
-        figures, rows = label_first_query(env, policy, planner, states, trials, execute, seed)
+        if args.continuations < 1:
+            raise SystemExit(f"--continuations: expected an integer >= 1, got {args.continuations}")
+        figures, rows = label_first_query(env, policy, planner, states, trials, execute, seed, args.continuations)
         env.close()
         figures.update({"episodes": len(rows), "seconds": round(time.time() - start, 1), "planner": cfg.to_dict()["planner"],
                         "policy_checkpoint": policy_ckpt, "planning_checkpoint": planning_ckpt,
