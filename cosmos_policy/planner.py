@@ -168,6 +168,7 @@ class Planner:
                                   [self.policy.config.action_steps] * len(cand_seeds), cand_seeds)
         if cfg.candidate_noise > 0:
             candidates = self._explore(candidates, cand_seeds, n)
+        candidates = self._as_executed(candidates)
         judge_seeds = [int(seeds[o]) for o in range(obs_count) for _ in range(n)] if cfg.common_judge_seeds else cand_seeds
         values, futures = self._judge(plan_cond[rep], candidates, text, judge_seeds)
         depth_values = [values]
@@ -218,6 +219,25 @@ class Planner:
         offsets = torch.stack([torch.randn(layout.action_dim, generator=torch.Generator().manual_seed(cand_seeds[r] + 30_000)) for r in rows])
         moved = (actions + self.config.candidate_noise * offsets.to(actions.device)[:, None, :]).clamp(-1.0, 1.0)
         out[rows, :, a] = tile_into_frame(moved.reshape(len(rows), -1), frame).to(out.dtype)
+        return out
+
+    def _as_executed(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Candidates as they will be executed, for the judge: action dimensions the demonstrations never
+        varied are executed as their constant (``NormalizationStats.unnormalize_actions``), so the judge
+        sees that constant there, as in every training sample, not the policy's sampling noise or an
+        exploration offset that the robot will never perform."""
+        stats = self.policy.stats
+        held = stats.held_action_dims()
+        if not held.any():
+            return candidates
+        layout, frame = self.policy.model.layout, self.policy.model.frame_shape
+        a = layout.action_index
+        actions = untile_from_frame(candidates[:, :, a].float(), layout.action_size).view(len(candidates), layout.action_chunk, layout.action_dim)
+        constant = stats.normalize_actions(torch.tensor(np.asarray(stats.actions_mean, dtype=np.float64)[None])).float()[0]
+        mask = torch.from_numpy(held).to(actions.device)
+        actions[:, :, mask] = constant.to(actions.device)[mask]
+        out = candidates.clone()
+        out[:, :, a] = tile_into_frame(actions.reshape(len(candidates), -1), frame).to(out.dtype)
         return out
 
     def _judge(self, cond: torch.Tensor, candidates: torch.Tensor, text: torch.Tensor, cand_seeds: list[int]) -> tuple[np.ndarray, torch.Tensor]:

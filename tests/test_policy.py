@@ -238,3 +238,21 @@ def test_candidate_noise_offsets_all_but_the_first_candidate(policy, planning_mo
         assert np.abs(delta).max() > 0.01 and np.allclose(delta[inside], np.broadcast_to(delta[0], delta.shape)[inside], atol=2e-3)
     with pytest.raises(ConfigError, match="planner.candidate_noise"):
         PlannerConfig(candidate_noise=-0.1)
+
+
+def test_the_judge_sees_held_action_dimensions_as_executed(tiny_model, planning_model, text):
+    """A dimension the demonstrations never varied is executed as their constant; the judge must see
+    that constant too (as in every training sample), not the policy's noise or an exploration offset."""
+    rng = np.random.default_rng(1)
+    actions = 100.0 + 10.0 * rng.random((200, 7))
+    actions[:, 3] = 7.0  # held: the scripted expert never rotates about this axis
+    held_stats = NormalizationStats.compute(actions, -5.0 + rng.random((200, 9)))
+    assert held_stats.held_action_dims().tolist() == [False, False, False, True, False, False, False]
+    policy = CosmosPolicy(tiny_model, held_stats, text, PolicyConfig(action_steps=3, return_latents=True))
+    control = ControlledValue(planning_model)
+    plan = Planner(policy, planning_model, PlannerConfig(num_candidates=4, future_steps=[1], value_steps=[1], candidate_noise=0.3,
+                                                         common_judge_seeds=True)).plan(observation(), seed=9)
+    control.handle.remove()
+    assert np.all(plan.candidate_actions[:, :, 3] == 7.0)  # executed as the constant
+    judged = held_stats.normalize_actions(torch.from_numpy(plan.candidate_actions).double())  # what the judge saw, if fixed
+    assert np.allclose(plan.member_values[:, 0], ((judged.mean(dim=(1, 2)) + 1) / 2).clamp(0, 1).numpy(), atol=2e-3)
