@@ -45,16 +45,15 @@ from cosmos_policy.checkpoint import save_checkpoint  # noqa: E402
 from cosmos_policy.codec import NormalizationStats  # noqa: E402
 from cosmos_policy.config import load_model_config  # noqa: E402
 from cosmos_policy.data.episode_file import read_episode, write_episode  # noqa: E402
-from cosmos_policy.data.samples import SampleBuilder  # noqa: E402
-from cosmos_policy.data.loader import collate  # noqa: E402
 from cosmos_policy.data.statistics import compute_statistics  # noqa: E402
 from cosmos_policy.episode import Episode  # noqa: E402
 from cosmos_policy.errors import ConfigError  # noqa: E402
-from cosmos_policy.layout import SampleKind, load_layout  # noqa: E402
+from cosmos_policy.layout import load_layout  # noqa: E402
 from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
-from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache  # noqa: E402
+from cosmos_policy.text import TextEmbeddingCache  # noqa: E402
 from launch.experiment import Experiment, load_experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
+from launch.offline import source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
 from launch.sources import EpisodeSource, ReplaySource  # noqa: E402
 from learner.group import LearnerGroup, PublishConfig  # noqa: E402
 
@@ -140,23 +139,6 @@ def read_dataset(cfg: Experiment) -> list[Episode]:
     return episodes
 
 
-def text_cache(cfg: Experiment, instructions: list[str], existing: TextEmbeddingCache | None = None) -> TextEmbeddingCache:
-    """Embeddings of every instruction the job will see (demonstrations and the environment's tasks)."""
-    cache = existing or TextEmbeddingCache()
-    missing = sorted({i for i in instructions if i not in cache})
-    if missing:
-        model_cfg = load_model_config(cfg.model.size)
-        if cfg.model.text_encoder == "random":
-            encoder: Any = RandomTextEncoder(model_cfg.text.embed_dim, model_cfg.text.max_length)
-        elif cfg.model.text_encoder:
-            encoder = T5TextEncoder(cfg.model.text_encoder, model_cfg.text.max_length)
-        else:
-            raise ConfigError(f"model.text_encoder: instructions {missing} have no embedding and no encoder is configured")
-        for text, emb in zip(missing, encoder.encode(missing)):
-            cache.add(text, emb)
-    return cache
-
-
 # ---- phase 2: offline training ---------------------------------------------------------------
 def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
             text: TextEmbeddingCache) -> tuple[str, str]:
@@ -166,11 +148,7 @@ def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, d
     if policy_ckpt is None:
         init = save_checkpoint(ckpt_dir / "init", CosmosPolicyModel.build(load_model_config(cfg.model.size), load_layout(cfg.model.layout),
                                                                           seed=cfg.seed), stats=stats, text=text)
-        successes = [e for e in demos if e.success]
-        rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(len(successes))
-        n_val = int(round(len(successes) * cfg.demos.validation_fraction)) if len(successes) > 4 else 0
-        val, train = [successes[i] for i in order[:n_val]], [successes[i] for i in order[n_val:]]
+        train, val = split_validation(cfg, demos)
         policy_ckpt = train_policy(cfg, run_dir, monitor, str(init), train, val, stats, text)
         state.set(policy_checkpoint=policy_ckpt)
     planning_ckpt = cfg.model.planning_checkpoint or state.get("planning_checkpoint")
@@ -178,11 +156,6 @@ def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, d
         planning_ckpt = train_planning(cfg, run_dir, monitor, policy_ckpt, demos, stats, text)
         state.set(planning_checkpoint=planning_ckpt)
     return str(policy_ckpt), str(planning_ckpt)
-
-
-def _source_kwargs(cfg: Experiment, stats: NormalizationStats, text: TextEmbeddingCache, batch: int) -> dict[str, Any]:
-    return dict(stats=stats, text=text, batch_size=batch, gamma=cfg.data.gamma, augmentation=cfg.augment_config(), seed=cfg.seed,
-                latent_cache=cfg.model.latent_cache)
 
 
 def _group(cfg: Experiment, learner_cfg: Any, source: Any, publish: PublishConfig | None = None) -> LearnerGroup:
@@ -212,17 +185,9 @@ def train_policy(cfg: Experiment, run_dir: Path, monitor: Monitor, init: str, tr
     """The policy on demonstrations alone, until the held-out loss stops improving (or the step budget)."""
     off = cfg.offline
     out = run_dir / "checkpoints" / "policy"
-    source = EpisodeSource(train, mixture=cfg.mixture("policy"), **_source_kwargs(cfg, stats, text, off.batch))
+    source = EpisodeSource(train, mixture=cfg.mixture("policy"), **source_kwargs(cfg, stats, text, off.batch))
     group = _group(cfg, cfg.learner_config(str(run_dir / "learner" / "policy_offline"), online=False, init_checkpoint=init), source)
-    val_batches = []
-    if val:
-        layout = load_layout(cfg.model.layout)
-        builder = SampleBuilder(layout, stats, image_size=load_model_config(cfg.model.size).image_size, gamma=cfg.data.gamma, augmentation=None)
-        rng = np.random.default_rng(12345)
-        steps = [(e, t) for e in val for t in e.sample_steps(layout.action_chunk)]
-        picks = rng.choice(len(steps), size=min(len(steps), 4 * off.batch), replace=False)
-        samples = [builder.build(steps[i][0], steps[i][1], SampleKind.POLICY, rng, pool="demo") for i in picks]
-        val_batches = [collate(samples[i:i + off.batch], text).model for i in range(0, len(samples), off.batch)]
+    val_batches = validation_batches(cfg, stats, text, val)
     best, bad, exported = float("inf"), 0, False
     try:
         while group.step() < off.policy_steps:
@@ -256,7 +221,7 @@ def train_planning(cfg: Experiment, run_dir: Path, monitor: Monitor, policy_ckpt
     """The planning model starts from the policy's weights and learns dynamics and values on the planning mixture."""
     out = run_dir / "checkpoints" / "planning"
     steps = cfg.offline.planning_steps
-    source = EpisodeSource(demos, mixture=cfg.mixture("planning"), **_source_kwargs(cfg, stats, text, cfg.offline.batch))
+    source = EpisodeSource(demos, mixture=cfg.mixture("planning"), **source_kwargs(cfg, stats, text, cfg.offline.batch))
     group = _group(cfg, cfg.learner_config(str(run_dir / "learner" / "planning_offline"), online=False, init_checkpoint=policy_ckpt,
                                            steps=max(1, steps)), source)
     try:
@@ -357,7 +322,7 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
                for i in range(cfg.online.runners)]
     tasks = cfg.env.tasks or ray.get(runners[0].tasks.remote())
     publish = PublishConfig(every=cfg.online.publish_every, target="planning", registry=registry)
-    source = ReplaySource(replay_cfg, replay_name, mixture=cfg.mixture("planning"), **_source_kwargs(cfg, stats, text, cfg.online.batch))
+    source = ReplaySource(replay_cfg, replay_name, mixture=cfg.mixture("planning"), **source_kwargs(cfg, stats, text, cfg.online.batch))
     group = _group(cfg, cfg.learner_config(str(run_dir / "learner" / "planning_online"), online=True, init_checkpoint=planning_ckpt), source,
                    publish)
     policy_group = policy_learner(cfg, run_dir, replay_cfg, replay_name, registry, stats, text, policy_ckpt) if cfg.online.refine_policy else None
@@ -434,7 +399,7 @@ def policy_learner(cfg: Experiment, run_dir: Path, replay_cfg: Any, replay_name:
     """The acting policy's own learner (``online.refine_policy``): a second engine beside the planning
     model's, from the policy's weights, on demonstrations plus successful experience, publishing
     the ``policy`` target. Its own checkpoint directory makes a restarted job resume it too."""
-    source = ReplaySource(replay_cfg, replay_name, mixture=cfg.mixture("policy_online"), **_source_kwargs(cfg, stats, text, cfg.online.batch))
+    source = ReplaySource(replay_cfg, replay_name, mixture=cfg.mixture("policy_online"), **source_kwargs(cfg, stats, text, cfg.online.batch))
     steps = cfg.online.policy_refine_steps * max(1, cfg.online.rounds)
     learner_cfg = cfg.learner_config(str(run_dir / "learner" / "policy_online"), online=True, init_checkpoint=policy_ckpt, steps=steps,
                                      lr=cfg.online.policy_lr)

@@ -310,6 +310,16 @@ class Learner:
             self.save()
         return metrics
 
+    def evaluate(self, batch: Any, seed: int = 0) -> float:
+        """The loss on ``batch`` (a Batch or a ModelBatch) with fixed noise, without training: held-out
+        validation, comparable between calls because the noise is seeded."""
+        model = self.model
+        model.denoiser.eval()
+        with torch.no_grad():
+            loss = model.training_loss(getattr(batch, "model", batch).to(self.device), torch.Generator().manual_seed(seed)).loss
+        model.denoiser.train()
+        return float(loss)
+
     def _prepare(self, index: int) -> tuple[Any, TrainingNoise]:
         """Micro-batch ``index`` from the source, checked, and its noise drawn (all pinned on GPUs): the
         host's share of a micro-step.

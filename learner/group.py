@@ -87,14 +87,7 @@ class LearnerWorker:
 
     def evaluate(self, batch, seed: int = 0) -> float:
         """The loss on ``batch`` with fixed noise, without training (for tests and validation)."""
-        import torch
-
-        model = self.learner.model
-        model.denoiser.eval()
-        with torch.no_grad():
-            loss = model.training_loss(getattr(batch, "model", batch), torch.Generator().manual_seed(seed)).loss  # a Batch or a ModelBatch
-        model.denoiser.train()
-        return float(loss)
+        return self.learner.evaluate(batch, seed)
 
 
 class LearnerGroup:
