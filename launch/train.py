@@ -1,0 +1,228 @@
+"""Train the policy or the planning model from episode files, without Ray (one process, or torchrun).
+
+The main job (launch/online.py) trains both through Ray learner groups. This is the same learner
+(DeepSpeed, the experiment's mixtures, sample builder and schedule) for work that needs no
+cluster: refining a planning model on experience collected earlier, training a larger judge on a
+GPU machine where Ray is not installed, or redoing a run's offline phase. Demonstrations and
+experience are read from episode files alike; each episode's pools come from its record (source
+and outcome), so the mixture draws from them as it would from replay.
+
+    python launch/train.py --config learning_curve --target planning \\
+        --init runs/learning_curve/checkpoints/policy --out runs/judge \\
+        --episodes 'runs/learning_curve/demos/*.hdf5' 'runs/learning_curve/replay/**/*.hdf5' \\
+        data.planning_mixture=planning_q
+    torchrun --nproc_per_node=2 launch/train.py ... learner.world_size=2   # one rank per GPU
+
+``--target policy`` holds out ``demos.validation_fraction`` of the successful demonstrations and
+stops when their loss stops improving (``offline.patience``), as the main job does; the best
+weights are exported. Without ``--init`` the model starts from ``model.size``'s random weights and
+the normalization statistics come from the demonstrations given. The learner checkpoints into
+``<out>/learner/<target>`` when stopped (Ctrl-C, SIGTERM) and a second run with the same ``--out``
+resumes there; the result is ``<out>/checkpoints/<target>``, metrics go to ``<out>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from cosmos_policy.checkpoint import load_checkpoint  # noqa: E402
+from cosmos_policy.codec import NormalizationStats  # noqa: E402
+from cosmos_policy.data.episode_file import read_episode  # noqa: E402
+from cosmos_policy.data.statistics import compute_statistics  # noqa: E402
+from cosmos_policy.episode import Episode, ImageSequence, Source  # noqa: E402
+from cosmos_policy.errors import ConfigError  # noqa: E402
+from cosmos_policy.layout import load_layout  # noqa: E402
+from launch.experiment import Experiment, load_experiment  # noqa: E402
+from launch.monitor import Monitor, say  # noqa: E402
+from launch.offline import source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
+from launch.sources import EpisodeSource  # noqa: E402
+
+TARGETS = ("policy", "planning")
+
+
+class Stopped(Exception):
+    """A signal asked the trainer to stop; the learner state was saved for a resume."""
+
+
+def episode_files(patterns: list[str]) -> list[Path]:
+    """The episode files the patterns name (globs, ``**`` recursive; directories mean every file under them)."""
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            files += sorted(path.rglob("*.hdf5"))
+            continue
+        matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        if not matched:
+            raise ConfigError(f"--episodes: {pattern!r} matches no file")
+        files += matched
+    if not files:
+        raise ConfigError("--episodes: expected episode files (globs or directories), got none")
+    return list(dict.fromkeys(files))
+
+
+def _distributed_env() -> None:
+    """One process without torchrun: rank 0 of 1 on a free loopback port (torchrun sets these itself)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def first_query_only(episode: Episode, chunk: int) -> Episode:
+    """The episode with frames at its first query (step 0) and that sample's future step alone, so that
+    every training sample it gives starts at step 0: the branch point of ``online.branch_first_query``
+    collection, where a state's episodes differ only by the chunk executed there."""
+    keep = {0, min(chunk, episode.num_steps - 1)}
+    images = {c: ImageSequence([j if t in keep else b"" for t, j in enumerate(seq.jpegs)], origin=seq.origin)
+              for c, seq in episode.images.items()}
+    return dataclasses.replace(episode, images=images)
+
+
+def statistics(init: str | None, episodes: list[Episode]) -> NormalizationStats:
+    """The initial checkpoint's statistics (the model was trained in those units), else the demonstrations'."""
+    if init:
+        stats = load_checkpoint(init).stats
+        if stats is not None:
+            return stats
+    demos = [e for e in episodes if e.source is Source.DEMO]
+    if not demos:
+        raise ConfigError("--episodes: no demonstrations among them to compute normalization statistics from "
+                          "(or pass --init with a checkpoint that holds statistics)")
+    return compute_statistics(demos)
+
+
+def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init: str | None = None, steps: int | None = None,
+          lr: float | None = None, stopping: dict[str, bool] | None = None, first_query: bool = False) -> Path:
+    """Train ``target`` on ``episodes`` and export it to ``<out>/checkpoints/<target>``; returns that path.
+
+    ``first_query``: experience (not demonstrations) gives samples at its first query only.
+    """
+    from learner.engine import Learner  # DeepSpeed: imported when training, not for --help
+
+    if target not in TARGETS:
+        raise ConfigError(f"--target: expected one of {TARGETS}, got {target!r}")
+    stopping = stopping if stopping is not None else {"stop": False}
+    off = cfg.offline
+    steps = steps or (off.policy_steps if target == "policy" else off.planning_steps)
+    stats = statistics(init, episodes)
+    if first_query:
+        chunk = load_layout(cfg.model.layout).action_chunk
+        episodes = [e if e.source is Source.DEMO else first_query_only(e, chunk) for e in episodes]
+    text = text_cache(cfg, [e.instruction for e in episodes])
+    train_eps, val = episodes, []
+    if target == "policy":  # held out: demonstrations only; experience stays for the mixture to draw from
+        demos, val = split_validation(cfg, [e for e in episodes if e.source is Source.DEMO])
+        train_eps = demos + [e for e in episodes if e.source is not Source.DEMO]
+    if not train_eps:
+        raise ConfigError(f"--episodes: no episodes to train the {target} on (the policy learns from successful demonstrations)")
+    source = EpisodeSource(train_eps, mixture=cfg.mixture(target), **source_kwargs(cfg, stats, text, off.batch))
+    _distributed_env()
+    learner = Learner(cfg.learner_config(str(out / "learner" / target), online=False, init_checkpoint=init, steps=steps, lr=lr), source)
+    # A fresh model (no --init) carries no statistics or instruction embeddings: the export needs both.
+    learner.stats = learner.stats or stats
+    learner.text = learner.text or text
+    resumed = learner.resume()
+    rank0 = learner.rank == 0
+    # Rank 0 reports; the others keep their own file (a shared metrics.jsonl would interleave lines).
+    monitor = Monitor(out if rank0 else out / f"rank{learner.rank}", cfg.to_dict(), cfg.logging.wandb if rank0 else "disabled",
+                      cfg.logging.project, cfg.logging.entity, cfg.name)
+    ckpt = out / "checkpoints" / target
+    val_batches = validation_batches(cfg, stats, text, val)
+    every = off.validate_every if val_batches else max(1, min(100, steps))
+    best, bad, exported, start = float("inf"), 0, False, time.time()
+    if rank0:
+        say(f"{target}: {len(train_eps)} episodes, {len(val)} held out, {steps} steps" + (f", resuming at step {learner.step}" if resumed else ""))
+    try:
+        while learner.step < steps:
+            rows: list[dict[str, float]] = []
+            for _ in range(min(every, steps - learner.step)):
+                rows.append(learner.train_step())
+                if stopping["stop"]:
+                    learner.save()
+                    raise Stopped()
+            avg = {k: float(np.nanmean([r[k] for r in rows if r.get(k) is not None])) for k in rows[-1]}
+            avg["step"] = rows[-1]["step"]
+            monitor.log("learner", {"phase": f"{target}_train", **{("learner/step" if k == "step" else k): v for k, v in avg.items()},
+                                    "samples_per_s": learner.samples / max(time.time() - start, 1e-9)})
+            if rank0:
+                monitor.progress(f"{target} training", learner.step, steps, f"loss {avg['loss']:.3f}")
+            if not val_batches:
+                continue
+            loss = float(np.mean([learner.evaluate(b, seed=i) for i, b in enumerate(val_batches)]))
+            monitor.log("validation", {"phase": f"{target}_train", "learner/step": learner.step, "val_loss": loss, "best": min(best, loss)})
+            if loss < best - 1e-4:
+                best, bad, exported = loss, 0, True
+                learner.export(ckpt)
+            else:
+                bad += 1
+                if bad >= off.patience:
+                    if rank0:
+                        say(f"{target}: held-out loss stopped improving at {best:.4f}; stopping at step {learner.step}")
+                    break
+        if not exported:
+            learner.export(ckpt)
+        learner.save()  # a later run with more --steps continues from here
+    finally:
+        monitor.close()
+    return ckpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Overrides are dotted keys of configs/experiment/*.yaml, e.g. model.size=small offline.batch=64")
+    parser.add_argument("--config", default="quickstart", help="configs/experiment/<name>.yaml or a YAML path")
+    parser.add_argument("--target", required=True, choices=TARGETS, help="which model: the policy or the planning model")
+    parser.add_argument("--episodes", nargs="+", required=True, help="episode files: globs (** recursive) or directories")
+    parser.add_argument("--out", required=True, help="output directory: checkpoints/<target>, learner/<target>, metrics.jsonl")
+    parser.add_argument("--init", default=None, help="a checkpoint to start from (the planning model starts from the policy's)")
+    parser.add_argument("--steps", type=int, default=None, help="learner steps (default: offline.policy_steps or offline.planning_steps)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: offline.lr)")
+    parser.add_argument("--first-query-only", action="store_true",
+                        help="experience gives samples at its first query only (branching collection's branch point)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps: expected a positive number of learner steps, got {args.steps}")
+    cfg = load_experiment(args.config, args.overrides)
+    episodes = [read_episode(p) for p in episode_files(args.episodes)]
+    stopping = {"stop": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stopping["stop"]:
+            raise KeyboardInterrupt
+        stopping["stop"] = True
+        say(f"signal {signum}: saving the learner after this step (again to abort)")
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    try:
+        path = train(cfg, args.target, episodes, Path(args.out), init=args.init, steps=args.steps, lr=args.lr, stopping=stopping,
+                     first_query=args.first_query_only)
+    except Stopped:
+        if os.environ.get("RANK", "0") == "0":
+            say(f"stopped; run again with --out {args.out} to resume")
+        sys.exit(130)
+    if os.environ.get("RANK", "0") == "0":
+        say(f"checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    main()
