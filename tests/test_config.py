@@ -33,6 +33,16 @@ def test_tiny_builds_fast_and_round_trips_as_data():
     assert model_config_from_dict(model_config_to_dict(cfg)) == cfg
 
 
+@pytest.mark.parametrize("size, params", [("small", 1_143_000), ("medium", 9_390_000)])
+def test_small_and_medium_share_the_tiny_models_shapes(size, params):
+    """Same image size, latent frame and text embedding as each other (a medium judge can plan for a small policy)."""
+    cfg = load_model_config(size)
+    assert cfg.latent_frame_shape == load_model_config("small").latent_frame_shape
+    assert cfg.text.embed_dim == load_model_config("small").text.embed_dim
+    with torch.device("meta"):
+        assert abs(sum(p.numel() for p in build_network(cfg).parameters()) - params) / params < 0.01
+
+
 def test_overrides():
     cfg = load_model_config("tiny", ["sampler.steps=10", "sampler.solver=euler"])
     assert cfg.sampler.steps == 10 and cfg.sampler.solver == "euler"
@@ -59,5 +69,5 @@ def test_invalid_configs_name_the_field(overrides, message):
 
 
 def test_unknown_size_lists_known_ones():
-    with pytest.raises(ConfigError, match=r"known: \['2b', 'small', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"known: \['2b', 'medium', 'small', 'tiny'\]"):
         load_model_config("7b")
