@@ -28,7 +28,11 @@ same candidates with the planning model of ``--planning``; figures:
     candidate_success     the mean outcome over all candidates
     judge_pair_accuracy   over candidate pairs of one state with different outcomes: how often the
                           judge scores the succeeding one higher (0.5: no better than chance)
-A judge can then be compared with another on the same labels without running online rounds.
+A judge can then be compared with another on the same labels without running online rounds:
+``--grade-stored KEY`` reads the rows that such a run stored under KEY in --out (the candidates'
+outcomes, the majority over streams where there are several) and grades the judge of --planning on
+them, with no rollouts (the policy must be the labelling run's, so that the candidates are the same);
+figures printed: judge_pair_accuracy, pairs, judge_success, policy_success, oracle_success.
 
 With ``--continuations K`` (K >= 2) each candidate is rolled out K times, the policy that finishes
 the episode drawing its samples from K different seed streams; this asks whether the outcome is
@@ -93,6 +97,14 @@ def finish(env, policy, obs, chunk: np.ndarray, execute: int, seed: int, query: 
         obs = r.observation
         q += 1
         chunk = policy.act(obs, seed=seed + QUERY_SEED * q).actions
+
+
+def _weights_digest(checkpoint: str) -> str | None:
+    """The denoiser's SHA-256 from a checkpoint's manifest (None where the checkpoint is not on this machine)."""
+    manifest = Path(checkpoint) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("files", {}).get("denoiser.safetensors")
 
 
 CONTINUATION_SEED = 100003  # seed stream k of the finishing policy: episode seed + k * CONTINUATION_SEED
@@ -160,6 +172,23 @@ def continuation_figures(streams: list[list[list[bool]]]) -> dict[str, float]:
             "candidate_success_all_streams": float(np.mean([np.mean(s) for s in streams]))}
 
 
+def grade_stored(env, planner: Planner, states: list, rows: list[dict], seed: int) -> dict:
+    """The judge's pair accuracy and pick on labels stored by an earlier ``--label-first-query`` run."""
+    wins = pairs = 0.0
+    picks, own, oracle = [], [], []
+    for row in rows:
+        labels = [float(np.mean(s)) > 0.5 for s in row["streams"]] if "streams" in row else [bool(o) for o in row["outcomes"]]
+        values = [float(v) for v in planner.plan(env.reset("lift", seed, states[row["trial"]]), seed=seed).candidate_values]
+        for i, j in ((i, j) for i in range(len(labels)) for j in range(len(labels)) if labels[i] and not labels[j]):
+            pairs += 1
+            wins += (values[i] > values[j]) + 0.5 * (values[i] == values[j])
+        picks.append(labels[int(np.argmax(values))])
+        own.append(labels[0])
+        oracle.append(any(labels))
+    return {"judge_pair_accuracy": wins / pairs if pairs else None, "pairs": int(pairs), "judge_success": float(np.mean(picks)),
+            "policy_success": float(np.mean(own)), "oracle_success": float(np.mean(oracle)), "episodes": len(rows)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, "checkpoints/planning", "the judge graded by --label-first-query; else only its layout is used")
@@ -169,10 +198,29 @@ def main() -> None:
     parser.add_argument("--label-first-query", action="store_true", help="grade the learned judge on labelled first-query candidates")
     parser.add_argument("--continuations", type=int, default=1,
                         help="with --label-first-query: finish each candidate with this many seed streams of the policy")
+    parser.add_argument("--grade-stored", metavar="KEY", default=None,
+                        help="grade the judge of --planning on the labels stored under KEY in --out (no rollouts, nothing written)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_oracle.json"))
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. planner.candidate_noise=0.1")
     args = parser.parse_args()
     cfg, policy, planner, policy_ckpt, planning_ckpt = load(args, args.overrides)
+    if args.grade_stored:
+        stored = json.loads(Path(args.out).read_text()).get(args.grade_stored)
+        if not stored or "rows" not in stored:
+            raise SystemExit(f"--grade-stored: {args.out} has no labelled rows under {args.grade_stored!r}")
+        mine, theirs = _weights_digest(policy_ckpt), _weights_digest(stored["policy_checkpoint"])
+        if mine and theirs and mine != theirs:
+            raise SystemExit(f"--policy: {policy_ckpt} is not the labelling run's policy ({stored['policy_checkpoint']}); "
+                             "its candidates would differ from the labelled ones")
+        from actors.envs.lift import LiftEnv
+
+        kwargs = dict(cfg.env.kwargs)
+        env = LiftEnv(image_size=int(kwargs.get("image_size", 64)), max_steps=int(kwargs.get("max_steps", 100)),
+                      num_initial_states=max(r["trial"] for r in stored["rows"]) + 1)
+        figures = grade_stored(env, planner, env.initial_states("lift"), stored["rows"], args.seed)
+        env.close()
+        print(json.dumps({"labels": args.grade_stored, "planning_checkpoint": planning_ckpt, **figures}), flush=True)
+        return
     if "-" in args.trials:
         a, b = (int(x) for x in args.trials.split("-"))
         trials = list(range(a, b + 1))
