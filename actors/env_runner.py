@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import ray
+
+try:
+    import ray
+except ImportError:  # optional where only the Ray-free parts run (e.g. a GPU machine without the Ray wheel)
+    ray = None
 
 from actors.env import check_action, check_observation
 from actors.env_process import EnvConfig, EnvProcess, SimulatorCrashed
@@ -252,7 +256,6 @@ def policy_client(policy: Any) -> PolicyClient:
     return policy
 
 
-@ray.remote(max_restarts=-1)
 class EnvRunner:
     """A Ray actor running episodes of one environment with a policy in the loop.
 
@@ -289,3 +292,7 @@ class EnvRunner:
 
     def crashes(self) -> int:
         return self.runner.crashes
+
+
+if ray is not None:  # the Ray actor; without Ray, EpisodeRunner runs the same episodes in-process
+    EnvRunner = ray.remote(max_restarts=-1)(EnvRunner)

@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import ray
+try:
+    import ray
+except ImportError:  # optional where only the Ray-free parts run (e.g. a GPU machine without the Ray wheel)
+    ray = None
 import torch
 
 from cosmos_policy.checkpoint import load_checkpoint
@@ -192,7 +195,6 @@ class PolicySpec:
         return policy, planner
 
 
-@ray.remote
 class PolicyServer:
     """Ray actor serving one policy (and optionally a planner) to many EnvRunners.
 
@@ -250,3 +252,7 @@ class PolicyServer:
 
     async def stats(self) -> dict[str, float]:
         return dict(self.server.stats)
+
+
+if ray is not None:  # the Ray actor; without Ray, BatchingServer and PolicySpec serve in-process
+    PolicyServer = ray.remote(PolicyServer)
