@@ -1,0 +1,177 @@
+"""Collect episodes with a policy (and planner) into episode files, without Ray: worker processes on one host.
+
+The main job collects through Ray EnvRunners into the replay service. This runs the same
+``EpisodeRunner`` (the same query seeds, rendering, recording and branching) in plain worker
+processes and writes each episode as a file under ``<out>/<table>/`` (experience_success,
+experience_failure), where launch/train.py reads it. It is the Ray-free half of the offline
+loop (collect, train, evaluate) for a machine without Ray or a cluster, e.g. a GPU host:
+
+    python launch/collect.py --config learning_curve --policy runs/learning_curve/checkpoints/policy \\
+        --planning runs/learning_curve/checkpoints/planning --trials 200-259 --branch-first-query \\
+        --workers 2 --out runs/branches planner.candidate_noise=0.1 planner.common_judge_seeds=true
+
+Trials are the task's fixed initial states (the evaluation protocol's); ``--branch-first-query``
+plays each once per planner candidate, episode c executing candidate c at the first query
+(``online.branch_first_query``). ``<out>/collect.jsonl`` gets one line per finished episode; a
+rerun with the same ``--out`` skips what it lists, so a stopped collection loses nothing it
+reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from cosmos_policy.errors import ConfigError  # noqa: E402
+from launch.experiment import Experiment, load_experiment  # noqa: E402
+from launch.monitor import say  # noqa: E402
+
+_WORKER: dict[str, Any] = {}  # each worker process's runner, built once by _start
+
+
+def parse_trials(text: str) -> list[int]:
+    """``a-b`` (inclusive) or a comma list of fixed initial-state indices."""
+    span = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    try:
+        trials = list(range(int(span[1]), int(span[2]) + 1)) if span else [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--trials: expected a range a-b or a comma list of integers, got {text!r}") from None
+    if not trials or min(trials) < 0:
+        raise ConfigError(f"--trials: expected non-negative initial-state indices (a-b with a <= b, or a comma list), got {text!r}")
+    return trials
+
+
+def env_kwargs(cfg: Experiment, trials: list[int]) -> dict[str, Any]:
+    """The environment's settings; the built-in task gets enough fixed initial states for every trial."""
+    kwargs = dict(cfg.env.kwargs)
+    if cfg.env.name == "lift":
+        kwargs["num_initial_states"] = max(int(kwargs.get("num_initial_states", 0)), max(trials) + 1)
+    return kwargs
+
+
+def jobs(trials: list[int], branches: int | None, done: set[tuple[int, int | None]]) -> list[tuple[int, int | None]]:
+    """(trial, branch) pairs still to play: every branch of each trial, or the trial once (branch None)."""
+    todo = [(t, b) for t in trials for b in (range(branches) if branches else [None])]
+    return [j for j in todo if j not in done]
+
+
+def _start(config_path: str, policy: str, planning: str | None, trials: list[int], threads: int) -> None:
+    import torch
+
+    from actors.env_process import EnvConfig
+    from actors.env_runner import EpisodeRunner, LocalPolicyClient, RunnerConfig
+    from actors.policy_server import PolicySpec
+
+    torch.set_num_threads(threads)
+    cfg = load_experiment(config_path, [])
+    spec = PolicySpec(checkpoint=policy, planning_checkpoint=planning, policy=cfg.policy_config(), planner=cfg.planner_config(),
+                      text_encoder=cfg.model.text_encoder)
+    built, planner = spec.build()
+    config = RunnerConfig(env=EnvConfig(cfg.env.name, env_kwargs(cfg, trials)), execute=cfg.env.execute, plan=cfg.online.plan,
+                          plan_queries=cfg.env.plan_queries, max_steps=cfg.env.max_steps)
+    _WORKER["runner"] = EpisodeRunner(config, LocalPolicyClient(built, planner), _Files(Path(config_path).parent))
+    _WORKER["task"] = cfg.env.tasks[0] if cfg.env.tasks else _WORKER["runner"].env.tasks()[0]
+
+
+class _Files:
+    """The runner's replay client: each inserted episode becomes a file under ``<out>/<table>/``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.last: str | None = None
+
+    def insert(self, table: str, episode: Any, priority: float | list[float] = 1.0, timeout: float | None = None) -> str:
+        from cosmos_policy.data.episode_file import episode_file_name, write_episode
+
+        path = self.out / table / episode_file_name(episode)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_episode(path, episode)
+        self.last = str(path.relative_to(self.out))
+        return episode.episode_id
+
+
+def _play(trial: int, branch: int | None, seed: int) -> dict[str, Any]:
+    runner, task = _WORKER["runner"], _WORKER["task"]
+    states = runner.env.initial_states(task)
+    state = states[trial % len(states)] if states else None
+    runner.replay.last = None
+    result = runner.run(task, seed, state, {"trial": trial, **({"branch_of": trial, "candidate": branch} if branch is not None else {})},
+                        branch=branch)
+    return {"trial": trial, "branch": branch, "success": result.success, "steps": result.steps, "interrupted": result.interrupted,
+            "file": runner.replay.last, "wall_s": round(result.wall_s, 2)}
+
+
+def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int], out: Path, seed: int = 0, branch: bool = False,
+            workers: int = 1) -> list[dict[str, Any]]:
+    """Play the trials (each branch of each, with ``branch``) in ``workers`` processes; returns this run's rows."""
+    if branch and not planning:
+        raise ConfigError("--branch-first-query: needs --planning (the planner makes the first query's candidates)")
+    if cfg.online.plan and not planning:
+        raise ConfigError("online.plan: collecting with planning needs --planning (or online.plan=false)")
+    if workers < 1:
+        raise ConfigError(f"--workers: expected a positive number of processes, got {workers}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "collect.jsonl"
+    done = set()
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that episode is played again
+            done.add((row["trial"], row["branch"]))
+    todo = jobs(trials, cfg.planner_config().num_candidates if branch else None, done)
+    say(f"collect: {len(todo)} episodes to play ({len(done)} already in {log}), {workers} workers")
+    rows: list[dict[str, Any]] = []
+    start = time.time()
+    config_path = out / "config.yaml"  # what the workers load: this run's resolved experiment
+    OmegaConf.save(OmegaConf.create(cfg.to_dict()), config_path)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, initializer=_start, initargs=(str(config_path), policy, planning, trials, threads)) as pool, \
+            log.open("a", buffering=1) as f:
+        futures = [pool.submit(_play, t, b, seed) for t, b in todo]
+        for fut in as_completed(futures):
+            row = fut.result()
+            f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            if len(rows) % max(1, len(todo) // 20) == 0 or len(rows) == len(todo):
+                rate = sum(r["success"] for r in rows) / len(rows)
+                say(f"collect: {len(rows)}/{len(todo)} episodes, success {rate:.1%}, {time.time() - start:.0f} s")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Overrides are dotted keys of configs/experiment/*.yaml, e.g. planner.candidate_noise=0.1")
+    parser.add_argument("--config", default="quickstart", help="configs/experiment/<name>.yaml or a YAML path")
+    parser.add_argument("--policy", required=True, help="the acting policy's checkpoint")
+    parser.add_argument("--planning", default=None, help="the planning model's checkpoint (planning or branching)")
+    parser.add_argument("--trials", required=True, help="fixed initial states: a range a-b or a comma list")
+    parser.add_argument("--seed", type=int, default=0, help="the episode seed")
+    parser.add_argument("--branch-first-query", action="store_true", help="play each trial once per planner candidate")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (each with its own simulator)")
+    parser.add_argument("--out", required=True, help="output directory: <table>/*.hdf5 and collect.jsonl")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_experiment(args.config, args.overrides)
+    rows = collect(cfg, args.policy, args.planning, parse_trials(args.trials), Path(args.out), seed=args.seed,
+                   branch=args.branch_first_query, workers=args.workers)
+    if rows:
+        say(f"collected {len(rows)} episodes, success {sum(r['success'] for r in rows) / len(rows):.1%}: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""launch/collect.py: episodes from a policy and planner written as files by worker processes, without Ray.
+
+Real built-in task (robosuite Lift), the tiny model with random weights (the mechanics, not the
+skill, are under test): branching at the first query, the files and their log, a rerun that
+skips what was done, bad inputs, and the Ray-free entry points importing where Ray is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("robosuite")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from actors.envs.lift import INSTRUCTION, make_demonstrations  # noqa: E402
+from cosmos_policy.checkpoint import save_checkpoint  # noqa: E402
+from cosmos_policy.config import load_model_config  # noqa: E402
+from cosmos_policy.data.episode_file import read_episode  # noqa: E402
+from cosmos_policy.data.statistics import compute_statistics  # noqa: E402
+from cosmos_policy.errors import ConfigError  # noqa: E402
+from cosmos_policy.layout import load_layout  # noqa: E402
+from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
+from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache  # noqa: E402
+from launch.collect import collect, parse_trials  # noqa: E402
+from launch.experiment import load_experiment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERRIDES = ["env.max_steps=12", "env.execute=4", "planner.num_candidates=2", "planner.candidate_noise=0.1", "online.plan=false",
+             "logging.wandb=disabled"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model (random weights) with real statistics and the task's instruction embedded."""
+    out = tmp_path_factory.mktemp("ckpt") / "policy"
+    cfg = load_model_config("tiny")
+    stats = compute_statistics(make_demonstrations(2, 1.0, seed=1, image_size=cfg.image_size, max_steps=60))
+    text = TextEmbeddingCache()
+    text.add(INSTRUCTION, RandomTextEncoder(cfg.text.embed_dim, cfg.text.max_length).encode([INSTRUCTION])[0])
+    save_checkpoint(out, CosmosPolicyModel.build(cfg, load_layout("libero"), seed=0), stats=stats, text=text)
+    return out
+
+
+@pytest.mark.slow
+def test_branches_are_written_as_files_and_a_rerun_skips_them(checkpoint: Path, tmp_path: Path) -> None:
+    cfg = load_experiment("quickstart", OVERRIDES)
+    out = tmp_path / "col"
+    rows = collect(cfg, str(checkpoint), str(checkpoint), [3], out, seed=5, branch=True, workers=1)
+    assert sorted(r["branch"] for r in rows) == [0, 1] and all(r["trial"] == 3 and not r["interrupted"] for r in rows)
+    logged = [json.loads(line) for line in (out / "collect.jsonl").read_text().splitlines()]
+    assert sorted(r["branch"] for r in logged) == [0, 1]
+    episodes = {r["branch"]: read_episode(out / r["file"]) for r in rows}
+    assert all(out.joinpath(r["file"]).parent.name == ("experience_success" if r["success"] else "experience_failure") for r in rows)
+    first = {b: ep.planner[0] for b, ep in episodes.items()}
+    # One state, one seed, the same candidates; branch c executed candidate c at the first query.
+    assert np.array_equal(episodes[0].initial_state, episodes[1].initial_state)
+    assert np.allclose(first[0].candidate_actions, first[1].candidate_actions)
+    for b, ep in episodes.items():
+        assert ep.metadata["branch_of"] == 3 and ep.metadata["candidate"] == b and first[b].chosen == b
+        assert np.allclose(ep.actions[:4], first[b].candidate_actions[b][:4], atol=1e-5)
+    assert not np.allclose(episodes[0].actions[:4], episodes[1].actions[:4])
+    # A rerun plays nothing that was logged.
+    assert collect(cfg, str(checkpoint), str(checkpoint), [3], out, seed=5, branch=True, workers=1) == []
+    assert len((out / "collect.jsonl").read_text().splitlines()) == 2
+
+
+def test_bad_inputs_name_the_argument(checkpoint: Path, tmp_path: Path) -> None:
+    cfg = load_experiment("quickstart", OVERRIDES)
+    with pytest.raises(ConfigError, match="--trials: expected a range"):
+        parse_trials("a-b")
+    with pytest.raises(ConfigError, match="--trials: expected non-negative"):
+        parse_trials("3,-1")
+    assert parse_trials("2-4") == [2, 3, 4] and parse_trials("7,1") == [7, 1]
+    with pytest.raises(ConfigError, match="--branch-first-query: needs --planning"):
+        collect(cfg, str(checkpoint), None, [0], tmp_path / "o", branch=True)
+    with pytest.raises(ConfigError, match="online.plan: collecting with planning needs --planning"):
+        collect(load_experiment("quickstart", [*OVERRIDES, "online.plan=true"]), str(checkpoint), None, [0], tmp_path / "o")
+    with pytest.raises(ConfigError, match="--workers: expected a positive"):
+        collect(cfg, str(checkpoint), str(checkpoint), [0], tmp_path / "o", workers=0)
+
+
+def test_ray_free_entry_points_import_without_ray() -> None:
+    """The GPU machine has no Ray wheel: training, collection and the policy server's in-process parts must import there."""
+    code = ("import sys; sys.modules['ray'] = None; sys.path.insert(0, 'bench'); "
+            "import launch.train, launch.collect, actors.env_runner, actors.policy_server, lift_planning; "
+            "from actors.env_runner import EpisodeRunner; from actors.policy_server import BatchingServer, PolicySpec; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
