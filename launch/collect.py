@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -140,7 +141,10 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
     config_path = out / "config.yaml"  # what the workers load: this run's resolved experiment
     OmegaConf.save(OmegaConf.create(cfg.to_dict()), config_path)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, initializer=_start, initargs=(str(config_path), policy, planning, trials, threads)) as pool, \
+    # Spawned, not forked: a fork of a process whose torch thread pools already ran can hang in the child.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
+                             initargs=(str(config_path), policy, planning, trials, threads)) as pool, \
             log.open("a", buffering=1) as f:
         futures = [pool.submit(_play, t, b, seed) for t, b in todo]
         for fut in as_completed(futures):
