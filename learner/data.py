@@ -12,6 +12,7 @@ have seen, and ranks never draw the same samples.
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from typing import Protocol
 
@@ -108,9 +109,17 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.source.batch(step)
 
 
-def _one_thread(_: int) -> None:
-    # Each worker is one core's worth of JPEG decoding and augmentation.
+def _worker_init(_: int) -> None:
+    """Each worker is one core's worth of JPEG decoding and augmentation, and leaves stopping to the learner.
+
+    Ctrl-C in a terminal, ``timeout`` and job stops signal the whole process group. A worker killed
+    by that signal fails the learner's next batch, so the learner, which saves its state on the
+    signal and then stops the workers itself (``close``), could not save. The workers still exit with
+    their parent (the DataLoader's watchdog) when it dies.
+    """
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class PrefetchBatches:
@@ -136,7 +145,7 @@ class PrefetchBatches:
         self.close()
         loader = torch.utils.data.DataLoader(
             _StepBatches(self.source), batch_size=None, sampler=itertools.count(step), num_workers=self.workers,
-            prefetch_factor=self.depth, worker_init_fn=_one_thread, collate_fn=_identity,
+            prefetch_factor=self.depth, worker_init_fn=_worker_init, collate_fn=_identity,
         )
         self._iter = iter(loader)
         self._next = step

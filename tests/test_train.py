@@ -81,11 +81,13 @@ def test_policy_then_planning_model_from_files(demo_dir: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_sigterm_saves_the_learner_and_a_rerun_resumes(demo_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to the trainer's whole process group, as ``timeout``, Ctrl-C and job stops send it, with
+    batches built in a worker process: the worker must not die of it before the learner has saved."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--target", "policy", "--episodes", str(demo_dir), "--out", str(out),
-           "--steps", "500", *SMALL]
+           "--steps", "500", *SMALL, "learner.data_workers=1"]
     env = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True)
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:  # the trainer says what it trains just before its first step
@@ -93,13 +95,13 @@ def test_sigterm_saves_the_learner_and_a_rerun_resumes(demo_dir: Path, tmp_path:
         if line.startswith("policy: "):
             break
     time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(lines) + rest
     assert "run again with --out" in rest
     saved = int((out / "learner" / "policy" / "latest").read_text().strip().removeprefix("step"))
     assert saved >= 1
-    rerun = subprocess.run([*cmd[:-len(SMALL) - 2], "--steps", "2", *SMALL], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    rerun = subprocess.run([*cmd[:-len(SMALL) - 3], "--steps", "2", *SMALL], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming at step {saved}" in rerun.stdout, rerun.stdout
 
