@@ -12,7 +12,9 @@ loop (collect, train, evaluate) for a machine without Ray or a cluster, e.g. a G
 
 Trials are the task's fixed initial states (the evaluation protocol's); ``--branch-first-query``
 plays each once per planner candidate, episode c executing candidate c at the first query
-(``online.branch_first_query``). ``<out>/collect.jsonl`` gets one line per finished episode; a
+(``online.branch_first_query``); with ``--first-query-only`` the files keep camera frames at that
+branch point only, the frames a judge trained with ``launch/train.py --first-query-only`` uses.
+``<out>/collect.jsonl`` gets one line per finished episode; a
 rerun with the same ``--out`` skips what it lists, so a stopped collection loses nothing it
 reported.
 """
@@ -37,8 +39,10 @@ if str(ROOT) not in sys.path:
 from omegaconf import OmegaConf  # noqa: E402
 
 from cosmos_policy.errors import ConfigError  # noqa: E402
+from cosmos_policy.layout import load_layout  # noqa: E402
 from launch.experiment import Experiment, load_experiment  # noqa: E402
 from launch.monitor import say  # noqa: E402
+from launch.offline import first_query_only  # noqa: E402
 
 _WORKER: dict[str, Any] = {}  # each worker process's runner, built once by _start
 
@@ -69,7 +73,7 @@ def jobs(trials: list[int], branches: int | None, done: set[tuple[int, int | Non
     return [j for j in todo if j not in done]
 
 
-def _start(config_path: str, policy: str, planning: str | None, trials: list[int], threads: int) -> None:
+def _start(config_path: str, policy: str, planning: str | None, trials: list[int], threads: int, first_query: bool = False) -> None:
     import torch
 
     from actors.env_process import EnvConfig
@@ -83,15 +87,22 @@ def _start(config_path: str, policy: str, planning: str | None, trials: list[int
     built, planner = spec.build()
     config = RunnerConfig(env=EnvConfig(cfg.env.name, env_kwargs(cfg, trials)), execute=cfg.env.execute, plan=cfg.online.plan,
                           plan_queries=cfg.env.plan_queries, max_steps=cfg.env.max_steps)
-    _WORKER["runner"] = EpisodeRunner(config, LocalPolicyClient(built, planner), _Files(Path(config_path).parent))
+    chunk = load_layout(cfg.model.layout).action_chunk if first_query else None
+    _WORKER["runner"] = EpisodeRunner(config, LocalPolicyClient(built, planner), _Files(Path(config_path).parent, chunk))
     _WORKER["task"] = cfg.env.tasks[0] if cfg.env.tasks else _WORKER["runner"].env.tasks()[0]
 
 
 class _Files:
-    """The runner's replay client: each inserted episode becomes a file under ``<out>/<table>/``."""
+    """The runner's replay client: each inserted episode becomes a file under ``<out>/<table>/``.
 
-    def __init__(self, out: Path) -> None:
+    ``first_query_chunk``: the files keep camera frames at the first query only (and that sample's
+    future frame), as ``launch/train.py --first-query-only`` would keep them; a branching run's
+    files are then about half the size, for shipping off a remote host.
+    """
+
+    def __init__(self, out: Path, first_query_chunk: int | None = None) -> None:
         self.out = out
+        self.first_query_chunk = first_query_chunk
         self.last: str | None = None
 
     def insert(self, table: str, episode: Any, priority: float | list[float] = 1.0, timeout: float | None = None) -> str:
@@ -99,6 +110,8 @@ class _Files:
 
         path = self.out / table / episode_file_name(episode)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.first_query_chunk:
+            episode = first_query_only(episode, self.first_query_chunk)
         write_episode(path, episode)
         self.last = str(path.relative_to(self.out))
         return episode.episode_id
@@ -116,8 +129,11 @@ def _play(trial: int, branch: int | None, seed: int) -> dict[str, Any]:
 
 
 def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int], out: Path, seed: int = 0, branch: bool = False,
-            workers: int = 1) -> list[dict[str, Any]]:
-    """Play the trials (each branch of each, with ``branch``) in ``workers`` processes; returns this run's rows."""
+            workers: int = 1, first_query: bool = False) -> list[dict[str, Any]]:
+    """Play the trials (each branch of each, with ``branch``) in ``workers`` processes; returns this run's rows.
+
+    ``first_query``: the episode files keep camera frames at the first query only (``_Files``).
+    """
     if branch and not planning:
         raise ConfigError("--branch-first-query: needs --planning (the planner makes the first query's candidates)")
     if cfg.online.plan and not planning:
@@ -144,7 +160,7 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
     # Spawned, not forked: a fork of a process whose torch thread pools already ran can hang in the child.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
-                             initargs=(str(config_path), policy, planning, trials, threads)) as pool, \
+                             initargs=(str(config_path), policy, planning, trials, threads, first_query)) as pool, \
             log.open("a", buffering=1) as f:
         futures = [pool.submit(_play, t, b, seed) for t, b in todo]
         for fut in as_completed(futures):
@@ -166,13 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", required=True, help="fixed initial states: a range a-b or a comma list")
     parser.add_argument("--seed", type=int, default=0, help="the episode seed")
     parser.add_argument("--branch-first-query", action="store_true", help="play each trial once per planner candidate")
+    parser.add_argument("--first-query-only", action="store_true",
+                        help="write frames at the first query only (the branch point; what launch/train.py --first-query-only keeps)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (each with its own simulator)")
     parser.add_argument("--out", required=True, help="output directory: <table>/*.hdf5 and collect.jsonl")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, args.overrides)
     rows = collect(cfg, args.policy, args.planning, parse_trials(args.trials), Path(args.out), seed=args.seed,
-                   branch=args.branch_first_query, workers=args.workers)
+                   branch=args.branch_first_query, workers=args.workers, first_query=args.first_query_only)
     if rows:
         say(f"collected {len(rows)} episodes, success {sum(r['success'] for r in rows) / len(rows):.1%}: {args.out}")
 

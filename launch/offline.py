@@ -7,6 +7,7 @@ fixed batches and feed the learner the same sources.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,21 @@ from cosmos_policy.codec import NormalizationStats
 from cosmos_policy.config import load_model_config
 from cosmos_policy.data.loader import collate
 from cosmos_policy.data.samples import SampleBuilder
-from cosmos_policy.episode import Episode
+from cosmos_policy.episode import Episode, ImageSequence
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.layout import SampleKind, load_layout
 from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
 from launch.experiment import Experiment
+
+def first_query_only(episode: Episode, chunk: int) -> Episode:
+    """The episode with frames at its first query (step 0) and that sample's future step alone, so that
+    every training sample it gives starts at step 0: the branch point of ``online.branch_first_query``
+    collection, where a state's episodes differ only by the chunk executed there."""
+    keep = {0, min(chunk, episode.num_steps - 1)}
+    images = {c: ImageSequence([j if t in keep else b"" for t, j in enumerate(seq.jpegs)], origin=seq.origin)
+              for c, seq in episode.images.items()}
+    return dataclasses.replace(episode, images=images)
+
 
 VALIDATION_SEED = 12345  # the held-out batches' samples: fixed, so validation losses compare across calls
 

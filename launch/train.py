@@ -24,7 +24,6 @@ resumes there; the result is ``<out>/checkpoints/<target>``, metrics go to ``<ou
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import os
 import signal
@@ -44,12 +43,12 @@ from cosmos_policy.checkpoint import load_checkpoint  # noqa: E402
 from cosmos_policy.codec import NormalizationStats  # noqa: E402
 from cosmos_policy.data.episode_file import read_episode  # noqa: E402
 from cosmos_policy.data.statistics import compute_statistics  # noqa: E402
-from cosmos_policy.episode import Episode, ImageSequence, Source  # noqa: E402
+from cosmos_policy.episode import Episode, Source  # noqa: E402
 from cosmos_policy.errors import ConfigError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
 from launch.experiment import Experiment, load_experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
-from launch.offline import source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
+from launch.offline import first_query_only, source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
 from launch.sources import EpisodeSource  # noqa: E402
 
 TARGETS = ("policy", "planning")
@@ -84,16 +83,6 @@ def _distributed_env() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def first_query_only(episode: Episode, chunk: int) -> Episode:
-    """The episode with frames at its first query (step 0) and that sample's future step alone, so that
-    every training sample it gives starts at step 0: the branch point of ``online.branch_first_query``
-    collection, where a state's episodes differ only by the chunk executed there."""
-    keep = {0, min(chunk, episode.num_steps - 1)}
-    images = {c: ImageSequence([j if t in keep else b"" for t, j in enumerate(seq.jpegs)], origin=seq.origin)
-              for c, seq in episode.images.items()}
-    return dataclasses.replace(episode, images=images)
 
 
 def statistics(init: str | None, episodes: list[Episode]) -> NormalizationStats:

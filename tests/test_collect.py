@@ -69,6 +69,15 @@ def test_branches_are_written_as_files_and_a_rerun_skips_them(checkpoint: Path, 
     # A rerun plays nothing that was logged.
     assert collect(cfg, str(checkpoint), str(checkpoint), [3], out, seed=5, branch=True, workers=1) == []
     assert len((out / "collect.jsonl").read_text().splitlines()) == 2
+    # --first-query-only: the same episodes, with camera frames at the branch point only (smaller files).
+    focused_rows = collect(cfg, str(checkpoint), str(checkpoint), [3], tmp_path / "fq", seed=5, branch=True, workers=1, first_query=True)
+    chunk = load_layout(cfg.model.layout).action_chunk
+    for r in focused_rows:
+        focused, full = read_episode(tmp_path / "fq" / r["file"]), episodes[r["branch"]]
+        assert np.allclose(focused.actions, full.actions, atol=1e-5) and focused.success == full.success
+        kept = {t for seq in focused.images.values() for t, jpeg in enumerate(seq.jpegs) if jpeg}
+        assert 0 in kept and kept <= {0, min(chunk, focused.num_steps - 1)}
+        assert len({t for seq in full.images.values() for t, jpeg in enumerate(seq.jpegs) if jpeg}) > len(kept)
 
 
 def test_bad_inputs_name_the_argument(checkpoint: Path, tmp_path: Path) -> None:
