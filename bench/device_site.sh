@@ -9,6 +9,9 @@
 # read from the compiled scene here). The result is a tar.xz of a site-packages folder (about
 # 37 MB) for CPython 3.12 on x86-64 Linux, unpacked on the host with `tar -xJf ... -C /tmp/site`.
 #
+# RAY=0 leaves Ray and what only Ray imports out (about 14 MB): enough for the Ray-free entry points
+# (launch/collect.py, launch/train.py, bench/gpu_branch_judge.sh), which is what a GPU host needs.
+#
 #   bash bench/device_site.sh [out.tar.xz]    # needs the project's .venv (robosuite) and network access to PyPI
 set -euo pipefail
 out=$(realpath -m "${1:-.carry/site.tar.xz}")
@@ -16,8 +19,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/wheels" "$work/site" "$(dirname "$out")"
-ray_version=$("$root/.venv/bin/python" -c "import ray; print(ray.__version__)")
-for pkg in "ray==$ray_version" robosuite==1.4.0 mujoco==3.3.7 jsonschema jsonschema-specifications referencing rpds-py termcolor PyOpenGL; do
+pkgs=(robosuite==1.4.0 mujoco==3.3.7 termcolor PyOpenGL)
+if [ "${RAY:-1}" != 0 ]; then
+  pkgs+=("ray==$("$root/.venv/bin/python" -c "import ray; print(ray.__version__)")" jsonschema jsonschema-specifications referencing rpds-py)
+fi
+for pkg in "${pkgs[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$work/wheels" "$pkg"
 done
@@ -25,7 +31,8 @@ done
 cd "$work/site"
 rm -rf ray/jars ray/rllib ray/data ray/serve ray/llm ray/train ray/tune ray/dashboard/client/build \
   robosuite/models/assets/bullet_data robosuite/models/assets/demonstrations
-strip --strip-unneeded ray/_raylet.so ray/core/src/ray/gcs/gcs_server ray/core/src/ray/raylet/raylet
+[ -d ray ] && strip --strip-unneeded ray/_raylet.so ray/core/src/ray/gcs/gcs_server ray/core/src/ray/raylet/raylet
+test -f OpenGL/__init__.py || { echo "PyOpenGL missing from the bundle (MuJoCo's EGL context imports it)" >&2; exit 1; }
 # The files the Lift scene loads, from the compiled model of the project's own LiftEnv.
 ROOT="$root" MUJOCO_GL=${MUJOCO_GL:-egl} "$root/.venv/bin/python" - "$work/site/robosuite" <<'EOF'
 import os, re, sys

@@ -129,10 +129,13 @@ def _play(trial: int, branch: int | None, seed: int) -> dict[str, Any]:
 
 
 def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int], out: Path, seed: int = 0, branch: bool = False,
-            workers: int = 1, first_query: bool = False) -> list[dict[str, Any]]:
+            workers: int = 1, first_query: bool = False, threads: int | None = None) -> list[dict[str, Any]]:
     """Play the trials (each branch of each, with ``branch``) in ``workers`` processes; returns this run's rows.
 
     ``first_query``: the episode files keep camera frames at the first query only (``_Files``).
+    ``threads``: torch threads per worker; by default the cores divided among the workers. Give it
+    when other jobs share the cores (two collections side by side each take all cores otherwise,
+    and oversubscribed torch threads slow every worker several-fold).
     """
     if branch and not planning:
         raise ConfigError("--branch-first-query: needs --planning (the planner makes the first query's candidates)")
@@ -156,7 +159,9 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
     start = time.time()
     config_path = out / "config.yaml"  # what the workers load: this run's resolved experiment
     OmegaConf.save(OmegaConf.create(cfg.to_dict()), config_path)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: expected a positive number of torch threads per worker, got {threads}")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     # Spawned, not forked: a fork of a process whose torch thread pools already ran can hang in the child.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
@@ -185,12 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-query-only", action="store_true",
                         help="write frames at the first query only (the branch point; what launch/train.py --first-query-only keeps)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (each with its own simulator)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores divided among the workers)")
     parser.add_argument("--out", required=True, help="output directory: <table>/*.hdf5 and collect.jsonl")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, args.overrides)
     rows = collect(cfg, args.policy, args.planning, parse_trials(args.trials), Path(args.out), seed=args.seed,
-                   branch=args.branch_first_query, workers=args.workers, first_query=args.first_query_only)
+                   branch=args.branch_first_query, workers=args.workers, first_query=args.first_query_only,
+                   threads=args.threads)
     if rows:
         say(f"collected {len(rows)} episodes, success {sum(r['success'] for r in rows) / len(rows):.1%}: {args.out}")
 

@@ -93,6 +93,8 @@ def test_bad_inputs_name_the_argument(checkpoint: Path, tmp_path: Path) -> None:
         collect(load_experiment("quickstart", [*OVERRIDES, "online.plan=true"]), str(checkpoint), None, [0], tmp_path / "o")
     with pytest.raises(ConfigError, match="--workers: expected a positive"):
         collect(cfg, str(checkpoint), str(checkpoint), [0], tmp_path / "o", workers=0)
+    with pytest.raises(ConfigError, match="--threads: expected a positive"):
+        collect(cfg, str(checkpoint), str(checkpoint), [0], tmp_path / "o", threads=0)
 
 
 def test_ray_free_entry_points_import_without_ray() -> None:
