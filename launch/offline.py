@@ -1,4 +1,5 @@
-"""The offline phase's pieces that need no cluster: text embeddings, the held-out split, validation batches.
+"""The offline phase's pieces that need no cluster: text embeddings, the held-out split, validation batches,
+and branch-point episodes (frames at the first query only).
 
 Shared by the main job (launch/online.py, which trains through Ray learner groups) and the Ray-free
 trainer (launch/train.py), so that both hold out the same demonstrations, validate on the same
@@ -21,6 +22,7 @@ from cosmos_policy.errors import ConfigError
 from cosmos_policy.layout import SampleKind, load_layout
 from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
 from launch.experiment import Experiment
+
 
 def first_query_only(episode: Episode, chunk: int) -> Episode:
     """The episode with frames at its first query (step 0) and that sample's future step alone, so that
