@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -132,15 +132,19 @@ class EpisodeRunner:
         return self.env.pid
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None, branch: int | None = None) -> EpisodeResult:
+            plan: bool | None = None, record: bool | None = None, branch: int | Sequence[int] | None = None) -> EpisodeResult:
         """One episode; ``plan`` / ``record`` override the runner's config for it (evaluation: no recording).
 
         ``branch``: at the first query, execute the planner's candidate of this index instead of its
-        choice (later queries as configured). Episodes with the same seed and initial state and
-        every branch 0..N-1 show what each first chunk leads to from one state: the contrast a
-        value has to learn to rank candidates (``online.branch_first_query``).
+        choice (later queries as configured); a sequence gives the candidate executed at each of the
+        first ``len(branch)`` queries, and its last query is the branch point. Episodes with the same
+        seed, initial state and leading candidates and every last index 0..N-1 show what each chunk
+        leads to from one state: the contrast a value has to learn to rank candidates
+        (``online.branch_first_query``; ``launch/collect.py --branch-query``). The episode's metadata
+        records the sequence (``branch_candidates``) and the branch point's step (``branch_step``).
         """
         start = time.time()
+        branches = _branch_sequence(branch)
         plan = self.config.plan if plan is None else plan
         record = self.config.record if record is None else record
         recorder = _Recorder(self.spec.cameras)
@@ -149,6 +153,7 @@ class EpisodeRunner:
         values: list[float] = []
         success, interrupted, error, queries = False, False, "", 0
         final_state = None
+        branch_step: int | None = None
         instruction = ""
         where = f"env {self.config.env.name}:{task}"
         try:
@@ -159,13 +164,14 @@ class EpisodeRunner:
             for t in range(limit):
                 if not queue:
                     planned = plan and (self.config.plan_queries is None or queries < self.config.plan_queries)
-                    branching = branch is not None and queries == 0
+                    branching = queries < len(branches)
                     out, query, versions = self.policy.query(obs, seed + 7919 * queries, planned or branching)
-                    queries += 1
                     chunk = out.actions
                     if branching:
-                        chunk = _branch_chunk(query, branch)
-                        query.chosen = int(branch)
+                        chunk = _branch_chunk(query, branches[queries])
+                        query.chosen = branches[queries]
+                        branch_step = t
+                    queries += 1
                     values.append(float(query.candidate_values[query.chosen]) if branching else float(out.value))
                     if query is not None:
                         query.step = t
@@ -186,7 +192,8 @@ class EpisodeRunner:
         episode = recorder.episode(
             instruction=instruction or task, success=success, task=task, seed=seed, initial_state=initial_state,
             policy_version=versions["policy"], planning_version=versions["planning"], planner=planner,
-            interrupted=interrupted, metadata={**(metadata or {}), "env": self.config.env.name, **({"error": error} if error else {})},
+            interrupted=interrupted, metadata={**(metadata or {}), "env": self.config.env.name, **({"error": error} if error else {}),
+                      **({"branch_candidates": list(branches), "branch_step": branch_step} if branches and branch_step is not None else {})},
         )
         # An interrupted episode is reported (marked) but never inserted: its outcome is no label.
         if record and self.replay is not None and episode is not None and not interrupted:
@@ -202,8 +209,18 @@ class EpisodeRunner:
         self.env.close()
 
 
+def _branch_sequence(branch: int | Sequence[int] | None) -> tuple[int, ...]:
+    """``run``'s ``branch`` as the candidate index of each leading query (empty: no branching)."""
+    if branch is None:
+        return ()
+    seq = list(branch) if isinstance(branch, (list, tuple)) else [branch]
+    if not seq or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) for b in seq):
+        raise ConfigError(f"branch: expected a candidate index or a non-empty sequence of them (one per leading query), got {branch!r}")
+    return tuple(int(b) for b in seq)
+
+
 def _branch_chunk(query: PlannerQuery | None, branch: int) -> np.ndarray:
-    """Candidate ``branch`` of a planned first query, with errors that name what is missing."""
+    """Candidate ``branch`` of a planned query, with errors that name what is missing."""
     if query is None or query.candidate_actions is None:
         raise ConfigError("branch: the policy client returned no planner candidates; branching needs a planning model")
     n = len(query.candidate_actions)
@@ -275,7 +292,7 @@ class EnvRunner:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None, branch: int | None = None) -> EpisodeResult:
+            plan: bool | None = None, record: bool | None = None, branch: int | Sequence[int] | None = None) -> EpisodeResult:
         return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record, branch)
 
     def run_trial(self, task: str, seed: int, trial: int, plan: bool | None = None, record: bool | None = None) -> EpisodeResult:

@@ -3,11 +3,12 @@
 # two device calls (each under 10 minutes): branching collection on the host's CPUs, then training
 # on its GPUs. bench/RESULTS.md ("sixth session") has what this made and how it was graded.
 #
-#   PHASE=collect: every initial state of TRIALS0 (episode seed 0) and TRIALS1 (seed 1, the
-#     evaluation's other seed) is played once per planner candidate (launch/collect.py
-#     --branch-first-query --first-query-only), half the cores each, stopped after COLLECT_S
-#     seconds; the episode files (frames at the branch point only) come back as
-#     $OUT/branches.tar.xz.* pieces of 15 MB.
+#   PHASE=collect: branching collections side by side (launch/collect.py --branch-query K
+#     --branch-point-only), the cores divided among them, stopped after COLLECT_S seconds. JOBS lists
+#     them as TRIALS:SEED:QUERY words (default "300-1799:0:0 1800-3299:1:0": first-query branching
+#     with episode seeds 0 and 1, the evaluation's two seeds, so the judge sees the candidate offsets
+#     it will rank there; QUERY 1 branches at the second query after a drawn first candidate). The
+#     episode files (frames at the branch point only) come back as $OUT/branches.tar.xz.* pieces of 15 MB.
 #   PHASE=train: the judge (JUDGE_SIZE, from JUDGE_INIT if given) is trained with launch/train.py
 #     on the episode files under BRANCHES (default: BRANCH_TARS, the collect phase's pieces,
 #     unpacked; without JUDGE_INIT, BRANCHES must also hold demonstrations, whose statistics
@@ -33,17 +34,19 @@ if [ "$PHASE" = collect ]; then
   if [ -f "${SITE:-.carry/site_noray.tar.xz}" ]; then tar -xJf "${SITE:-.carry/site_noray.tar.xz}" -C /tmp/site || exit 1; fi
   python3 -c "from actors.envs.lift import LiftEnv; LiftEnv(image_size=64, num_initial_states=1)" > "$OUT/check.log" 2>&1 \
     || { tail -5 "$OUT/check.log"; exit 1; }
-  workers=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))
+  read -ra jobs <<< "${JOBS:-300-1799:0:0 1800-3299:1:0}"
+  workers=$(( $(nproc) / ${#jobs[@]} > 0 ? $(nproc) / ${#jobs[@]} : 1 ))
   judge="planner.candidate_noise=0.1 planner.common_judge_seeds=true planner.value_kind=q_value planner.value_steps=[1]"
   judge="$judge planner.future_steps=[1] online.plan=false logging.wandb=disabled"  # the judge's values are not used when branching
   args=(--config learning_curve --policy "$(realpath "${POLICY:?the policy checkpoint}")" --planning "$(realpath "${PLANNING:?a planning checkpoint}")"
-        --branch-first-query --first-query-only --workers "$workers" --threads 1)  # two collections share the cores
-  timeout "${COLLECT_S:-440}" python3 launch/collect.py "${args[@]}" --trials "${TRIALS0:-300-1799}" --seed 0 --out /tmp/branches/s0 $judge \
-    > "$OUT/collect_s0.log" 2>&1 &
-  timeout "${COLLECT_S:-440}" python3 launch/collect.py "${args[@]}" --trials "${TRIALS1:-1800-3299}" --seed 1 --out /tmp/branches/s1 $judge \
-    > "$OUT/collect_s1.log" 2>&1 &
+        --branch-point-only --workers "$workers" --threads 1)  # the collections share the cores
+  for job in "${jobs[@]}"; do
+    IFS=: read -r trials seed query <<< "$job"
+    timeout "${COLLECT_S:-440}" python3 launch/collect.py "${args[@]}" --trials "$trials" --seed "$seed" --branch-query "${query:-0}" \
+      --out "/tmp/branches/q${query:-0}s$seed" $judge > "$OUT/collect_q${query:-0}s$seed.log" 2>&1 &
+  done
   wait
-  cat /tmp/branches/s*/collect.jsonl > "$OUT/collect.jsonl"
+  cat /tmp/branches/*/collect.jsonl > "$OUT/collect.jsonl"
   echo "collected $(wc -l < "$OUT/collect.jsonl") episodes in $SECONDS s"
   tar -cf - -C /tmp branches | xz -6 -T0 | split -b 15M - "$OUT/branches.tar.xz."
 elif [ "$PHASE" = train ]; then
@@ -51,15 +54,61 @@ elif [ "$PHASE" = train ]; then
   if [ -n "${BRANCH_TARS:-}" ]; then cat $BRANCH_TARS | xz -dc | tar -xf - -C /tmp/branches || exit 1; fi  # the pieces, in order
   kinds="{q_value: 0.5, world_model: 0.5}"
   init=${JUDGE_INIT:+--init $(realpath "$JUDGE_INIT")}
-  # Options first: --episodes takes every word up to the next option.
-  timeout "${TRAIN_S:-480}" python3 launch/train.py --config learning_curve --target planning --episodes ${BRANCHES:-/tmp/branches} \
-    --out /tmp/judge --steps "${STEPS:-1400}" --lr "${LR:-3e-4}" --first-query-only $init \
-    model.size="${JUDGE_SIZE:-medium}" data.demos_as_rollouts=false learner.compile=false learner.vae_compile=false learner.float8=off \
-    offline.warmup_steps=50 learner.data_workers="${DATA_WORKERS:-6}" logging.wandb=disabled \
-    "data.planning_mixture={pools: {success: 0.5, failure: 0.5}, kinds: {success: $kinds, failure: $kinds}}" > "$OUT/train.log" 2>&1
-  echo "train rc=$? in $SECONDS s"; grep -v WARN "$OUT/train.log" | tail -3
+  # Options first: --episodes takes every word up to the next option. GPUS > 1: one rank per GPU
+  # (torchrun; the batch is per rank), and a single-GPU run in what time is left should that fail.
+  train() {  # $1: the launcher (python3, or torchrun with its options), $2: the time limit, then overrides
+    $1 launch/train.py --config learning_curve --target planning --episodes ${BRANCHES:-/tmp/branches} \
+      --out /tmp/judge --steps "${STEPS:-1400}" --lr "${LR:-3e-4}" --branch-point-only --time-limit "$2" $init \
+      model.size="${JUDGE_SIZE:-medium}" data.demos_as_rollouts=false learner.compile=false learner.vae_compile=false learner.float8=off \
+      offline.warmup_steps=50 learner.data_workers="${DATA_WORKERS:-6}" logging.wandb=disabled "${@:3}" \
+      "data.planning_mixture={pools: {success: 0.5, failure: 0.5}, kinds: {success: $kinds, failure: $kinds}}"
+  }
+  rc=1
+  if [ "${GPUS:-1}" -gt 1 ]; then
+    train "torchrun --standalone --nproc_per_node=$GPUS" "${TRAIN_S:-420}" learner.world_size="$GPUS" > "$OUT/train.log" 2>&1; rc=$?
+    [ $rc = 0 ] || { echo "torchrun rc=$rc:"; grep -v WARN "$OUT/train.log" | tail -5; rm -rf /tmp/judge; }
+  fi
+  if [ $rc != 0 ]; then
+    left=$(( ${TRAIN_S:-420} - SECONDS + 60 ))
+    train python3 $(( left > 60 ? left : 60 )) > "$OUT/train1.log" 2>&1; rc=$?
+  fi
+  echo "train rc=$rc in $SECONDS s"; grep -v WARN "$OUT"/train*.log | tail -3
   cp /tmp/judge/metrics.jsonl "$OUT/" 2>/dev/null
   tar -cf - -C /tmp/judge/checkpoints planning | xz -1 -T0 | split -b 15M - "$OUT/judge.tar.xz."
+elif [ "$PHASE" = evaluate ]; then
+  # VARIANTS (default "plan1 plan2"): base = the policy alone; planN = planning at the first N queries
+  # with the judge (JUDGE, the train phase's checkpoint or its pieces JUDGE_TARS), mean of four 2-step
+  # value predictions, offsets 0.1, shared judge seeds. Each on the initial states EVAL_TRIALS (0-99)
+  # with episode seeds 0 and 1, the cores divided among the collections.
+  if [ -d "${GL_DEBS:-.gl}" ]; then for f in "${GL_DEBS:-.gl}"/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
+  if [ -f "${SITE:-.carry/site_noray.tar.xz}" ]; then tar -xJf "${SITE:-.carry/site_noray.tar.xz}" -C /tmp/site || exit 1; fi
+  if [ -n "${JUDGE_TARS:-}" ]; then mkdir -p /tmp/judge_eval && cat $JUDGE_TARS | xz -dc | tar -xf - -C /tmp/judge_eval || exit 1; fi
+  judge=$(realpath "${JUDGE:-/tmp/judge_eval/planning}")
+  read -ra variants <<< "${VARIANTS:-plan1 plan2}"
+  workers=$(( $(nproc) / (2 * ${#variants[@]}) > 0 ? $(nproc) / (2 * ${#variants[@]}) : 1 ))
+  common="planner.candidate_noise=0.1 planner.common_judge_seeds=true planner.value_kind=q_value planner.aggregation=mean"
+  common="$common planner.value_steps=[2,2,2,2] planner.future_steps=[1] logging.wandb=disabled"
+  for v in "${variants[@]}"; do
+    case $v in
+      base) extra="online.plan=false" ;;
+      plan*) extra="online.plan=true env.plan_queries=${v#plan}" ;;
+      *) echo "VARIANTS: expected base or planN, got $v" >&2; exit 2 ;;
+    esac
+    for seed in 0 1; do
+      python3 launch/collect.py --config learning_curve --policy "$(realpath "${POLICY:?the policy checkpoint}")" --planning "$judge" \
+        --trials "${EVAL_TRIALS:-0-99}" --seed $seed --workers "$workers" --threads 1 --out "/tmp/eval/$v/s$seed" $common $extra \
+        > "$OUT/eval_${v}_s$seed.log" 2>&1 &
+    done
+  done
+  wait
+  for v in "${variants[@]}"; do cat /tmp/eval/$v/s*/collect.jsonl > "$OUT/eval_$v.jsonl"; done
+  python3 - "$OUT"/eval_*.jsonl <<'EOF'
+import json, sys
+for path in sys.argv[1:]:
+    rows = [json.loads(line) for line in open(path)]
+    print(f"{path.rsplit('/', 1)[-1]}: {sum(r['success'] for r in rows)}/{len(rows)} succeed")
+EOF
+  echo "evaluated in $SECONDS s"
 else
-  echo "PHASE: expected collect or train, got $PHASE" >&2; exit 2
+  echo "PHASE: expected collect, train or evaluate, got $PHASE" >&2; exit 2
 fi

@@ -12,8 +12,11 @@ loop (collect, train, evaluate) for a machine without Ray or a cluster, e.g. a G
 
 Trials are the task's fixed initial states (the evaluation protocol's); ``--branch-first-query``
 plays each once per planner candidate, episode c executing candidate c at the first query
-(``online.branch_first_query``); with ``--first-query-only`` the files keep camera frames at that
-branch point only, the frames a judge trained with ``launch/train.py --first-query-only`` uses.
+(``online.branch_first_query``). ``--branch-query K`` branches at query K instead: the queries
+before it execute one candidate drawn per trial (``lead_candidates``), the same in all of the
+trial's episodes, so a judge that plans at several queries sees states reached through any first
+chunk it might pick. With ``--branch-point-only`` the files keep camera frames at the branch point
+only, the frames a judge trained with ``launch/train.py --branch-point-only`` uses.
 ``<out>/collect.jsonl`` gets one line per finished episode; a
 rerun with the same ``--out`` skips what it lists, so a stopped collection loses nothing it
 reported.
@@ -36,13 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from cosmos_policy.errors import ConfigError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
 from launch.experiment import Experiment, load_experiment  # noqa: E402
 from launch.monitor import say  # noqa: E402
-from launch.offline import first_query_only  # noqa: E402
+from launch.offline import branch_point_only  # noqa: E402
 
 _WORKER: dict[str, Any] = {}  # each worker process's runner, built once by _start
 
@@ -73,7 +77,13 @@ def jobs(trials: list[int], branches: int | None, done: set[tuple[int, int | Non
     return [j for j in todo if j not in done]
 
 
-def _start(config_path: str, policy: str, planning: str | None, trials: list[int], threads: int, first_query: bool = False) -> None:
+def lead_candidates(trial: int, seed: int, queries: int, candidates: int) -> list[int]:
+    """The candidates a trial's branching episodes execute at the queries before the branch point:
+    drawn from the trial and seed alone, so every branch of the trial reaches the same state."""
+    return [int(c) for c in np.random.default_rng([trial, seed, 7]).integers(candidates, size=queries)]
+
+
+def _start(config_path: str, policy: str, planning: str | None, trials: list[int], threads: int, branch_point: bool = False) -> None:
     import torch
 
     from actors.env_process import EnvConfig
@@ -87,7 +97,7 @@ def _start(config_path: str, policy: str, planning: str | None, trials: list[int
     built, planner = spec.build()
     config = RunnerConfig(env=EnvConfig(cfg.env.name, env_kwargs(cfg, trials)), execute=cfg.env.execute, plan=cfg.online.plan,
                           plan_queries=cfg.env.plan_queries, max_steps=cfg.env.max_steps)
-    chunk = load_layout(cfg.model.layout).action_chunk if first_query else None
+    chunk = load_layout(cfg.model.layout).action_chunk if branch_point else None
     _WORKER["runner"] = EpisodeRunner(config, LocalPolicyClient(built, planner), _Files(Path(config_path).parent, chunk))
     _WORKER["task"] = cfg.env.tasks[0] if cfg.env.tasks else _WORKER["runner"].env.tasks()[0]
 
@@ -95,14 +105,14 @@ def _start(config_path: str, policy: str, planning: str | None, trials: list[int
 class _Files:
     """The runner's replay client: each inserted episode becomes a file under ``<out>/<table>/``.
 
-    ``first_query_chunk``: the files keep camera frames at the first query only (and that sample's
-    future frame), as ``launch/train.py --first-query-only`` would keep them; a branching run's
+    ``branch_chunk``: the files keep camera frames at the branch point only (and that sample's
+    future frame), as ``launch/train.py --branch-point-only`` would keep them; a branching run's
     files are then about half the size, for shipping off a remote host.
     """
 
-    def __init__(self, out: Path, first_query_chunk: int | None = None) -> None:
+    def __init__(self, out: Path, branch_chunk: int | None = None) -> None:
         self.out = out
-        self.first_query_chunk = first_query_chunk
+        self.branch_chunk = branch_chunk
         self.last: str | None = None
 
     def insert(self, table: str, episode: Any, priority: float | list[float] = 1.0, timeout: float | None = None) -> str:
@@ -110,37 +120,43 @@ class _Files:
 
         path = self.out / table / episode_file_name(episode)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self.first_query_chunk:
-            episode = first_query_only(episode, self.first_query_chunk)
+        if self.branch_chunk:
+            episode = branch_point_only(episode, self.branch_chunk)
         write_episode(path, episode)
         self.last = str(path.relative_to(self.out))
         return episode.episode_id
 
 
-def _play(trial: int, branch: int | None, seed: int) -> dict[str, Any]:
+def _play(trial: int, branch: int | None, seed: int, lead: list[int]) -> dict[str, Any]:
     runner, task = _WORKER["runner"], _WORKER["task"]
     states = runner.env.initial_states(task)
     state = states[trial % len(states)] if states else None
     runner.replay.last = None
     result = runner.run(task, seed, state, {"trial": trial, **({"branch_of": trial, "candidate": branch} if branch is not None else {})},
-                        branch=branch)
+                        branch=None if branch is None else [*lead, branch])
     return {"trial": trial, "branch": branch, "success": result.success, "steps": result.steps, "interrupted": result.interrupted,
             "file": runner.replay.last, "wall_s": round(result.wall_s, 2)}
 
 
 def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int], out: Path, seed: int = 0, branch: bool = False,
-            workers: int = 1, first_query: bool = False, threads: int | None = None) -> list[dict[str, Any]]:
+            workers: int = 1, branch_point: bool = False, threads: int | None = None, branch_query: int = 0) -> list[dict[str, Any]]:
     """Play the trials (each branch of each, with ``branch``) in ``workers`` processes; returns this run's rows.
 
-    ``first_query``: the episode files keep camera frames at the first query only (``_Files``).
+    ``branch_query``: with ``branch``, the query that branches (0: the first); the ones before it
+    execute ``lead_candidates``.
+    ``branch_point``: the episode files keep camera frames at the branch point only (``_Files``).
     ``threads``: torch threads per worker; by default the cores divided among the workers. Give it
     when other jobs share the cores (two collections side by side each take all cores otherwise,
     and oversubscribed torch threads slow every worker several-fold).
     """
     if branch and not planning:
-        raise ConfigError("--branch-first-query: needs --planning (the planner makes the first query's candidates)")
+        raise ConfigError("--branch-first-query / --branch-query: needs --planning (the planner makes the candidates)")
     if cfg.online.plan and not planning:
         raise ConfigError("online.plan: collecting with planning needs --planning (or online.plan=false)")
+    if isinstance(branch_query, bool) or not isinstance(branch_query, int) or branch_query < 0:
+        raise ConfigError(f"--branch-query: expected a query index >= 0 (0: the first query), got {branch_query!r}")
+    if branch_query and not branch:
+        raise ConfigError(f"branch_query: {branch_query} given without branch=True (nothing would branch there)")
     if workers < 1:
         raise ConfigError(f"--workers: expected a positive number of processes, got {workers}")
     out.mkdir(parents=True, exist_ok=True)
@@ -165,9 +181,10 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
     # Spawned, not forked: a fork of a process whose torch thread pools already ran can hang in the child.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
-                             initargs=(str(config_path), policy, planning, trials, threads, first_query)) as pool, \
+                             initargs=(str(config_path), policy, planning, trials, threads, branch_point)) as pool, \
             log.open("a", buffering=1) as f:
-        futures = [pool.submit(_play, t, b, seed) for t, b in todo]
+        n = cfg.planner_config().num_candidates
+        futures = [pool.submit(_play, t, b, seed, lead_candidates(t, seed, branch_query, n) if b is not None else []) for t, b in todo]
         for fut in as_completed(futures):
             row = fut.result()
             f.write(json.dumps(row) + "\n")
@@ -186,9 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--planning", default=None, help="the planning model's checkpoint (planning or branching)")
     parser.add_argument("--trials", required=True, help="fixed initial states: a range a-b or a comma list")
     parser.add_argument("--seed", type=int, default=0, help="the episode seed")
-    parser.add_argument("--branch-first-query", action="store_true", help="play each trial once per planner candidate")
-    parser.add_argument("--first-query-only", action="store_true",
-                        help="write frames at the first query only (the branch point; what launch/train.py --first-query-only keeps)")
+    parser.add_argument("--branch-first-query", action="store_true", help="play each trial once per planner candidate at the first query")
+    parser.add_argument("--branch-query", type=int, default=None, metavar="K",
+                        help="play each trial once per planner candidate at query K (0: the first); earlier queries execute a drawn candidate")
+    parser.add_argument("--branch-point-only", "--first-query-only", dest="branch_point_only", action="store_true",
+                        help="write frames at the branch point only (what launch/train.py --branch-point-only keeps)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (each with its own simulator)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores divided among the workers)")
     parser.add_argument("--out", required=True, help="output directory: <table>/*.hdf5 and collect.jsonl")
@@ -196,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, args.overrides)
     rows = collect(cfg, args.policy, args.planning, parse_trials(args.trials), Path(args.out), seed=args.seed,
-                   branch=args.branch_first_query, workers=args.workers, first_query=args.first_query_only,
-                   threads=args.threads)
+                   branch=args.branch_first_query or args.branch_query is not None, workers=args.workers,
+                   branch_point=args.branch_point_only, threads=args.threads, branch_query=args.branch_query or 0)
     if rows:
         say(f"collected {len(rows)} episodes, success {sum(r['success'] for r in rows) / len(rows):.1%}: {args.out}")
 

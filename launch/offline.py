@@ -1,5 +1,5 @@
 """The offline phase's pieces that need no cluster: text embeddings, the held-out split, validation batches,
-and branch-point episodes (frames at the first query only).
+and branch-point episodes (frames at the branch point only).
 
 Shared by the main job (launch/online.py, which trains through Ray learner groups) and the Ray-free
 trainer (launch/train.py), so that both hold out the same demonstrations, validate on the same
@@ -24,11 +24,15 @@ from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCa
 from launch.experiment import Experiment
 
 
-def first_query_only(episode: Episode, chunk: int) -> Episode:
-    """The episode with frames at its first query (step 0) and that sample's future step alone, so that
-    every training sample it gives starts at step 0: the branch point of ``online.branch_first_query``
-    collection, where a state's episodes differ only by the chunk executed there."""
-    keep = {0, min(chunk, episode.num_steps - 1)}
+def branch_point_only(episode: Episode, chunk: int) -> Episode:
+    """The episode with frames at its branch point and that sample's future step alone, so that every
+    training sample it gives starts there: the query where a branching collection's episodes of one
+    state differ only by the chunk executed (``metadata["branch_step"]``; step 0, the first query,
+    for episodes that do not record one, as ``online.branch_first_query`` collection)."""
+    step = int(episode.metadata.get("branch_step", 0) or 0)
+    if not 0 <= step < episode.num_steps:
+        raise ConfigError(f"branch_step: expected a step of episode {episode.episode_id} (0..{episode.num_steps - 1}), got {step}")
+    keep = {step, min(step + chunk, episode.num_steps - 1)}
     images = {c: ImageSequence([j if t in keep else b"" for t, j in enumerate(seq.jpegs)], origin=seq.origin)
               for c, seq in episode.images.items()}
     return dataclasses.replace(episode, images=images)

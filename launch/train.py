@@ -48,7 +48,7 @@ from cosmos_policy.errors import ConfigError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
 from launch.experiment import Experiment, load_experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
-from launch.offline import first_query_only, source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
+from launch.offline import branch_point_only, source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
 from launch.sources import EpisodeSource  # noqa: E402
 
 TARGETS = ("policy", "planning")
@@ -85,6 +85,18 @@ def _distributed_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def _all_agree(flag: bool, device: Any) -> bool:
+    """``flag`` if any rank raised it: ranks that decided apart would wait on each other forever."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def statistics(init: str | None, episodes: list[Episode]) -> NormalizationStats:
     """The initial checkpoint's statistics (the model was trained in those units), else the demonstrations'."""
     if init:
@@ -99,10 +111,15 @@ def statistics(init: str | None, episodes: list[Episode]) -> NormalizationStats:
 
 
 def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init: str | None = None, steps: int | None = None,
-          lr: float | None = None, stopping: dict[str, bool] | None = None, first_query: bool = False) -> Path:
+          lr: float | None = None, stopping: dict[str, bool] | None = None, branch_point: bool = False,
+          time_limit: float | None = None) -> Path:
     """Train ``target`` on ``episodes`` and export it to ``<out>/checkpoints/<target>``; returns that path.
 
-    ``first_query``: experience (not demonstrations) gives samples at its first query only.
+    ``branch_point``: experience (not demonstrations) gives samples at its branch point only (the first
+    query where the episode records none).
+    ``time_limit``: seconds of training after which the run ends as if its steps were done (export, save),
+    checked every report interval and agreed by all ranks: a run inside a fixed window (a rented GPU
+    call) ends with its weights exported instead of killed with nothing to show.
     """
     from learner.engine import Learner  # DeepSpeed: imported when training, not for --help
 
@@ -112,9 +129,9 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
     off = cfg.offline
     steps = steps or (off.policy_steps if target == "policy" else off.planning_steps)
     stats = statistics(init, episodes)
-    if first_query:
+    if branch_point:
         chunk = load_layout(cfg.model.layout).action_chunk
-        episodes = [e if e.source is Source.DEMO else first_query_only(e, chunk) for e in episodes]
+        episodes = [e if e.source is Source.DEMO else branch_point_only(e, chunk) for e in episodes]
     text = text_cache(cfg, [e.instruction for e in episodes])
     train_eps, val = episodes, []
     if target == "policy":  # held out: demonstrations only; experience stays for the mixture to draw from
@@ -136,7 +153,7 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
     ckpt = out / "checkpoints" / target
     val_batches = validation_batches(cfg, stats, text, val)
     every = off.validate_every if val_batches else max(1, min(100, steps))
-    best, bad, exported, start = float("inf"), 0, False, time.time()
+    best, bad, exported, out_of_time, start = float("inf"), 0, False, False, time.time()
     if rank0:
         say(f"{target}: {len(train_eps)} episodes, {len(val)} held out, {steps} steps" + (f", resuming at step {learner.step}" if resumed else ""))
     try:
@@ -147,6 +164,11 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
                 if stopping["stop"]:
                     learner.save()
                     raise Stopped()
+                if time_limit is not None and _all_agree(time.time() - start >= time_limit, learner.device):
+                    out_of_time = True
+                    break
+            if out_of_time and rank0:
+                say(f"{target}: time limit of {time_limit:.0f} s reached at step {learner.step} of {steps}")
             avg = {k: float(np.nanmean([r[k] for r in rows if r.get(k) is not None])) for k in rows[-1]}
             avg["step"] = rows[-1]["step"]
             monitor.log("learner", {"phase": f"{target}_train", **{("learner/step" if k == "step" else k): v for k, v in avg.items()},
@@ -154,6 +176,8 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
             if rank0:
                 monitor.progress(f"{target} training", learner.step, steps, f"loss {avg['loss']:.3f}")
             if not val_batches:
+                if out_of_time:
+                    break
                 continue
             loss = float(np.mean([learner.evaluate(b, seed=i) for i, b in enumerate(val_batches)]))
             monitor.log("validation", {"phase": f"{target}_train", "learner/step": learner.step, "val_loss": loss, "best": min(best, loss)})
@@ -166,6 +190,8 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
                     if rank0:
                         say(f"{target}: held-out loss stopped improving at {best:.4f}; stopping at step {learner.step}")
                     break
+            if out_of_time:
+                break
         if not exported:
             learner.export(ckpt)
         learner.save()  # a later run with more --steps continues from here
@@ -184,12 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", default=None, help="a checkpoint to start from (the planning model starts from the policy's)")
     parser.add_argument("--steps", type=int, default=None, help="learner steps (default: offline.policy_steps or offline.planning_steps)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: offline.lr)")
-    parser.add_argument("--first-query-only", action="store_true",
-                        help="experience gives samples at its first query only (branching collection's branch point)")
+    parser.add_argument("--branch-point-only", "--first-query-only", dest="branch_point_only", action="store_true",
+                        help="experience gives samples at its branch point only (metadata branch_step; the first query without one)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="S",
+                        help="end training after S seconds as if its steps were done (export and save)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: expected a positive number of learner steps, got {args.steps}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ConfigError(f"--time-limit: expected a positive number of seconds, got {args.time_limit}")
     cfg = load_experiment(args.config, args.overrides)
     episodes = [read_episode(p) for p in episode_files(args.episodes)]
     stopping = {"stop": False}
@@ -204,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(s, on_signal)
     try:
         path = train(cfg, args.target, episodes, Path(args.out), init=args.init, steps=args.steps, lr=args.lr, stopping=stopping,
-                     first_query=args.first_query_only)
+                     branch_point=args.branch_point_only, time_limit=args.time_limit)
     except Stopped:
         if os.environ.get("RANK", "0") == "0":
             say(f"stopped; run again with --out {args.out} to resume")

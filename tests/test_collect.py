@@ -28,7 +28,7 @@ from cosmos_policy.errors import ConfigError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
 from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache  # noqa: E402
-from launch.collect import collect, parse_trials  # noqa: E402
+from launch.collect import lead_candidates, collect, parse_trials  # noqa: E402
 from launch.experiment import load_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,8 +69,8 @@ def test_branches_are_written_as_files_and_a_rerun_skips_them(checkpoint: Path, 
     # A rerun plays nothing that was logged.
     assert collect(cfg, str(checkpoint), str(checkpoint), [3], out, seed=5, branch=True, workers=1) == []
     assert len((out / "collect.jsonl").read_text().splitlines()) == 2
-    # --first-query-only: the same episodes, with camera frames at the branch point only (smaller files).
-    focused_rows = collect(cfg, str(checkpoint), str(checkpoint), [3], tmp_path / "fq", seed=5, branch=True, workers=1, first_query=True)
+    # --branch-point-only: the same episodes, with camera frames at the branch point only (smaller files).
+    focused_rows = collect(cfg, str(checkpoint), str(checkpoint), [3], tmp_path / "fq", seed=5, branch=True, workers=1, branch_point=True)
     chunk = load_layout(cfg.model.layout).action_chunk
     for r in focused_rows:
         focused, full = read_episode(tmp_path / "fq" / r["file"]), episodes[r["branch"]]
@@ -78,6 +78,22 @@ def test_branches_are_written_as_files_and_a_rerun_skips_them(checkpoint: Path, 
         kept = {t for seq in focused.images.values() for t, jpeg in enumerate(seq.jpegs) if jpeg}
         assert 0 in kept and kept <= {0, min(chunk, focused.num_steps - 1)}
         assert len({t for seq in full.images.values() for t, jpeg in enumerate(seq.jpegs) if jpeg}) > len(kept)
+    # --branch-query 1: both branches execute the trial's drawn lead candidate at the first query, then
+    # candidate b at the second, the branch point, whose step the files record and keep frames at.
+    lead = lead_candidates(3, 5, 1, 2)
+    later = collect(cfg, str(checkpoint), str(checkpoint), [3], tmp_path / "q1", seed=5, branch=True, workers=1, branch_point=True,
+                    branch_query=1)
+    late = {r["branch"]: read_episode(tmp_path / "q1" / r["file"]) for r in later}
+    assert sorted(late) == [0, 1] and lead == lead_candidates(3, 5, 1, 2)
+    execute = cfg.env.execute
+    for b, ep in late.items():
+        assert ep.metadata["branch_candidates"] == [*lead, b] and ep.metadata["branch_step"] == execute
+        assert [q.chosen for q in ep.planner[:2]] == [*lead, b] and ep.planner[1].step == execute
+        assert np.allclose(ep.actions[:execute], late[0].actions[:execute], atol=1e-6)  # the same lead, the same state
+        assert np.allclose(ep.actions[execute:execute + 4], ep.planner[1].candidate_actions[b][:4], atol=1e-5)
+        kept = {t for seq in ep.images.values() for t, jpeg in enumerate(seq.jpegs) if jpeg}
+        assert execute in kept and kept <= {execute, min(execute + chunk, ep.num_steps - 1)}
+    assert not np.allclose(late[0].actions[execute:execute + 4], late[1].actions[execute:execute + 4])
 
 
 def test_bad_inputs_name_the_argument(checkpoint: Path, tmp_path: Path) -> None:
@@ -87,12 +103,14 @@ def test_bad_inputs_name_the_argument(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--trials: expected non-negative"):
         parse_trials("3,-1")
     assert parse_trials("2-4") == [2, 3, 4] and parse_trials("7,1") == [7, 1]
-    with pytest.raises(ConfigError, match="--branch-first-query: needs --planning"):
+    with pytest.raises(ConfigError, match="--branch-query: needs --planning"):
         collect(cfg, str(checkpoint), None, [0], tmp_path / "o", branch=True)
     with pytest.raises(ConfigError, match="online.plan: collecting with planning needs --planning"):
         collect(load_experiment("quickstart", [*OVERRIDES, "online.plan=true"]), str(checkpoint), None, [0], tmp_path / "o")
     with pytest.raises(ConfigError, match="--workers: expected a positive"):
         collect(cfg, str(checkpoint), str(checkpoint), [0], tmp_path / "o", workers=0)
+    with pytest.raises(ConfigError, match="--branch-query: expected a query index >= 0"):
+        collect(cfg, str(checkpoint), str(checkpoint), [0], tmp_path / "o", branch=True, branch_query=-1)
     with pytest.raises(ConfigError, match="--threads: expected a positive"):
         collect(cfg, str(checkpoint), str(checkpoint), [0], tmp_path / "o", threads=0)
 

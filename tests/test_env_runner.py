@@ -165,6 +165,18 @@ def test_branches_execute_each_first_query_candidate(tiny_policy_parts, tmp_path
         assert not np.allclose(eps[1].actions[:16], eps[2].actions[:16])  # the offsets make the branches differ
         with pytest.raises(ConfigError, match=r"branch: expected a candidate index in \[0, 3\), got 3"):
             runner.run("lift", seed=5, branch=3)
+        # A sequence branches at a later query: candidate 1 at the first, then candidate 2 at the second.
+        result = runner.run("lift", seed=5, branch=[1, 2])
+        table = "experience_success" if result.success else "experience_failure"
+        late = read_episode(tmp_path / "replay" / table / f"{result.episode_id}.hdf5")
+        assert [q.chosen for q in late.planner] == [1, 2] and [q.step for q in late.planner] == [0, 16]
+        assert late.metadata["branch_candidates"] == [1, 2] and late.metadata["branch_step"] == 16
+        assert np.allclose(late.actions[:16], eps[1].actions[:16], atol=1e-6)  # the lead is candidate 1's chunk
+        assert np.allclose(late.actions[16:32], np.clip(late.planner[1].candidate_actions[2][:16], -1, 1), atol=1e-5)
+        with pytest.raises(ConfigError, match="branch: expected a candidate index or a non-empty sequence"):
+            runner.run("lift", seed=5, branch=[])
+        with pytest.raises(ConfigError, match="branch: expected a candidate index or a non-empty sequence"):
+            runner.run("lift", seed=5, branch=[0, "1"])
         no_planner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), LocalPolicyClient(policy), None)
         with pytest.raises(ValueError, match="plan: this runner has no planner"):
             no_planner.run("lift", seed=5, branch=0)

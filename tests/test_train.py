@@ -77,6 +77,12 @@ def test_policy_then_planning_model_from_files(demo_dir: Path, tmp_path: Path) -
     second = load_checkpoint(out / "checkpoints" / "planning")
     moved = [not (a == b).all() for a, b in zip(first.model.denoiser.parameters(), second.model.denoiser.parameters())]
     assert any(moved)
+    # --time-limit: the run ends at the limit as if its steps were done, its weights exported and saved.
+    limited = tmp_path / "limited"
+    main(["--target", "planning", "--episodes", str(demo_dir), "--out", str(limited), "--init", str(out / "checkpoints" / "policy"),
+          "--steps", "500", "--time-limit", "0.001", *SMALL])
+    assert json.loads((limited / "checkpoints" / "planning" / "manifest.json").read_text())["metadata"]["step"] == 1
+    assert int((limited / "learner" / "planning" / "latest").read_text().strip().removeprefix("step")) == 1
 
 
 @pytest.mark.slow
@@ -111,6 +117,8 @@ def test_bad_inputs_name_the_argument(demo_dir: Path, tmp_path: Path) -> None:
         main(["--target", "policy", "--episodes", str(tmp_path / "nothing" / "*.hdf5"), "--out", str(tmp_path / "o"), *SMALL])
     with pytest.raises(ConfigError, match="--steps: expected a positive"):
         main(["--target", "policy", "--episodes", str(demo_dir), "--out", str(tmp_path / "o"), "--steps", "0", *SMALL])
+    with pytest.raises(ConfigError, match="--time-limit: expected a positive number of seconds"):
+        main(["--target", "policy", "--episodes", str(demo_dir), "--out", str(tmp_path / "o"), "--time-limit", "0", *SMALL])
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["--target", "judge", "--episodes", str(demo_dir), "--out", str(tmp_path / "o")])
     experience = tmp_path / "exp"
@@ -125,13 +133,19 @@ def test_bad_inputs_name_the_argument(demo_dir: Path, tmp_path: Path) -> None:
         main(["--target", "planning", "--episodes", str(experience), "--out", str(tmp_path / "o"), *SMALL])
 
 
-def test_first_query_only_leaves_samples_at_the_branch_point(demo_dir: Path) -> None:
+def test_branch_point_only_leaves_samples_at_the_branch_point(demo_dir: Path) -> None:
     from cosmos_policy.data.episode_file import read_episode
-    from launch.train import first_query_only
+    from launch.train import branch_point_only
 
     ep = read_episode(sorted(demo_dir.glob("*.hdf5"))[0])
     assert len(ep.sample_steps(16)) > 1
-    focused = first_query_only(ep, 16)
+    focused = branch_point_only(ep, 16)
     assert focused.sample_steps(16).tolist() == [0]
     assert focused.num_steps == ep.num_steps and (focused.actions == ep.actions).all()
     assert ep.sample_steps(16).tolist()[0] == 0 and len(ep.sample_steps(16)) > 1  # the original is untouched
+    # A later branch point (launch/collect.py --branch-query) is read from the episode's metadata.
+    ep.metadata["branch_step"] = 8
+    assert branch_point_only(ep, 16).sample_steps(16).tolist() == [8]
+    ep.metadata["branch_step"] = ep.num_steps + 3
+    with pytest.raises(ConfigError, match="branch_step: expected a step of episode"):
+        branch_point_only(ep, 16)
