@@ -27,13 +27,15 @@ WHEELS=${WHEELS:-.whl}
 if [ -d "$WHEELS" ]; then  # absent where the packages are installed already (a checkout with .venv)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
 fi
+mkdir -p /tmp/logs
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 MUJOCO_GL=egl PYOPENGL_PLATFORM=egl
 
-if [ "$PHASE" = collect ]; then
+for P in $PHASE; do  # PHASE="train evaluate": one call, one after the other
+if [ "$P" = collect ]; then
   if [ -d "${GL_DEBS:-.gl}" ]; then for f in "${GL_DEBS:-.gl}"/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
   if [ -f "${SITE:-.carry/site_noray.tar.xz}" ]; then tar -xJf "${SITE:-.carry/site_noray.tar.xz}" -C /tmp/site || exit 1; fi
-  python3 -c "from actors.envs.lift import LiftEnv; LiftEnv(image_size=64, num_initial_states=1)" > "$OUT/check.log" 2>&1 \
-    || { tail -5 "$OUT/check.log"; exit 1; }
+  python3 -c "from actors.envs.lift import LiftEnv; LiftEnv(image_size=64, num_initial_states=1)" > /tmp/logs/check.log 2>&1 \
+    || { tail -5 /tmp/logs/check.log; exit 1; }
   read -ra jobs <<< "${JOBS:-300-1799:0:0 1800-3299:1:0}"
   workers=$(( $(nproc) / ${#jobs[@]} > 0 ? $(nproc) / ${#jobs[@]} : 1 ))
   judge="planner.candidate_noise=0.1 planner.common_judge_seeds=true planner.value_kind=q_value planner.value_steps=[1]"
@@ -43,13 +45,14 @@ if [ "$PHASE" = collect ]; then
   for job in "${jobs[@]}"; do
     IFS=: read -r trials seed query <<< "$job"
     timeout "${COLLECT_S:-440}" python3 launch/collect.py "${args[@]}" --trials "$trials" --seed "$seed" --branch-query "${query:-0}" \
-      --out "/tmp/branches/q${query:-0}s$seed" $judge > "$OUT/collect_q${query:-0}s$seed.log" 2>&1 &
+      --out "/tmp/branches/q${query:-0}s$seed" $judge > "/tmp/logs/collect_q${query:-0}s$seed.log" 2>&1 &
   done
   wait
+  tail -n 4 /tmp/logs/*.log > "$OUT/collect.log"  # the run tool returns at most 8 files
   cat /tmp/branches/*/collect.jsonl > "$OUT/collect.jsonl"
   echo "collected $(wc -l < "$OUT/collect.jsonl") episodes in $SECONDS s"
   tar -cf - -C /tmp branches | xz -6 -T0 | split -b 15M - "$OUT/branches.tar.xz."
-elif [ "$PHASE" = train ]; then
+elif [ "$P" = train ]; then
   mkdir -p /tmp/branches
   if [ -n "${BRANCH_TARS:-}" ]; then cat $BRANCH_TARS | xz -dc | tar -xf - -C /tmp/branches || exit 1; fi  # the pieces, in order
   kinds="{q_value: 0.5, world_model: 0.5}"
@@ -75,15 +78,17 @@ elif [ "$PHASE" = train ]; then
   echo "train rc=$rc in $SECONDS s"; grep -v WARN "$OUT"/train*.log | tail -3
   cp /tmp/judge/metrics.jsonl "$OUT/" 2>/dev/null
   tar -cf - -C /tmp/judge/checkpoints planning | xz -1 -T0 | split -b 15M - "$OUT/judge.tar.xz."
-elif [ "$PHASE" = evaluate ]; then
+elif [ "$P" = evaluate ]; then
   # VARIANTS (default "plan1 plan2"): base = the policy alone; planN = planning at the first N queries
+  # (planNxM: among M candidates instead of 8)
   # with the judge (JUDGE, the train phase's checkpoint or its pieces JUDGE_TARS), mean of four 2-step
   # value predictions, offsets 0.1, shared judge seeds. Each on the initial states EVAL_TRIALS (0-99)
   # with episode seeds 0 and 1, the cores divided among the collections.
   if [ -d "${GL_DEBS:-.gl}" ]; then for f in "${GL_DEBS:-.gl}"/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
   if [ -f "${SITE:-.carry/site_noray.tar.xz}" ]; then tar -xJf "${SITE:-.carry/site_noray.tar.xz}" -C /tmp/site || exit 1; fi
   if [ -n "${JUDGE_TARS:-}" ]; then mkdir -p /tmp/judge_eval && cat $JUDGE_TARS | xz -dc | tar -xf - -C /tmp/judge_eval || exit 1; fi
-  judge=$(realpath "${JUDGE:-/tmp/judge_eval/planning}")
+  judge=/tmp/judge_eval/planning; [ -d "$judge" ] || judge=/tmp/judge/checkpoints/planning  # JUDGE_TARS', or this call's train phase's
+  judge=$(realpath "${JUDGE:-$judge}")
   read -ra variants <<< "${VARIANTS:-plan1 plan2}"
   workers=$(( $(nproc) / (2 * ${#variants[@]}) > 0 ? $(nproc) / (2 * ${#variants[@]}) : 1 ))
   common="planner.candidate_noise=0.1 planner.common_judge_seeds=true planner.value_kind=q_value planner.aggregation=mean"
@@ -91,16 +96,18 @@ elif [ "$PHASE" = evaluate ]; then
   for v in "${variants[@]}"; do
     case $v in
       base) extra="online.plan=false" ;;
+      plan*x*) n=${v#plan}; extra="online.plan=true env.plan_queries=${n%x*} planner.num_candidates=${v#*x}" ;;
       plan*) extra="online.plan=true env.plan_queries=${v#plan}" ;;
       *) echo "VARIANTS: expected base or planN, got $v" >&2; exit 2 ;;
     esac
     for seed in 0 1; do
       python3 launch/collect.py --config learning_curve --policy "$(realpath "${POLICY:?the policy checkpoint}")" --planning "$judge" \
         --trials "${EVAL_TRIALS:-0-99}" --seed $seed --workers "$workers" --threads 1 --out "/tmp/eval/$v/s$seed" $common $extra \
-        > "$OUT/eval_${v}_s$seed.log" 2>&1 &
+        > "/tmp/logs/eval_${v}_s$seed.log" 2>&1 &
     done
   done
   wait
+  tail -n 4 /tmp/logs/*.log > "$OUT/eval.log"
   for v in "${variants[@]}"; do cat /tmp/eval/$v/s*/collect.jsonl > "$OUT/eval_$v.jsonl"; done
   python3 - "$OUT"/eval_*.jsonl <<'EOF'
 import json, sys
@@ -110,5 +117,6 @@ for path in sys.argv[1:]:
 EOF
   echo "evaluated in $SECONDS s"
 else
-  echo "PHASE: expected collect, train or evaluate, got $PHASE" >&2; exit 2
+  echo "PHASE: expected collect, train or evaluate, got $P" >&2; exit 2
 fi
+done
