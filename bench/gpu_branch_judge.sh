@@ -1,7 +1,8 @@
 #!/bin/bash
-# A Q(s, a) judge for first-query planning on the built-in task, made on a GPU host without Ray, in
-# two device calls (each under 10 minutes): branching collection on the host's CPUs, then training
-# on its GPUs. bench/RESULTS.md ("sixth session") has what this made and how it was graded.
+# A Q(s, a) judge for planning on the built-in task, made and evaluated on a GPU host without Ray, in
+# device calls of under 10 minutes each: branching collection on the host's CPUs, training on its
+# GPUs, evaluation on its CPUs. bench/RESULTS.md ("sixth session", "seventh session") has what this
+# made. PHASE may list several phases for one call ("train evaluate").
 #
 #   PHASE=collect: branching collections side by side (launch/collect.py --branch-query K
 #     --branch-point-only), the cores divided among them, stopped after COLLECT_S seconds. JOBS lists
@@ -10,11 +11,13 @@
 #     it will rank there; QUERY 1 branches at the second query after a drawn first candidate). The
 #     episode files (frames at the branch point only) come back as $OUT/branches.tar.xz.* pieces of 15 MB.
 #   PHASE=train: the judge (JUDGE_SIZE, from JUDGE_INIT if given) is trained with launch/train.py
-#     on the episode files under BRANCHES (default: BRANCH_TARS, the collect phase's pieces,
-#     unpacked; without JUDGE_INIT, BRANCHES must also hold demonstrations, whose statistics
-#     normalize the judge's inputs), Q(s, a) and world-model
-#     samples 50/50 from the success and failure pools, STEPS steps, and comes back as
-#     $OUT/judge.tar.xz.* pieces.
+#     --branch-point-only on the episode files under BRANCHES (default: BRANCH_TARS, the collect
+#     phase's pieces, unpacked, or this call's collection; without JUDGE_INIT, BRANCHES must also
+#     hold demonstrations, whose statistics normalize the judge's inputs), Q(s, a) and world-model
+#     samples 50/50 from the success and failure pools, STEPS steps or TRAIN_S seconds of training,
+#     whichever ends first, on GPUS GPUs, from scratch (a warm host's earlier /tmp/judge is removed,
+#     not resumed), and comes back as $OUT/judge.tar.xz.* pieces.
+#   PHASE=evaluate: see its block below; the success counts are printed, the episodes' rows come back.
 #
 # Carry (run tool): the wheels in .whl/ (diffusers, deepspeed, omegaconf, hjson, pydantic(-core),
 # annotated-types, typing-inspection, importlib_metadata), the EGL packages in .gl/ (collect only),
@@ -53,14 +56,15 @@ if [ "$P" = collect ]; then
   echo "collected $(wc -l < "$OUT/collect.jsonl") episodes in $SECONDS s"
   tar -cf - -C /tmp branches | xz -6 -T0 | split -b 15M - "$OUT/branches.tar.xz."
 elif [ "$P" = train ]; then
-  mkdir -p /tmp/branches
-  if [ -n "${BRANCH_TARS:-}" ]; then cat $BRANCH_TARS | xz -dc | tar -xf - -C /tmp/branches || exit 1; fi  # the pieces, in order
+  rm -rf /tmp/judge /tmp/branch_tars; mkdir -p /tmp/branches /tmp/branch_tars
+  if [ -n "${BRANCH_TARS:-}" ]; then cat $BRANCH_TARS | xz -dc | tar -xf - -C /tmp/branch_tars || exit 1; fi  # the pieces, in order
+  branches=${BRANCHES:-$([ -n "${BRANCH_TARS:-}" ] && echo /tmp/branch_tars || echo /tmp/branches)}
   kinds="{q_value: 0.5, world_model: 0.5}"
   init=${JUDGE_INIT:+--init $(realpath "$JUDGE_INIT")}
   # Options first: --episodes takes every word up to the next option. GPUS > 1: one rank per GPU
   # (torchrun; the batch is per rank), and a single-GPU run in what time is left should that fail.
   train() {  # $1: the launcher (python3, or torchrun with its options), $2: the time limit, then overrides
-    $1 launch/train.py --config learning_curve --target planning --episodes ${BRANCHES:-/tmp/branches} \
+    $1 launch/train.py --config learning_curve --target planning --episodes $branches \
       --out /tmp/judge --steps "${STEPS:-1400}" --lr "${LR:-3e-4}" --branch-point-only --time-limit "$2" $init \
       model.size="${JUDGE_SIZE:-medium}" data.demos_as_rollouts=false learner.compile=false learner.vae_compile=false learner.float8=off \
       offline.warmup_steps=50 learner.data_workers="${DATA_WORKERS:-6}" logging.wandb=disabled "${@:3}" \

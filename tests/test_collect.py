@@ -94,6 +94,21 @@ def test_branches_are_written_as_files_and_a_rerun_skips_them(checkpoint: Path, 
         kept = {t for seq in ep.images.values() for t, jpeg in enumerate(seq.jpegs) if jpeg}
         assert execute in kept and kept <= {execute, min(execute + chunk, ep.num_steps - 1)}
     assert not np.allclose(late[0].actions[execute:execute + 4], late[1].actions[execute:execute + 4])
+    # bench/grade_branches.py grades a judge on these files: one state per branch point, the planner's
+    # candidates rebuilt from the files' frames close to the ones played, each pair counted once.
+    sys.path.insert(0, str(ROOT / "bench"))
+    from grade_branches import branch_groups, grade
+
+    from actors.policy_server import PolicySpec
+
+    groups = branch_groups([*episodes.values(), *late.values()])
+    assert [len(g) for g in groups] == [2, 2] and sorted(len(g[0].metadata.get("branch_candidates", [0])) for g in groups) == [1, 2]
+    _, planner = PolicySpec(checkpoint=str(checkpoint), planning_checkpoint=str(checkpoint), policy=cfg.policy_config(),
+                            planner=cfg.planner_config(), text_encoder=cfg.model.text_encoder).build()
+    figures = grade(planner, groups)
+    assert figures["states"] == 2 and set(figures["per_query"]) == {"0", "1"} and figures["candidate_gap"] < 0.1
+    mixed = sum(len({ep.success for ep in g}) == 2 for g in groups)
+    assert figures["pairs"] == mixed and (figures["judge_pair_accuracy"] is None) == (mixed == 0)
 
 
 def test_bad_inputs_name_the_argument(checkpoint: Path, tmp_path: Path) -> None:
