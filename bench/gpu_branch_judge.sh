@@ -15,7 +15,8 @@
 #     phase's pieces, unpacked, or this call's collection; without JUDGE_INIT, BRANCHES must also
 #     hold demonstrations, whose statistics normalize the judge's inputs), Q(s, a) and world-model
 #     samples 50/50 from the success and failure pools, STEPS steps or TRAIN_S seconds of training,
-#     whichever ends first, on GPUS GPUs, from scratch (a warm host's earlier /tmp/judge is removed,
+#     whichever ends first, on GPUS GPUs (EXPORT_EVERY: snapshots every that many steps come back too,
+#     as judge_step<N>.tar.xz.* pieces, to be chosen among on held-out labels), from scratch (a warm host's earlier /tmp/judge is removed,
 #     not resumed), and comes back as $OUT/judge.tar.xz.* pieces.
 #   PHASE=evaluate: see its block below; the success counts are printed, the episodes' rows come back.
 #
@@ -40,7 +41,8 @@ if [ "$P" = collect ]; then
   python3 -c "from actors.envs.lift import LiftEnv; LiftEnv(image_size=64, num_initial_states=1)" > /tmp/logs/check.log 2>&1 \
     || { tail -5 /tmp/logs/check.log; exit 1; }
   read -ra jobs <<< "${JOBS:-300-1799:0:0 1800-3299:1:0}"
-  workers=$(( $(nproc) / ${#jobs[@]} > 0 ? $(nproc) / ${#jobs[@]} : 1 ))
+  cores=${CORES:-$(nproc)}  # CORES: fewer than the host has, when a training shares it
+  workers=$(( cores / ${#jobs[@]} > 0 ? cores / ${#jobs[@]} : 1 ))
   judge="planner.candidate_noise=0.1 planner.common_judge_seeds=true planner.value_kind=q_value planner.value_steps=[1]"
   judge="$judge planner.future_steps=[1] online.plan=false logging.wandb=disabled"  # the judge's values are not used when branching
   args=(--config learning_curve --policy "$(realpath "${POLICY:?the policy checkpoint}")" --planning "$(realpath "${PLANNING:?a planning checkpoint}")"
@@ -65,7 +67,7 @@ elif [ "$P" = train ]; then
   # (torchrun; the batch is per rank), and a single-GPU run in what time is left should that fail.
   train() {  # $1: the launcher (python3, or torchrun with its options), $2: the time limit, then overrides
     $1 launch/train.py --config learning_curve --target planning --episodes $branches \
-      --out /tmp/judge --steps "${STEPS:-1400}" --lr "${LR:-3e-4}" --branch-point-only --time-limit "$2" $init \
+      --out /tmp/judge --steps "${STEPS:-1400}" --lr "${LR:-3e-4}" --branch-point-only --time-limit "$2" $init ${EXPORT_EVERY:+--export-every $EXPORT_EVERY} \
       model.size="${JUDGE_SIZE:-medium}" data.demos_as_rollouts=false learner.compile=false learner.vae_compile=false learner.float8=off \
       offline.warmup_steps=50 learner.data_workers="${DATA_WORKERS:-6}" logging.wandb=disabled "${@:3}" \
       "data.planning_mixture={pools: {success: 0.5, failure: 0.5}, kinds: {success: $kinds, failure: $kinds}}"
@@ -82,6 +84,9 @@ elif [ "$P" = train ]; then
   echo "train rc=$rc in $SECONDS s"; grep -v WARN "$OUT"/train*.log | tail -3
   cp /tmp/judge/metrics.jsonl "$OUT/" 2>/dev/null
   tar -cf - -C /tmp/judge/checkpoints planning | xz -1 -T0 | split -b 15M - "$OUT/judge.tar.xz."
+  for d in /tmp/judge/checkpoints/planning_step*; do  # EXPORT_EVERY's snapshots, one archive each
+    [ -d "$d" ] && tar -cf - -C /tmp/judge/checkpoints "${d##*/}" | xz -1 -T0 | split -b 15M - "$OUT/judge_${d##*planning_}.tar.xz."
+  done
 elif [ "$P" = evaluate ]; then
   # VARIANTS (default "plan1 plan2"): base = the policy alone; planN = planning at the first N queries
   # (planNxM: among M candidates instead of 8)
@@ -94,7 +99,8 @@ elif [ "$P" = evaluate ]; then
   judge=/tmp/judge_eval/planning; [ -d "$judge" ] || judge=/tmp/judge/checkpoints/planning  # JUDGE_TARS', or this call's train phase's
   judge=$(realpath "${JUDGE:-$judge}")
   read -ra variants <<< "${VARIANTS:-plan1 plan2}"
-  workers=$(( $(nproc) / (2 * ${#variants[@]}) > 0 ? $(nproc) / (2 * ${#variants[@]}) : 1 ))
+  cores=${CORES:-$(nproc)}
+  workers=$(( cores / (2 * ${#variants[@]}) > 0 ? cores / (2 * ${#variants[@]}) : 1 ))
   common="planner.candidate_noise=0.1 planner.common_judge_seeds=true planner.value_kind=q_value planner.aggregation=mean"
   common="$common planner.value_steps=[2,2,2,2] planner.future_steps=[1] logging.wandb=disabled"
   for v in "${variants[@]}"; do

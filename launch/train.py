@@ -112,7 +112,7 @@ def statistics(init: str | None, episodes: list[Episode]) -> NormalizationStats:
 
 def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init: str | None = None, steps: int | None = None,
           lr: float | None = None, stopping: dict[str, bool] | None = None, branch_point: bool = False,
-          time_limit: float | None = None) -> Path:
+          time_limit: float | None = None, export_every: int | None = None) -> Path:
     """Train ``target`` on ``episodes`` and export it to ``<out>/checkpoints/<target>``; returns that path.
 
     ``branch_point``: experience (not demonstrations) gives samples at its branch point only (the first
@@ -120,6 +120,9 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
     ``time_limit``: seconds of training after which the run ends as if its steps were done (export, save),
     checked every report interval and agreed by all ranks: a run inside a fixed window (a rented GPU
     call) ends with its weights exported instead of killed with nothing to show.
+    ``export_every``: also export snapshots ``<out>/checkpoints/<target>_step<N>`` every that many steps,
+    for choosing among them afterwards on held-out labels (a judge has no held-out loss here: its quality
+    is how it ranks held-out states' candidates, ``bench/grade_branches.py``).
     """
     from learner.engine import Learner  # DeepSpeed: imported when training, not for --help
 
@@ -161,6 +164,8 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
             rows: list[dict[str, float]] = []
             for _ in range(min(every, steps - learner.step)):
                 rows.append(learner.train_step())
+                if export_every and learner.step % export_every == 0 and learner.step < steps:  # every rank takes part
+                    learner.export(ckpt.parent / f"{target}_step{learner.step}")
                 if stopping["stop"]:
                     learner.save()
                     raise Stopped()
@@ -214,8 +219,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="experience gives samples at its branch point only (metadata branch_step; the first query without one)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="end training after S seconds as if its steps were done (export and save)")
+    parser.add_argument("--export-every", type=int, default=None, metavar="N",
+                        help="also export snapshots <out>/checkpoints/<target>_step<N> every N steps")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
+    if args.export_every is not None and args.export_every < 1:
+        raise ConfigError(f"--export-every: expected a positive number of steps, got {args.export_every}")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: expected a positive number of learner steps, got {args.steps}")
     if args.time_limit is not None and not args.time_limit > 0:
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(s, on_signal)
     try:
         path = train(cfg, args.target, episodes, Path(args.out), init=args.init, steps=args.steps, lr=args.lr, stopping=stopping,
-                     branch_point=args.branch_point_only, time_limit=args.time_limit)
+                     branch_point=args.branch_point_only, time_limit=args.time_limit, export_every=args.export_every)
     except Stopped:
         if os.environ.get("RANK", "0") == "0":
             say(f"stopped; run again with --out {args.out} to resume")

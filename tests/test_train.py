@@ -83,6 +83,13 @@ def test_policy_then_planning_model_from_files(demo_dir: Path, tmp_path: Path) -
           "--steps", "500", "--time-limit", "0.001", *SMALL])
     assert json.loads((limited / "checkpoints" / "planning" / "manifest.json").read_text())["metadata"]["step"] == 1
     assert int((limited / "learner" / "planning" / "latest").read_text().strip().removeprefix("step")) == 1
+    # --export-every: snapshots to choose from afterwards, besides the final export.
+    snap = tmp_path / "snapshots"
+    main(["--target", "planning", "--episodes", str(demo_dir), "--out", str(snap), "--init", str(out / "checkpoints" / "policy"),
+          "--steps", "5", "--export-every", "2", *SMALL])
+    assert sorted(p.name for p in (snap / "checkpoints").iterdir()) == ["planning", "planning_step2", "planning_step4"]
+    assert json.loads((snap / "checkpoints" / "planning_step4" / "manifest.json").read_text())["metadata"]["step"] == 4
+    assert load_checkpoint(snap / "checkpoints" / "planning_step2").stats is not None
 
 
 @pytest.mark.slow
@@ -119,6 +126,8 @@ def test_bad_inputs_name_the_argument(demo_dir: Path, tmp_path: Path) -> None:
         main(["--target", "policy", "--episodes", str(demo_dir), "--out", str(tmp_path / "o"), "--steps", "0", *SMALL])
     with pytest.raises(ConfigError, match="--time-limit: expected a positive number of seconds"):
         main(["--target", "policy", "--episodes", str(demo_dir), "--out", str(tmp_path / "o"), "--time-limit", "0", *SMALL])
+    with pytest.raises(ConfigError, match="--export-every: expected a positive number of steps"):
+        main(["--target", "policy", "--episodes", str(demo_dir), "--out", str(tmp_path / "o"), "--export-every", "0", *SMALL])
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["--target", "judge", "--episodes", str(demo_dir), "--out", str(tmp_path / "o")])
     experience = tmp_path / "exp"
