@@ -29,7 +29,9 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -83,8 +85,27 @@ def lead_candidates(trial: int, seed: int, queries: int, candidates: int) -> lis
     return [int(c) for c in np.random.default_rng([trial, seed, 7]).integers(candidates, size=queries)]
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker when the collector that spawned it is gone.
+
+    A collector killed by a signal (``kill``, a job stop) never reaches its pool's shutdown, and its
+    spawned workers would go on playing queued episodes that nobody records, holding the cores.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _start(config_path: str, policy: str, planning: str | None, trials: list[int], threads: int, branch_point: bool = False) -> None:
     import torch
+
+    _exit_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the collector stops the workers
 
     from actors.env_process import EnvConfig
     from actors.env_runner import EpisodeRunner, LocalPolicyClient, RunnerConfig
@@ -185,14 +206,30 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
             log.open("a", buffering=1) as f:
         n = cfg.planner_config().num_candidates
         futures = [pool.submit(_play, t, b, seed, lead_candidates(t, seed, branch_query, n) if b is not None else []) for t, b in todo]
-        for fut in as_completed(futures):
-            row = fut.result()
-            f.write(json.dumps(row) + "\n")
-            rows.append(row)
-            if len(rows) % max(1, len(todo) // 20) == 0 or len(rows) == len(todo):
-                rate = sum(r["success"] for r in rows) / len(rows)
-                say(f"collect: {len(rows)}/{len(todo)} episodes, success {rate:.1%}, {time.time() - start:.0f} s")
+        try:
+            for fut in as_completed(futures):
+                row = fut.result()
+                f.write(json.dumps(row) + "\n")
+                rows.append(row)
+                if len(rows) % max(1, len(todo) // 20) == 0 or len(rows) == len(todo):
+                    rate = sum(r["success"] for r in rows) / len(rows)
+                    say(f"collect: {len(rows)}/{len(todo)} episodes, success {rate:.1%}, {time.time() - start:.0f} s")
+        except BaseException:
+            # Stopped (Ctrl-C, SIGTERM) or a worker failed: the queued episodes are dropped instead of
+            # played out by the pool's exit, and the workers stop with the episode at hand (unrecorded:
+            # a rerun plays it again). Every episode in collect.jsonl has its file.
+            procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                proc.terminate()
+            say(f"collect: stopped after {len(rows)} of {len(todo)} episodes; run again with --out {out} to continue")
+            raise
     return rows
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``timeout``, a job stop) ends the collection as Ctrl-C does: workers stopped, what was logged kept."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     cfg = load_experiment(args.config, args.overrides)
+    signal.signal(signal.SIGTERM, _stop)
     rows = collect(cfg, args.policy, args.planning, parse_trials(args.trials), Path(args.out), seed=args.seed,
                    branch=args.branch_first_query or args.branch_query is not None, workers=args.workers,
                    branch_point=args.branch_point_only, threads=args.threads, branch_query=args.branch_query or 0)

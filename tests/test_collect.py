@@ -2,15 +2,17 @@
 
 Real built-in task (robosuite Lift), the tiny model with random weights (the mechanics, not the
 skill, are under test): branching at the first query, the files and their log, a rerun that
-skips what was done, bad inputs, and the Ray-free entry points importing where Ray is missing.
+skips what was done, a SIGTERM that stops the workers too, bad inputs, and the Ray-free entry points importing where Ray is missing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +139,43 @@ def test_ray_free_entry_points_import_without_ray() -> None:
             "from actors.env_runner import EpisodeRunner; from actors.policy_server import BatchingServer, PolicySpec; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_workers_and_keeps_what_was_logged(checkpoint: Path, tmp_path: Path) -> None:
+    """A collector killed with SIGTERM (``kill``, a job stop) takes its spawned workers with it; every logged row has its file."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "col"
+    cmd = [sys.executable, str(ROOT / "launch" / "collect.py"), "--config", "quickstart", "--policy", str(checkpoint), "--trials", "0-199",
+           "--workers", "2", "--threads", "1", "--out", str(out), *OVERRIDES]
+    log = out / "collect.jsonl"
+
+    def start_and_wait_for_rows(n: int):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= n):
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers, "the collector runs its episodes in worker processes"
+        return proc, workers
+
+    proc, workers = start_and_wait_for_rows(1)
+    proc.send_signal(signal.SIGTERM)  # the collector alone, not its process group
+    said, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, said
+    assert "run again with --out" in said
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers left running after the collector stopped: {[p.pid for p in alive]}"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert 1 <= len(rows) < 200  # stopped early, and what was logged stays
+    assert all((out / r["file"]).is_file() for r in rows)
+    # SIGKILL gives the collector no chance to stop anything: its workers notice it is gone and exit.
+    proc, workers = start_and_wait_for_rows(len(rows) + 1)
+    proc.kill()
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers outlived a killed collector: {[p.pid for p in alive]}"
+    rerun = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len({(r["trial"], r["branch"]) for r in rerun}) == len(rerun) > len(rows)  # the rerun skipped what was logged
