@@ -14,6 +14,12 @@
    ``final_policy_success`` (``--evals ...,final_policy``): that policy alone, without planning.
    ``gain_points`` = 100 x (final_success - base_success). Target: >= 15 over >= 200 episodes.
 
+``--planning CKPT``: the ``final`` evaluation plans with this planning model instead of the job's
+last one: a judge made from this run's own episodes outside the job, where the CPU machine is too
+small for it (``bench/gpu_branch_judge.sh``: branching episodes of this run's policy collected and a
+9.4 M-parameter judge trained on a GPU host; bench/RESULTS.md, "eighth session"). With
+``online.rounds=0`` the job stops after its offline phase (demonstrations, policy, planning model).
+
 Writes bench/results/learning_curve.json (or --out) after each evaluation (``complete`` turns true
 at the end) and prints one JSON line per evaluation. A run directory that exists is resumed, so a
 second call goes straight to the evaluations.
@@ -80,8 +86,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--evals", default="base,offline_planning,final", help="which evaluations, in order (comma-separated)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning_curve.json"))
+    parser.add_argument("--planning", default=None, help="plan the final evaluation with this planning checkpoint (default: the job's last)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.planning is not None and not (Path(args.planning) / "manifest.json").is_file():
+        raise SystemExit(f"--planning: expected a checkpoint directory with a manifest.json, got {args.planning!r}")
     overrides = ["run_dir=runs/learning_curve", "name=learning_curve", *args.overrides]
     cfg = load_experiment(args.config, overrides)
     start = time.time()
@@ -89,7 +98,8 @@ def main() -> None:
     train_s = time.time() - start
     state = json.loads((Path(cfg.run_dir) / "state.json").read_text())
     seeds = [int(s) for s in args.seeds.split(",")]
-    policy, planning_offline, planning_final = state["policy_checkpoint"], state["planning_checkpoint"], state["planning_latest"]
+    policy, planning_offline = state["policy_checkpoint"], state["planning_checkpoint"]
+    planning_final = str(Path(args.planning).resolve()) if args.planning else state.get("planning_latest", planning_offline)
     policy_final = state.get("policy_latest") or policy  # the refined policy, with online.refine_policy
     figures: dict = {
         "eval_seeds": seeds,
@@ -103,6 +113,8 @@ def main() -> None:
         "policy_weight_version": state.get("policy_version", 0),
         "this_call_run_s": round(train_s, 1),  # run(cfg) in this call (little when it resumed a finished run)
         "run_wall_s": _run_wall_s(Path(cfg.run_dir)),  # the whole job, from its own metrics (over resumes)
+        "final_planning_checkpoint": planning_final,
+        "final_planning_step": json.loads((Path(planning_final) / "manifest.json").read_text()).get("metadata", {}).get("step"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "command": "python bench/learning_curve.py " + " ".join(sys.argv[1:]),
         "complete": False,
