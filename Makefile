@@ -36,10 +36,11 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-reverb
 
-# The replay suite's Reverb cases against a real server. REQUIRE_REVERB=1 turns their skip into a
-# failure should Reverb not import, and pytest's exit code 5 (no test ran) fails the target too.
+# The replay suite's Reverb cases against a real server, and a scaled-down main job with
+# replay.backend=reverb. REQUIRE_REVERB=1 turns their skip into a failure should Reverb not import,
+# and pytest's exit code 5 (no test ran) fails the target too.
 test-reverb: $(STAMP_REVERB)
-	REQUIRE_REVERB=1 TF_CPP_MIN_LOG_LEVEL=2 $(PY_REVERB) -m pytest tests/test_replay.py -k reverb $(PYTEST_REVERB_ARGS)
+	REQUIRE_REVERB=1 TF_CPP_MIN_LOG_LEVEL=2 MUJOCO_GL=egl $(PY_REVERB) -m pytest tests/test_replay.py tests/test_online.py -k reverb $(PYTEST_REVERB_ARGS)
 
 install: $(STAMP)
 
@@ -56,7 +57,7 @@ $(STAMP): pyproject.toml Makefile
 		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
-	$(PIP) install -q -e '.[dev,libero]'
+	$(PIP) install -q -e '.[all,libero,dev]'
 	@touch $@
 
 $(STAMP_REVERB): pyproject.toml Makefile
@@ -70,7 +71,7 @@ $(STAMP_REVERB): pyproject.toml Makefile
 		$(PY_REVERB) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
 		$(PY_REVERB) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
 	fi
-	$(PY_REVERB) -m pip install -q -e '.[dev,reverb]'
+	$(PY_REVERB) -m pip install -q -e '.[all,reverb,dev]'
 	$(PY_REVERB) -m pip check
 	@touch $@
 

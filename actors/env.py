@@ -1,4 +1,4 @@
-"""The environment interface every simulator (and robot) adapter implements.
+"""The gates around every environment (the ``Env`` contract of ``cosmos_policy.contracts``).
 
 An environment runs tasks; each episode starts from a task, a seed and (optionally) an initial
 simulator state, and reports camera images, proprio and success. Cameras are rendered only when
@@ -12,47 +12,10 @@ action never reaches one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 import numpy as np
 
+from cosmos_policy.contracts import EnvSpec, Observation
 from cosmos_policy.errors import InputError
-from cosmos_policy.policy import Observation
-
-
-@dataclass(frozen=True)
-class EnvSpec:
-    """What an environment gives and takes."""
-
-    cameras: tuple[str, ...]  # camera names as the model's layout calls them (primary, wrist...)
-    image_size: tuple[int, int]  # (H, W) of rendered images
-    proprio_dim: int
-    action_dim: int
-    action_low: tuple[float, ...] = ()  # per-dimension bounds; empty = unbounded
-    action_high: tuple[float, ...] = ()
-    control_hz: float = 20.0
-
-
-@dataclass
-class StepResult:
-    observation: Observation  # images are empty unless the step was rendered
-    success: bool
-    done: bool  # success, or the task's step limit
-    info: dict = field(default_factory=dict)
-
-
-class Env(Protocol):
-    spec: EnvSpec
-
-    def tasks(self) -> list[str]: ...
-    def instruction(self, task: str) -> str: ...
-    def initial_states(self, task: str) -> list[np.ndarray]: ...
-    def max_steps(self, task: str) -> int: ...
-    def reset(self, task: str, seed: int, initial_state: np.ndarray | None = None) -> Observation: ...
-    def step(self, action: np.ndarray, render: bool = True) -> StepResult: ...
-    def get_state(self) -> np.ndarray: ...
-    def close(self) -> None: ...
 
 
 def check_observation(obs: Observation, spec: EnvSpec, rendered: bool, where: str = "env") -> Observation:

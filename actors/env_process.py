@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from actors.env import Env, EnvSpec
+from cosmos_policy.contracts import Env, EnvSpec
 from cosmos_policy.errors import ConfigError
 
 # name -> "module:Class"; adapters live in actors/envs/.

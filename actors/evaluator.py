@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
 
+from actors.dispatch import spread
 from actors.env_runner import EpisodeResult
 from cosmos_policy.errors import ConfigError
 
@@ -30,7 +31,8 @@ class EvalConfig:
             raise ConfigError("eval: need trials >= 1 and at least one seed")
 
 
-def evaluate(runners: list[Any], config: EvalConfig, suite: str = "", plan: bool | None = None, record: bool | None = None) -> dict[str, Any]:
+def evaluate(runners: list[Any], config: EvalConfig, suite: str = "", plan: bool | None = None, record: bool | None = None,
+             on_result: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run every (seed, task, trial) on the runners; returns the report (JSON-ready).
 
     ``plan`` / ``record`` override the runners' own settings for these episodes (the main job
@@ -40,18 +42,7 @@ def evaluate(runners: list[Any], config: EvalConfig, suite: str = "", plan: bool
         raise ConfigError("eval: no runners")
     tasks = config.tasks or ray.get(runners[0].tasks.remote())
     jobs = [(seed, task, trial) for seed in config.seeds for task in tasks for trial in range(config.trials)]
-    pending: dict[Any, tuple[Any, tuple]] = {}
-    free = list(runners)
-    results: list[tuple[tuple, EpisodeResult]] = []
-    while jobs or pending:
-        while free and jobs:
-            runner, job = free.pop(), jobs.pop(0)
-            seed, task, trial = job
-            pending[runner.run_trial.remote(task, seed, trial, plan, record)] = (runner, job)
-        done, _ = ray.wait(list(pending), num_returns=1)
-        runner, job = pending.pop(done[0])
-        results.append((job, ray.get(done[0])))
-        free.append(runner)
+    results = spread(runners, jobs, lambda runner, job: runner.run_trial.remote(job[1], job[0], job[2], plan, record), on_result)
     return report(results, tasks, config, suite)
 
 

@@ -2,12 +2,13 @@
 
 Environments on CPUs send ``act`` (one chunk) and ``plan`` (best-of-N) requests; the server
 collects them for up to ``max_wait_ms`` or until ``max_batch`` have arrived, runs them as one
-batched query, and routes each reply, with the weight version that produced it, back to its
-caller. A malformed request fails alone: it is validated before it joins a batch. New weights
-are staged by ``set_weights`` and swapped in between batches, never during one.
+batched query, and routes each reply back to its caller as an ``ActionChunk`` that names the
+weight versions that produced it. A malformed request
+fails alone: it is validated before it joins a batch. New weights are staged by ``set_weights``
+(or taken from a ``WeightSource`` by the actor) and swapped in between batches, never during one.
 
 ``BatchingServer`` is plain asyncio (it runs without Ray, e.g. on the GPU machine);
-``PolicyServer`` is the Ray actor around it.
+``PolicyServer`` is the Ray actor around it; ``actors.policies.ServerPolicy`` is its client.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 try:
     import ray
@@ -23,35 +24,29 @@ except ImportError:  # optional where only the Ray-free parts run (e.g. a GPU ma
     ray = None
 import torch
 
-from cosmos_policy.checkpoint import load_checkpoint
-from cosmos_policy.weights import REGISTRY
-from cosmos_policy.errors import CheckpointError, ConfigError
-from cosmos_policy.planner import Plan, Planner, PlannerConfig
-from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig, PolicyOutput
-from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
+from actors.policies import PolicySpec
+from cosmos_policy.contracts import ActionChunk, Observation, Target, WeightSource
+from cosmos_policy.errors import ConfigError
+from cosmos_policy.planner import Planner
+from cosmos_policy.policy import CosmosPolicy
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerConfig:
-    max_batch: int = 8  # requests per batched query
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-    poll_weights_s: float = 0.0  # > 0: pull newly published weights this often (Ray actor only)
+    """How a PolicyServer batches requests and takes new weights."""
+
+    max_batch: int = 8
+    """Requests per batched query (the experiment's default: max(8, online.runners))."""
+    max_wait_ms: float = 5.0
+    """How long the first request of a batch waits for company."""
+    poll_weights_s: float = 0.5
+    """How often the Ray actor asks its weight source for a newer version (0: never)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ConfigError(f"server.max_batch: expected >= 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"server.max_wait_ms: expected >= 0, got {self.max_wait_ms}")
-
-
-@dataclass
-class Reply:
-    """A result and the weight versions that produced it."""
-
-    result: PolicyOutput | Plan
-    policy_version: int
-    planning_version: int | None
-    batch_size: int  # how many requests shared the forward passes
 
 
 @dataclass
@@ -64,25 +59,28 @@ class _Request:
 class BatchingServer:
     """Dynamic batching of act / plan requests around a policy and an optional planner."""
 
-    def __init__(self, policy: CosmosPolicy, planner: Planner | None = None, config: ServerConfig | None = None,
-                 policy_version: int = 0, planning_version: int | None = None) -> None:
+    def __init__(self, policy: CosmosPolicy, planner: Planner | None = None, config: ServerConfig | None = None) -> None:
         self.policy = policy
         self.planner = planner
         self.config = config or ServerConfig()
-        self.versions = {"policy": policy_version, "planning": planning_version if planner is not None else None}
         self._pending_weights: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
         self._queues: dict[str, asyncio.Queue[_Request]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._lock: asyncio.Lock | None = None
         self.stats = {"requests": 0, "batches": 0, "act_batches": 0, "plan_batches": 0, "busy_s": 0.0}
 
-    async def act(self, observation: Observation, seed: int | None = None) -> Reply:
+    @property
+    def versions(self) -> dict[str, int | None]:
+        """The weight versions in the models now (what the next batch runs with, unless new ones are staged)."""
+        return {"policy": self.policy.version, "planning": None if self.planner is None else self.planner.version}
+
+    async def act(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         return await self._submit("act", observation, self.policy.config.seed if seed is None else seed)
 
-    async def plan(self, observation: Observation, seed: int = 0) -> Reply:
+    async def plan(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         if self.planner is None:
             raise ConfigError("plan: this server has no planning model")
-        return await self._submit("plan", observation, seed)
+        return await self._submit("plan", observation, 0 if seed is None else seed)
 
     def set_weights(self, version: int, state_dict: dict[str, torch.Tensor], target: str = "policy") -> None:
         """Stage network weights for ``target`` ('policy' or 'planning'); applied before the next batch."""
@@ -90,7 +88,7 @@ class BatchingServer:
             raise ConfigError(f"set_weights: unknown or absent target {target!r}")
         self._pending_weights[target] = (int(version), state_dict)
 
-    async def _submit(self, kind: str, observation: Observation, seed: int) -> Reply:
+    async def _submit(self, kind: str, observation: Observation, seed: int) -> ActionChunk:
         self.policy.validate(observation)  # a bad request fails alone, before it can spoil a batch
         loop = asyncio.get_running_loop()
         if kind not in self._queues:
@@ -130,7 +128,7 @@ class BatchingServer:
                     self.stats["busy_s"] += time.perf_counter() - start
             for r, res in zip(batch, results):
                 if not r.future.done():
-                    r.future.set_result(Reply(res, self.versions["policy"], self.versions["planning"], len(batch)))
+                    r.future.set_result(res)
 
     async def apply_pending(self) -> None:
         """Swap staged weights in now if no batch is running (else the next batch does it first).
@@ -145,7 +143,7 @@ class BatchingServer:
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(None, self._apply_weights)
 
-    def _run(self, kind: str, batch: list[_Request]) -> list[Any]:
+    def _run(self, kind: str, batch: list[_Request]) -> list[ActionChunk]:
         self._apply_weights()
         observations, seeds = [r.observation for r in batch], [r.seed for r in batch]
         self.stats["batches"] += 1
@@ -156,43 +154,8 @@ class BatchingServer:
 
     def _apply_weights(self) -> None:
         for target, (version, state) in list(self._pending_weights.items()):
-            model = self.policy.model if target == "policy" else self.planner.planning  # type: ignore[union-attr]
-            model.denoiser.net.load_state_dict(state)
-            self.versions[target] = version
+            (self.policy if target == "policy" else self.planner).load_weights(state, version)  # type: ignore[union-attr]
             del self._pending_weights[target]
-
-
-@dataclass
-class PolicySpec:
-    """Where a server's models come from: checkpoints in our format, plus how to query them."""
-
-    checkpoint: str
-    planning_checkpoint: str | None = None
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    device: str = "cpu"
-    dtype: str | None = None  # e.g. "bfloat16" on a GPU
-    # Encode instructions missing from the checkpoint's cache: None (they are errors), "random"
-    # (RandomTextEncoder: tiny models and the quickstart), or a local T5 encoder directory.
-    text_encoder: str | None = None
-
-    def build(self) -> tuple[CosmosPolicy, Planner | None]:
-        dtype = getattr(torch, self.dtype) if self.dtype else None
-        ckpt = load_checkpoint(self.checkpoint, device=self.device, dtype=dtype)
-        if ckpt.stats is None or (ckpt.text is None and self.text_encoder is None):
-            raise CheckpointError(f"{self.checkpoint}: a served checkpoint needs dataset_statistics.json and t5_embeddings.pkl")
-        text_cfg = ckpt.model.config.text
-        encoder = None
-        if self.text_encoder == "random":
-            encoder = RandomTextEncoder(text_cfg.embed_dim, text_cfg.max_length)
-        elif self.text_encoder is not None:
-            encoder = T5TextEncoder(self.text_encoder, text_cfg.max_length, device=self.device)
-        policy = CosmosPolicy(ckpt.model, ckpt.stats, ckpt.text or TextEmbeddingCache(), self.policy, text_encoder=encoder)
-        planner = None
-        if self.planning_checkpoint is not None:
-            planning = load_checkpoint(self.planning_checkpoint, device=self.device, dtype=dtype, expected_layout=ckpt.model.layout)
-            planner = Planner(policy, planning.model, self.planner)
-        return policy, planner
 
 
 class PolicyServer:
@@ -200,46 +163,41 @@ class PolicyServer:
 
     The models are built inside the actor from ``spec`` (checkpoints on shared storage), where
     they run, instead of being shipped over; a callable returning (policy, planner) also works.
+    With ``weights`` it takes every newly published version (``config.poll_weights_s``).
     """
 
     def __init__(self, spec: PolicySpec | Callable[[], tuple[CosmosPolicy, Planner | None]], config: ServerConfig | None = None,
-                 policy_version: int = 0, planning_version: int | None = None) -> None:
+                 weights: WeightSource | None = None) -> None:
         policy, planner = spec.build() if isinstance(spec, PolicySpec) else spec()
-        self.server = BatchingServer(policy, planner, config, policy_version, planning_version)
+        self.server = BatchingServer(policy, planner, config)
+        self.weights = weights
         self._poller: asyncio.Task | None = None
-        self._registry = REGISTRY
-
-    async def set_registry(self, name: str) -> None:
-        """Which weight registry to pull from (one per experiment)."""
-        self._registry = name
 
     async def _poll_weights(self) -> None:
         """Stage every newly published version; the batching loop swaps it in between batches."""
-        from actors.weights import WeightSubscriber
-
-        targets = ["policy"] + (["planning"] if self.server.planner is not None else [])
-        subscribers = {t: WeightSubscriber(t, self._registry) for t in targets}
+        assert self.weights is not None
+        targets = [Target.POLICY] + ([Target.PLANNING] if self.server.planner is not None else [])
         loop = asyncio.get_running_loop()
         while True:
-            for target, sub in list(subscribers.items()):
-                if sub.name != self._registry:  # the registry was changed after polling started
-                    sub = subscribers[target] = WeightSubscriber(target, self._registry)
-                got = await loop.run_in_executor(None, sub.poll)
+            for target in targets:
+                staged = self.server._pending_weights.get(target.value)
+                current = staged[0] if staged else self.server.versions[target.value]
+                got = await loop.run_in_executor(None, self.weights.latest, target.value, current)
                 if got is not None:
                     record, state = got
-                    self.server.set_weights(record.version, state, target)
+                    self.server.set_weights(record.version, state, target.value)
                     await self.server.apply_pending()
             await asyncio.sleep(self.server.config.poll_weights_s)
 
     async def start_polling(self) -> None:
-        if self.server.config.poll_weights_s > 0 and self._poller is None:
+        if self.weights is not None and self.server.config.poll_weights_s > 0 and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_weights())
 
-    async def act(self, observation: Observation, seed: int | None = None) -> Reply:
+    async def act(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         await self.start_polling()
         return await self.server.act(observation, seed)
 
-    async def plan(self, observation: Observation, seed: int = 0) -> Reply:
+    async def plan(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         await self.start_polling()
         return await self.server.plan(observation, seed)
 

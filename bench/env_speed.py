@@ -79,7 +79,8 @@ def episodes_per_hour(seconds: float) -> float:
 
     from actors.env_process import EnvConfig
     from actors.env_runner import EnvRunner, RunnerConfig
-    from actors.policy_server import PolicyServer, PolicySpec, ServerConfig
+    from actors.policies import PolicySpec, ServerPolicy
+    from actors.policy_server import PolicyServer, ServerConfig
     from cosmos_policy.checkpoint import save_checkpoint
     from cosmos_policy.codec import NormalizationStats
     from cosmos_policy.config import load_model_config
@@ -95,7 +96,7 @@ def episodes_per_hour(seconds: float) -> float:
     spec = PolicySpec(checkpoint=str(ckpt), policy=PolicyConfig(action_steps=5), text_encoder="random")
     server = PolicyServer.options(num_cpus=0.5).remote(spec, ServerConfig(max_wait_ms=10))
     config = RunnerConfig(env=EnvConfig("lift", {"max_steps": 100}), execute=16, record=False)
-    runners = [EnvRunner.options(num_cpus=0.5).remote(config, server) for _ in range(2)]
+    runners = [EnvRunner.options(num_cpus=0.5).remote(config, ServerPolicy(server)) for _ in range(2)]
     ray.get([r.run.remote("lift", 0) for r in runners])  # warm-up: processes, models, simulators
     done, start = 0, time.perf_counter()
     pending = {r.run.remote("lift", i): r for i, r in enumerate(runners)}

@@ -102,18 +102,18 @@ def bench_policy(args, device) -> tuple:
     policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5, prefix_encode=args.prefix_encode))
     obs = observation(model.layout, 256)
     start = time.perf_counter()
-    policy.act(obs)
+    policy.infer(obs)
     emit("first_chunk_s_incl_compile", round(time.perf_counter() - start, 1))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    emit("action_chunk_s_libero_b1", timed(lambda: policy.act(obs), device, args.warmup, args.iters))
+    emit("action_chunk_s_libero_b1", timed(lambda: policy.infer(obs), device, args.warmup, args.iters))
     if device.type == "cuda":
         emit("policy_peak_memory_gb_libero", torch.cuda.max_memory_allocated() / 2**30)
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            policy.act(obs)
+            policy.infer(obs)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
     # Where the time goes: preprocessing on the CPU, the VAE encode, the network.
@@ -137,10 +137,10 @@ def bench_planning(args, device) -> None:
     planner = Planner(policy, model, cfg)
     obs = observation(model.layout, 256, seed=1)
     start = time.perf_counter()
-    planner.plan(obs)
+    planner.infer(obs)
     emit("first_plan_s_incl_compile", round(time.perf_counter() - start, 1))
     planner.forward_rows = 0
-    t = timed(lambda: planner.plan(obs), device, 1, args.plan_iters)
+    t = timed(lambda: planner.infer(obs), device, 1, args.plan_iters)
     emit("network_row_evaluations_per_plan", planner.forward_rows // (1 + args.plan_iters))
     emit("planning_gpu_s_per_chunk", t)
     emit("planning_max_batch", args.max_batch)

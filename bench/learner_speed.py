@@ -320,7 +320,7 @@ def bench_publish(args: argparse.Namespace) -> None:
 
     from cosmos_policy.denoiser import build_network
     from cosmos_policy.weights import pack
-    from learner.publish import publish
+    from learner.publish import RegistryWeights, WeightRegistry
 
     cfg = load_model_config(args.config)
     emit("publish_machine", machine())
@@ -342,44 +342,39 @@ def bench_publish(args: argparse.Namespace) -> None:
 
     @ray.remote(num_cpus=0.5)
     class Reader:
-        """A policy server's subscriber, reduced to what publication must deliver: fetch + verify."""
+        """A policy server's weight source, reduced to what publication must deliver: fetch + verify."""
 
-        def __init__(self, registry_name: str) -> None:
-            from actors.weights import WeightSubscriber
-
-            # Four readers share this machine's two cores: one checksum thread each.
-            self.sub = WeightSubscriber(name=registry_name, verify_threads=1)
+        def __init__(self, weights: RegistryWeights) -> None:
+            self.registry = weights.registry
+            self.verify_threads = 1  # four readers share this machine's two cores: one checksum thread each
 
         def pull(self, version: int) -> dict[str, float]:
             from cosmos_policy.weights import verify
 
-            handle = self.sub._handle()
             start = time.perf_counter()
-            latest = ray.get(handle.latest.remote(self.sub.target))
+            latest = ray.get(self.registry.latest.remote("policy"))
             if latest is None or latest[0].version < version:
                 raise RuntimeError(f"reader: version {version} not registered (got {latest and latest[0].version})")
             record, (ref,) = latest
             got = time.perf_counter()
             packed = ray.get(ref)
             fetched = time.perf_counter()
-            verify(packed, record, self.sub.verify_threads)
+            verify(packed, record, self.verify_threads)
             done = time.perf_counter()
             del packed
             return {"registry_s": got - start, "get_s": fetched - got, "verify_s": done - fetched, "end": time.time()}
 
-    registry_name = f"learner-speed-{os.getpid()}"
-    from learner.publish import WeightRegistry
-
     # The registry exists before timing. It keeps one version here (the system keeps 2): each
     # repeat then frees the last one, and the object store never spills to disk mid-measurement.
-    reg = WeightRegistry.options(name=registry_name, get_if_exists=True, lifetime="detached").remote(keep=1)
-    ray.get(reg.version.remote())
-    readers = [Reader.remote(registry_name) for _ in range(args.readers)]
+    weights = RegistryWeights(WeightRegistry.remote(keep=1))
+    ray.get(weights.registry.latest.remote("policy"))
+    readers = [Reader.remote(weights) for _ in range(args.readers)]
     ray.get([r.__ray_ready__.remote() for r in readers])
     totals, details = [], []
     for version in range(1, args.publish_repeats + 1):
         t_wall = time.time()
-        record, put_s = publish(packed, version, step=version, name=registry_name)
+        weights.publish(packed, version, step=version, target="policy")
+        put_s = weights.publish_s[-1]
         # The readers ask the registry right after the version is registered: actors poll between
         # episodes, and how often is their setting, not the cost of publishing.
         out = ray.get([r.pull.remote(version) for r in readers])

@@ -48,20 +48,22 @@ import ray  # noqa: E402
 from actors.env_process import EnvConfig  # noqa: E402
 from actors.env_runner import EnvRunner, RunnerConfig  # noqa: E402
 from actors.evaluator import EvalConfig, evaluate  # noqa: E402
-from actors.policy_server import PolicyServer, PolicySpec  # noqa: E402
-from launch.experiment import load_experiment  # noqa: E402
+from actors.policies import PolicySpec, ServerPolicy  # noqa: E402
+from actors.policy_server import PolicyServer  # noqa: E402
+from launch.config import load_experiment  # noqa: E402
 from launch.online import run  # noqa: E402
 
 
 def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str, initial_states: int, seeds: list[int], plan: bool) -> dict:
     """Success over ``initial_states`` x ``seeds`` episodes from the task's fixed initial states."""
-    spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_ckpt, policy=cfg.policy_config(), planner=cfg.planner_config(),
+    spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_ckpt, policy=cfg.policy, planner=cfg.planner,
                       text_encoder=cfg.model.text_encoder)
-    server = PolicyServer.options(num_cpus=1).remote(spec, cfg.server_config())
+    server = PolicyServer.options(num_cpus=1).remote(spec, cfg.server)
     kwargs = {**cfg.env.kwargs, "num_initial_states": initial_states}
     runner_cfg = RunnerConfig(env=EnvConfig(cfg.env.name, kwargs), execute=cfg.env.execute, plan=plan, record=False, max_steps=cfg.env.max_steps,
                               plan_queries=cfg.env.plan_queries)
-    runners = [EnvRunner.options(num_cpus=1).remote(runner_cfg, server) for _ in range(cfg.online.runners)]
+    runners = [EnvRunner.options(num_cpus=1).remote(runner_cfg, ServerPolicy(server), ServerPolicy(server, plan=True))
+               for _ in range(cfg.online.runners)]
     try:
         start = time.time()
         rep = evaluate(runners, EvalConfig(trials=initial_states, seeds=seeds), suite=cfg.env.name, plan=plan, record=False)
@@ -77,6 +79,11 @@ def _run_wall_s(run_dir: Path) -> float | None:
     """Wall time at the job's last finished round, as its monitor recorded it (continues across resumes)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "round"' in line]
     return round(rows[-1]["wall_s"], 1) if rows else None
+
+
+def _version(checkpoint: str) -> int:
+    """The weight version a checkpoint was exported at (the learner writes it into the manifest)."""
+    return int(json.loads((Path(checkpoint) / "manifest.json").read_text()).get("metadata", {}).get("version", 0))
 
 
 def main() -> None:
@@ -108,9 +115,9 @@ def main() -> None:
         "demo_episodes": cfg.demos.episodes,
         "online_rounds": state.get("round"),
         "online_episodes": cfg.online.episodes_per_round * int(state.get("round", 0)),
-        "planning_weight_version": state.get("planning_version"),
+        "planning_weight_version": _version(planning_final),
         "policy_refined": policy_final != policy,
-        "policy_weight_version": state.get("policy_version", 0),
+        "policy_weight_version": _version(policy_final),
         "this_call_run_s": round(train_s, 1),  # run(cfg) in this call (little when it resumed a finished run)
         "run_wall_s": _run_wall_s(Path(cfg.run_dir)),  # the whole job, from its own metrics (over resumes)
         "final_planning_checkpoint": planning_final,

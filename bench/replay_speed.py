@@ -76,7 +76,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="replay-bench-"))
     cfg = ReplayConfig(backend=args.backend, root=str(root), shards=args.shards, checkpoint_every_s=30.0,
                        tables=[TableConfig(name="experience_success", window=16, max_items=1_000_000)])
-    replay = make_replay(cfg, name="bench", seed=0)
+    replay = make_replay(cfg, local=args.backend == "reverb", seed=0)  # Reverb: its server, no Ray in between
     res: dict[str, float | str] = {}
     b = args.backend
     try:

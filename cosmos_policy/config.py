@@ -17,7 +17,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cosmos_policy.errors import ConfigError
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_root() -> Path:
+    """The YAML configs: the source tree's ``configs/`` in a checkout (editable install included),
+    else the copy a wheel ships as ``cosmos_policy/_configs`` (pyproject.toml maps it onto ``configs/``)."""
+    package = Path(__file__).resolve().parent
+    source = package.parent / "configs"
+    if (package.parent / "pyproject.toml").is_file() and source.is_dir():
+        return source
+    return package / "_configs"
+
+
+CONFIG_ROOT = _config_root()
 
 # The Wan 2.1 VAE compresses 8x in space and 4x in time; the DiT patches 2x2 in space.
 VAE_SPATIAL_COMPRESSION = 8

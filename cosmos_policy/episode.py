@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
@@ -127,6 +128,9 @@ class PlannerQuery:
     candidate_values: np.ndarray  # (N,) aggregated value of each candidate, [0, 1]
     chosen: int  # index of the executed candidate
     candidate_actions: np.ndarray | None = None  # (N, K, d_a) in dataset units, optional
+    # What the planner aggregated, for analysis at the query (not kept in episode files):
+    member_values: np.ndarray | None = field(default=None, repr=False)  # (N, members) raw value predictions
+    seeds: list[int] = field(default_factory=list)  # each candidate's sampling seed
 
     def __post_init__(self) -> None:
         self.candidate_values = np.asarray(self.candidate_values, dtype=np.float32).reshape(-1)
@@ -259,6 +263,48 @@ class Episode:
         return cls(images=images, proprio=proprio, actions=actions, **kwargs)
 
 
+class EpisodeRecorder:
+    """Builds an episode step by step, frames JPEG-encoded as they arrive (an open episode holds bytes only).
+
+    Simulator runners render cameras only at query steps: a step given no image for a camera
+    records an empty frame there (``ImageSequence`` reads it as absent).
+    """
+
+    def __init__(self, cameras: Sequence[str]) -> None:
+        self.cameras = tuple(cameras)
+        self.jpegs: dict[str, list[bytes]] = {c: [] for c in self.cameras}
+        self.proprio: list[np.ndarray] = []
+        self.actions: list[np.ndarray] = []
+        self.timestamps: list[float] = []
+        self.planner: list[PlannerQuery] = []
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+    def add(self, images: dict[str, np.ndarray], proprio: np.ndarray, action: np.ndarray, timestamp: float | None = None) -> None:
+        """One step: the observation's frames (where rendered), proprio, and the action executed after it."""
+        unknown = sorted(set(images) - set(self.cameras))
+        if unknown:
+            raise InputError(f"images: cameras {unknown} are not the episode's {list(self.cameras)}")
+        for cam in self.cameras:
+            img = images.get(cam)
+            if img is not None and (not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3):
+                raise InputError(f"images[{cam!r}]: expected uint8 (height, width, 3)")
+            self.jpegs[cam].append(encode_jpeg(img) if img is not None else b"")
+        self.proprio.append(np.asarray(proprio, dtype=np.float32))
+        self.actions.append(np.asarray(action, dtype=np.float32))
+        self.timestamps.append(time.time() if timestamp is None else timestamp)
+
+    def episode(self, **fields: Any) -> Episode | None:
+        """The episode so far (None before its first step), with the given per-episode fields."""
+        if not self.actions:
+            return None
+        return Episode(images={c: ImageSequence(j, origin=f"episode[{c!r}]") for c, j in self.jpegs.items()},
+                       proprio=np.stack(self.proprio), actions=np.stack(self.actions), timestamps=np.asarray(self.timestamps),
+                       planner=list(self.planner), **fields)
+
+
 @dataclass
 class StepWindow:
     """What one training sample needs from an episode: step t, its future step, and the chunk between.
@@ -294,6 +340,11 @@ class StepWindow:
         if camera not in frames:
             raise InputError(f"{self.origin or self.episode_id}: no images for camera {camera!r} (has {sorted(frames)})")
         return decode_jpeg(frames[camera], f"{self.origin or self.episode_id}:{camera}[{self.future_step if future else self.step}]")
+
+
+def episode_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th episode of a batch seeded ``seed``: distinct across batches, 32 bits."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(index)]).generate_state(1, dtype=np.uint32)[0])
 
 
 def action_chunk(actions: np.ndarray, t: int, chunk: int) -> np.ndarray:

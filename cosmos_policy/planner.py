@@ -29,7 +29,9 @@ from cosmos_policy.codec import tile_into_frame, untile_from_frame
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.layout import SampleKind, SlotKind, SlotTime
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch
-from cosmos_policy.policy import CosmosPolicy, Observation, PolicyOutput
+from cosmos_policy.contracts import ActionChunk, Observation
+from cosmos_policy.episode import PlannerQuery
+from cosmos_policy.policy import CosmosPolicy
 
 AGGREGATIONS = ("majority_mean", "mean", "lcb", "success_vote")
 VALUE_KINDS = ("value_sprime", "value", "q_value")
@@ -58,31 +60,43 @@ def aggregate(values: np.ndarray, scheme: str, threshold: float = 0.05, lcb_k: f
     raise ConfigError(f"planner.aggregation: expected one of {AGGREGATIONS}, got {scheme!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlannerConfig:
     """Best-of-N settings; the defaults are the official ALOHA deployment's (method 4.2, 5.1)."""
 
     num_candidates: int = 8
-    future_steps: list[int] = field(default_factory=lambda: [1, 3, 5])  # one per future-state member
-    value_steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # one per value member
+    """N: action chunks the policy proposes per query, each from its own seed."""
+    future_steps: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """Denoising steps of each future-state ensemble member (one member per entry)."""
+    value_steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """Denoising steps of each value ensemble member, per future state (one member per entry)."""
     aggregation: str = "majority_mean"
+    """How a candidate's member values become its score: majority_mean, mean, lcb or success_vote (method 5.1)."""
     success_threshold: float = 0.05
+    """A value above this counts as predicted success (majority_mean, success_vote)."""
     lcb_k: float = 1.0
-    value_kind: str = "value_sprime"  # V(s'); "value" is V(s, a, s'); "q_value" is model-free Q(s, a)
+    """lcb aggregation: mean - k * std of the member values."""
+    value_kind: str = "value_sprime"
+    """value_sprime: V(s') of each predicted future; value: V(s, a, s'); q_value: model-free Q(s, a), no world model."""
     depth: int = 1
-    depth_value: str = "last"  # with depth > 1: the last depth's value, or the mean over depths
-    max_batch: int = 64  # rows per forward pass (memory)
-    # Judge every candidate of an observation with the same world-model and value seeds (common
-    # random numbers): the sampling noise of the judgement is then shared, and score differences
-    # come from the candidates' actions. With per-candidate seeds (the official code's choice) a
-    # small model's judgement noise can exceed the differences between candidates
-    # (bench/planner_noise.py measures both).
+    """Planning depth: > 1 re-plans from the imagined future state that many times."""
+    depth_value: str = "last"
+    """With depth > 1: the last depth's value, or the mean over depths."""
+    max_batch: int = 64
+    """Rows per forward pass (GPU memory)."""
     common_judge_seeds: bool = False
-    # Exploration around the policy: every candidate but the first gets a constant offset per action
-    # dimension over its chunk, Gaussian with this std in normalized action units ([-1, 1]), clipped.
-    # The first candidate stays the policy's own sample, so ties keep the policy's choice. 0: off
-    # (the official planner). For a policy whose samples barely differ from seed to seed.
+    """Judge all candidates of a query with the same world-model and value seeds, so score differences come from the actions.
+
+    With per-candidate seeds (the official choice) a small judge's sampling noise can exceed the
+    differences between candidates; the learning proof's judge ranks with shared seeds.
+    """
     candidate_noise: float = 0.0
+    """Std of a constant per-dimension offset (normalized action units) added to every candidate but the first (0: off).
+
+    Widens the candidates of a policy whose samples barely differ from seed to seed; the first
+    stays the policy's own sample, so ties keep its choice. Used by the learning proof's branching
+    collection and planner (0.1).
+    """
 
     def __post_init__(self) -> None:
         if self.num_candidates < 1:
@@ -105,20 +119,13 @@ class PlannerConfig:
             raise ConfigError(f"planner.candidate_noise: expected a std >= 0, got {self.candidate_noise}")
 
 
-@dataclass
-class Plan:
-    """The chosen chunk and everything the planner saw, for the episode record."""
-
-    output: PolicyOutput  # the chosen candidate, in dataset units
-    chosen: int
-    candidate_actions: np.ndarray  # (N, K, d_a) dataset units
-    candidate_values: np.ndarray  # (N,) aggregated
-    member_values: np.ndarray  # (N, members) the raw predictions that were aggregated (last depth)
-    seeds: list[int]  # the candidates' seeds
-
-
 class Planner:
-    """Proposes with ``policy``'s model, judges with ``planning_model``."""
+    """Proposes with ``policy``'s model, judges with ``planning_model``: a ``Policy`` whose chunks carry the planner's record.
+
+    ``infer`` returns the chosen candidate as an ``ActionChunk`` whose ``planner`` is a
+    ``PlannerQuery`` (every candidate's chunk and aggregated value, the raw member values, the
+    seeds, the choice) and whose versions are the policy's and the planning model's.
+    """
 
     def __init__(self, policy: CosmosPolicy, planning_model: CosmosPolicyModel, config: PlannerConfig | None = None) -> None:
         if planning_model.layout != policy.model.layout:
@@ -129,6 +136,15 @@ class Planner:
             planning_model.enable_prefix_encoder()
         self.config = config or PlannerConfig()
         self.forward_rows = 0  # network evaluations x rows, for cost accounting
+        self.version: int | None = None  # the planning model's weight version
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """A published version of the planning model's network (the policy's own loads through ``policy``)."""
+        self.planning.denoiser.net.load_state_dict(state)
+        self.version = int(version)
+
+    def reset(self) -> None:
+        self.policy.reset()
 
     # ---- sampling helpers ----------------------------------------------------------------
     def _sample(self, model: CosmosPolicyModel, kind: SampleKind, text: torch.Tensor, clean: torch.Tensor,
@@ -149,11 +165,11 @@ class Planner:
 
     # ---- planning ------------------------------------------------------------------------
     @torch.no_grad()
-    def plan(self, observation: Observation, seed: int = 0) -> Plan:
-        return self.plan_batch([observation], [seed])[0]
+    def infer(self, observation: Observation, seed: int | None = None) -> ActionChunk:
+        return self.plan_batch([observation], [0 if seed is None else seed])[0]
 
     @torch.no_grad()
-    def plan_batch(self, observations: Sequence[Observation], seeds: Sequence[int]) -> list[Plan]:
+    def plan_batch(self, observations: Sequence[Observation], seeds: Sequence[int]) -> list[ActionChunk]:
         cfg = self.config
         n, obs_count = cfg.num_candidates, len(observations)
         batch = self.policy.batch(observations)
@@ -194,16 +210,11 @@ class Planner:
             if wm.future_proprio is not None and self.policy.model.layout.has_proprio:
                 out.future_proprio = self.policy.stats.unnormalize_proprio(wm.future_proprio.double().cpu()).float().numpy()[0]
             out.value = float(cand_scores[chosen])
-            plans.append(
-                Plan(
-                    output=out,
-                    chosen=chosen,
-                    candidate_actions=np.stack([p.actions for p in policy_outputs[rows]]),
-                    candidate_values=cand_scores.astype(np.float32),
-                    member_values=members[rows].astype(np.float32),
-                    seeds=cand_seeds[rows],
-                )
-            )
+            out.planner = PlannerQuery(step=0, candidate_values=cand_scores.astype(np.float32), chosen=chosen,
+                                       candidate_actions=np.stack([p.actions for p in policy_outputs[rows]]),
+                                       member_values=members[rows].astype(np.float32), seeds=cand_seeds[rows])
+            out.planning_version = self.version
+            plans.append(out)
         self.policy.queries += obs_count
         return plans
 

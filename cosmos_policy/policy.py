@@ -1,8 +1,9 @@
 """The policy: raw observations in, action chunks (with predicted future state and value) out.
 
-``CosmosPolicy.act`` turns one observation (uint8 camera images as the environment gives them,
-proprio and the instruction, in dataset units) into a ``PolicyOutput``: the action chunk in
-dataset units, the predicted future proprio and images, and the predicted value in [0, 1]. On the
+``CosmosPolicy.infer`` (the ``Policy`` contract of ``cosmos_policy.contracts``) turns one
+observation (uint8 camera images as the environment gives them, proprio and the instruction, in
+dataset units) into an ``ActionChunk``: the actions in dataset units, the predicted future proprio
+and images, the predicted value in [0, 1], and the weight version that produced them. On the
 way in it applies what training images went through (JPEG q95 round trip for JPEG-stored
 datasets, the test-time centre crop of side sqrt(0.9), resize to the model's size) and normalizes
 proprio with the demonstration statistics; on the way out it un-normalizes.
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from cosmos_policy.codec import NormalizationStats
+from cosmos_policy.contracts import ActionChunk, Observation
 from cosmos_policy.data.augment import center_crop_resize, resize
 from cosmos_policy.episode import jpeg_round_trip
 from cosmos_policy.errors import ConfigError, InputError
@@ -35,43 +37,32 @@ from cosmos_policy.model import CosmosPolicyModel, ModelBatch, Prediction
 from cosmos_policy.text import TextEmbeddingCache, TextEncoder
 
 
-@dataclass
-class Observation:
-    """One observation in dataset units: what an environment or robot reports at a query."""
-
-    images: dict[str, np.ndarray]  # camera -> uint8 (H, W, 3)
-    proprio: np.ndarray  # (d_p,)
-    instruction: str
-
-
-@dataclass
-class PolicyOutput:
-    """One query's result, in dataset units."""
-
-    actions: np.ndarray  # (K, d_a)
-    future_proprio: np.ndarray | None  # (d_p,)
-    value: float  # predicted value of the future state, [0, 1]
-    future_images: dict[str, np.ndarray] | None = None  # camera -> uint8 (S, S, 3), when decoded
-    latents: torch.Tensor | None = field(default=None, repr=False)  # (C, T, h, w) on the CPU, when asked for
-
-
-@dataclass
+@dataclass(frozen=True)
 class PolicyConfig:
     """How the policy queries the model. Defaults are LIBERO's (method 4.2, 4.3)."""
 
-    mode: str = "parallel"  # or "autoregressive"
-    action_steps: int = 5  # denoising steps of the action pass (ALOHA: 10)
-    future_steps: int = 5  # autoregressive mode only
-    value_steps: int = 5  # autoregressive mode only
-    execute: int | None = None  # actions executed per query; None = the whole chunk
-    jpeg_round_trip: bool = True  # training images were JPEG q95 (LIBERO, RoboCasa; not ALOHA's MP4)
-    center_crop: bool = True  # the model was trained with the random-crop augmentation
-    decode_future_images: bool = False  # VAE-decode the predicted future images (costs a decode)
-    return_latents: bool = False  # also return the final latents (debugging, analysis)
-    # Encode the conditioning frames with the constant leading frames' VAE state computed once
-    # (cosmos_policy.prefix_encode): the same latents up to rounding, 8 instead of 13 pixel frames in LIBERO.
+    mode: str = "parallel"
+    """parallel: actions, future state and value in one pass; autoregressive: one after the other (method 4.2)."""
+    action_steps: int = 5
+    """Denoising steps of the action pass (ALOHA: 10)."""
+    future_steps: int = 5
+    """Denoising steps of the future-state pass (autoregressive mode only)."""
+    value_steps: int = 5
+    """Denoising steps of the value pass (autoregressive mode only)."""
+    execute: int | None = None
+    """Actions executed per query; None = the whole chunk."""
+    jpeg_round_trip: bool = True
+    """JPEG q95 round trip of live frames, as training images went through (LIBERO, RoboCasa; not ALOHA's MP4)."""
+    center_crop: bool = True
+    """Centre crop of side sqrt(0.9), for a model trained with the random-crop augmentation (the experiment's default: data.augmentation)."""
+    decode_future_images: bool = False
+    """VAE-decode the predicted future images (costs a decode)."""
+    return_latents: bool = False
+    """Also return the final latents (debugging, analysis)."""
     prefix_encode: bool = True
+    """Encode the conditioning frames with the constant leading frames' VAE state computed once (8 instead of 13 pixel frames in LIBERO)."""
     seed: int = 0
+    """Sampling seed of a query that names none."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("parallel", "autoregressive"):
@@ -122,6 +113,12 @@ class CosmosPolicy:
             )
         self._queue: deque[np.ndarray] = deque()
         self.queries = 0
+        self.version: int | None = None  # the weight version in the model (the checkpoint's, then each one loaded)
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """A published version of the network's weights (``load_state_dict`` copies them)."""
+        self.model.denoiser.net.load_state_dict(state)
+        self.version = int(version)
 
     @property
     def execute(self) -> int:
@@ -191,7 +188,7 @@ class CosmosPolicy:
 
     # ---- queries -------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, observations: Sequence[Observation], seeds: Sequence[int] | None = None) -> list[PolicyOutput]:
+    def predict(self, observations: Sequence[Observation], seeds: Sequence[int] | None = None) -> list[ActionChunk]:
         """One query per observation, batched into as few passes as the mode allows."""
         if not observations:
             return []
@@ -212,7 +209,7 @@ class CosmosPolicy:
         value = ModelBatch(kinds=[SampleKind.VALUE] * batch.batch_size, text=batch.text)
         return self.model.sample(value, steps=cfg.value_steps, seed=seeds, clean_latents=future.latents)
 
-    def outputs(self, pred: Prediction, batch: ModelBatch | None) -> list[PolicyOutput]:
+    def outputs(self, pred: Prediction, batch: ModelBatch | None) -> list[ActionChunk]:
         """Un-normalized outputs; future images are decoded when configured and ``batch`` is given."""
         actions = self.stats.unnormalize_actions(pred.actions.double().cpu()).float().numpy()
         future_proprio = None
@@ -224,24 +221,25 @@ class CosmosPolicy:
             if arr is not None and not np.all(np.isfinite(arr)):
                 raise FloatingPointError(f"the model produced non-finite {name}; refusing to return them")
         return [
-            PolicyOutput(
+            ActionChunk(
                 actions=actions[i],
                 future_proprio=None if future_proprio is None else future_proprio[i],
                 value=float(values[i]),
                 future_images=None if images is None else {c: v[i].cpu().numpy() for c, v in images.items()},
                 latents=pred.latents[i].cpu() if self.config.return_latents else None,
+                policy_version=self.version,
             )
             for i in range(len(actions))
         ]
 
-    def act(self, observation: Observation, seed: int | None = None) -> PolicyOutput:
+    def infer(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         """One query: a new action chunk for this observation."""
         return self.predict([observation], None if seed is None else [seed])[0]
 
     def next_action(self, observation: Observation) -> np.ndarray:
         """The next action to execute; queries the model when the queue of the last chunk is used up."""
         if not self._queue:
-            chunk = self.act(observation).actions
+            chunk = self.infer(observation).actions
             self._queue.extend(chunk[: self.execute])
         return self._queue.popleft()
 

@@ -1,4 +1,4 @@
-"""Weight versions: the contract between the learner that publishes and the actors that pull.
+"""Packed weights: how a version of the network crosses from the learner to the actors (``WeightVersion`` is in contracts).
 
 A published version is the denoiser's state dict packed as plain numpy arrays (bf16 as its raw
 16-bit words, since numpy has no bf16), so the Ray object store hands readers zero-copy views
@@ -15,31 +15,18 @@ version costs page faults that, on a virtual machine, run far slower than the co
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import xxhash
 
+from cosmos_policy.contracts import WeightVersion
 from cosmos_policy.errors import CheckpointError
-
-REGISTRY = "weight-registry"  # the name of the Ray actor that lists published versions
 
 _VIEW = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64}
 Packed = dict[str, tuple[np.ndarray, str, tuple[int, ...]]]
-
-
-@dataclass(frozen=True)
-class WeightVersion:
-    version: int
-    step: int  # learner optimizer step that produced it
-    checksum: str
-    nbytes: int
-    target: str = "policy"  # which model the weights are for: "policy" or "planning"
-    created: float = field(default_factory=time.time)
 
 
 def pack(state: dict[str, torch.Tensor], dtype: torch.dtype | None = torch.bfloat16) -> Packed:

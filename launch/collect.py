@@ -25,6 +25,7 @@ reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -46,9 +47,10 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from cosmos_policy.errors import ConfigError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
-from launch.experiment import Experiment, load_experiment  # noqa: E402
+from launch.config import load_experiment  # noqa: E402
+from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import say  # noqa: E402
-from launch.offline import branch_point_only  # noqa: E402
+from actors.branching import branch_point_only  # noqa: E402
 
 _WORKER: dict[str, Any] = {}  # each worker process's runner, built once by _start
 
@@ -108,18 +110,19 @@ def _start(config_path: str, policy: str, planning: str | None, trials: list[int
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the collector stops the workers
 
     from actors.env_process import EnvConfig
-    from actors.env_runner import EpisodeRunner, LocalPolicyClient, RunnerConfig
-    from actors.policy_server import PolicySpec
+    from actors.env_runner import EpisodeRunner, RunnerConfig
+    from actors.policies import PolicySpec, local_policies
 
     torch.set_num_threads(threads)
     cfg = load_experiment(config_path, [])
-    spec = PolicySpec(checkpoint=policy, planning_checkpoint=planning, policy=cfg.policy_config(), planner=cfg.planner_config(),
+    spec = PolicySpec(checkpoint=policy, planning_checkpoint=planning, policy=cfg.policy, planner=cfg.planner,
                       text_encoder=cfg.model.text_encoder)
-    built, planner = spec.build()
+    acting, planner = local_policies(spec)
     config = RunnerConfig(env=EnvConfig(cfg.env.name, env_kwargs(cfg, trials)), execute=cfg.env.execute, plan=cfg.online.plan,
                           plan_queries=cfg.env.plan_queries, max_steps=cfg.env.max_steps)
     chunk = load_layout(cfg.model.layout).action_chunk if branch_point else None
-    _WORKER["runner"] = EpisodeRunner(config, LocalPolicyClient(built, planner), _Files(Path(config_path).parent, chunk))
+    _WORKER["runner"] = EpisodeRunner(config, acting, planner, _Files(Path(config_path).parent, chunk))
+    _WORKER["planner"] = planner
     _WORKER["task"] = cfg.env.tasks[0] if cfg.env.tasks else _WORKER["runner"].env.tasks()[0]
 
 
@@ -149,12 +152,27 @@ class _Files:
 
 
 def _play(trial: int, branch: int | None, seed: int, lead: list[int]) -> dict[str, Any]:
+    """One episode of ``trial``; with ``branch``, the runner plans through ``Branching`` at the leading queries and
+    the branch point (then as the experiment says: planned at every query, or at ``env.plan_queries``, or not)."""
+    from actors.branching import Branching
+
     runner, task = _WORKER["runner"], _WORKER["task"]
     states = runner.env.initial_states(task)
     state = states[trial % len(states)] if states else None
     runner.replay.last = None
-    result = runner.run(task, seed, state, {"trial": trial, **({"branch_of": trial, "candidate": branch} if branch is not None else {})},
-                        branch=None if branch is None else [*lead, branch])
+    meta: dict[str, Any] = {"trial": trial}
+    base = (runner.planner, runner.config)
+    if branch is not None:
+        sequence = [*lead, branch]
+        meta.update(branch_of=trial, candidate=branch, branch_candidates=sequence)
+        planned = runner.config.plan_queries if runner.config.plan else len(sequence)
+        runner.planner = Branching(_WORKER["planner"], sequence)
+        runner.config = dataclasses.replace(runner.config, plan=True,
+                                            plan_queries=None if planned is None else max(planned, len(sequence)))
+    try:
+        result = runner.run(task, seed, state, meta)
+    finally:
+        runner.planner, runner.config = base
     return {"trial": trial, "branch": branch, "success": result.success, "steps": result.steps, "interrupted": result.interrupted,
             "file": runner.replay.last, "wall_s": round(result.wall_s, 2)}
 
@@ -190,7 +208,7 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: that episode is played again
             done.add((row["trial"], row["branch"]))
-    todo = jobs(trials, cfg.planner_config().num_candidates if branch else None, done)
+    todo = jobs(trials, cfg.planner.num_candidates if branch else None, done)
     say(f"collect: {len(todo)} episodes to play ({len(done)} already in {log}), {workers} workers")
     rows: list[dict[str, Any]] = []
     start = time.time()
@@ -204,7 +222,7 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
                              initargs=(str(config_path), policy, planning, trials, threads, branch_point)) as pool, \
             log.open("a", buffering=1) as f:
-        n = cfg.planner_config().num_candidates
+        n = cfg.planner.num_candidates
         futures = [pool.submit(_play, t, b, seed, lead_candidates(t, seed, branch_query, n) if b is not None else []) for t, b in todo]
         try:
             for fut in as_completed(futures):

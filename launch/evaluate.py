@@ -24,7 +24,8 @@ import ray  # noqa: E402
 from actors.env_process import EnvConfig  # noqa: E402
 from actors.env_runner import EnvRunner, RunnerConfig  # noqa: E402
 from actors.evaluator import EvalConfig, evaluate, table, write  # noqa: E402
-from actors.policy_server import PolicyServer, PolicySpec, ServerConfig  # noqa: E402
+from actors.policies import PolicySpec, ServerPolicy  # noqa: E402
+from actors.policy_server import PolicyServer, ServerConfig  # noqa: E402
 from cosmos_policy.planner import PlannerConfig  # noqa: E402
 from cosmos_policy.policy import PolicyConfig  # noqa: E402
 
@@ -69,7 +70,8 @@ def main() -> None:
         env_kwargs = {"suite": suite} if args.env == "libero" else {}
         config = RunnerConfig(env=EnvConfig(args.env, env_kwargs), execute=args.execute, plan=args.plan, record=False,
                               max_steps=args.max_steps)
-        runners = [EnvRunner.options(num_cpus=1).remote(config, server) for _ in range(args.runners)]
+        planner = ServerPolicy(server, plan=True) if args.planning_checkpoint else None
+        runners = [EnvRunner.options(num_cpus=1).remote(config, ServerPolicy(server), planner) for _ in range(args.runners)]
         tasks = args.tasks.split(",") if args.tasks else None
         print(f"evaluating {suite}: {args.trials} trials x seeds {seeds} with {args.runners} runners", flush=True)
         reports.append(evaluate(runners, EvalConfig(tasks=tasks, trials=args.trials, seeds=seeds), suite=suite))

@@ -1,183 +1,293 @@
-"""The main job's configuration: one OmegaConf schema, filled by ``configs/experiment/<name>.yaml``.
+"""The main job's configuration: one typed, frozen schema, named experiments in ``configs/experiment/``.
 
-``load_experiment("quickstart", ["online.rounds=5"])`` merges the YAML and command-line overrides
-onto ``Experiment``; an unknown key or a value of the wrong type fails here, naming the key. The
-sections that configure a component (``planner``, ``policy``, ``replay``, ``learner``) are kept as
-mappings and turned into that component's own dataclass by the ``*_config`` helpers, so the
-component's own validation (and its own field names) apply unchanged.
+Every field has a one-line docstring (``launch/online.py --help`` lists them). The sections that
+configure a component are that component's own config (``PolicyConfig``, ``PlannerConfig``,
+``ServerConfig``, ``ReplayConfig``, ``LearnerConfig``), so its validation and field names apply
+unchanged. ``launch.config.load_experiment`` fills this schema from YAML and overrides.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
-
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from actors.env_process import EnvConfig
 from actors.policy_server import ServerConfig
-from cosmos_policy.config import resolve_config_path
 from cosmos_policy.data.augment import AugmentConfig
 from cosmos_policy.data.mixture import MixtureConfig, mixture_preset
 from cosmos_policy.errors import ConfigError
-from cosmos_policy.layout import load_layout
 from cosmos_policy.planner import PlannerConfig
 from cosmos_policy.policy import PolicyConfig
-from learner.engine import LearnerConfig
-from learner.schedule import ScheduleConfig
-from replay.config import RateLimiterConfig, ReplayConfig, Signature, TableConfig, default_tables
+from learner.config import LearnerConfig
+from replay.config import ReplayConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class RaySection:
-    address: str | None = None  # None: start a local cluster on 127.0.0.1; "auto" or host:port: join one
-    num_cpus: int | None = None  # logical CPUs of a local cluster (None: enough for every actor asked for)
+    """Where the job's Ray cluster is."""
+
+    address: str | None = None
+    """None: start a local cluster on 127.0.0.1; "auto" or host:port: join one (``ray job submit`` sets RAY_ADDRESS)."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local cluster (None: enough for every actor asked for)."""
     namespace: str = "cosmos-policy-online"
-    object_store_gb: float | None = None  # a local cluster's object store (None: Ray's default, 30 % of RAM)
+    """The Ray namespace of the job's actors."""
+    object_store_gb: float | None = None
+    """A local cluster's object store in GB (None: Ray's default, 30 % of RAM)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSection:
-    size: str = "tiny"  # configs/model/<size>.yaml, when no checkpoint is given
+    """The model: its size and layout, or the checkpoints to start from."""
+
+    size: str = "tiny"
+    """configs/model/<size>.yaml (tiny, small, medium, 2b), when no checkpoint is given."""
     layout: str = "libero"
-    checkpoint: str | None = None  # a policy checkpoint (our format): skip offline policy training
-    planning_checkpoint: str | None = None  # a planning-model checkpoint: skip offline planning training
-    text_encoder: str | None = "random"  # "random" (tiny models), a local T5 directory, or None (cache only)
-    device: str = "auto"  # where PolicyServers run: auto (a GPU when the cluster has one), cpu, cuda
-    latent_cache: int = 50_000  # clips whose VAE latents the learner keeps when augmentation is off
+    """configs/layout/<layout>.yaml: the latent frame sequence (libero, robocasa, aloha, or a YAML path)."""
+    checkpoint: str | None = None
+    """A policy checkpoint (our format): offline policy training is skipped."""
+    planning_checkpoint: str | None = None
+    """A planning-model checkpoint: offline planning training is skipped too."""
+    text_encoder: str | None = "random"
+    """Instruction embeddings: "random" (tiny models), a local T5 encoder directory, or None (the cache only)."""
+    device: str = "auto"
+    """Where PolicyServers run: auto (a GPU when the cluster has one), cpu or cuda."""
+    latent_cache: int = 50_000
+    """Clips whose VAE latents the learner keeps when augmentation is off (the VAE is frozen)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnvSection:
-    name: str = "lift"  # actors.env_process.ENV_REGISTRY: lift (built in), libero
+    """The simulator the EnvRunners play."""
+
+    name: str = "lift"
+    """actors.env_process.ENV_REGISTRY: lift (the built-in task) or libero."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    tasks: list[str] | None = None  # None: every task of the environment
-    execute: int = 16  # actions executed per query
-    max_steps: int | None = None  # overrides the task's step limit
-    plan_queries: int | None = None  # with planning: plan at the first N queries of an episode only (None: every query)
+    """The environment's own settings (lift: image_size, max_steps, num_initial_states; libero: suite, image_size)."""
+    tasks: list[str] | None = None
+    """Tasks to collect and evaluate on (None: every task of the environment)."""
+    execute: int = 16
+    """Actions executed per query (LIBERO and ALOHA: the whole chunk; RoboCasa: 16 of 32)."""
+    max_steps: int | None = None
+    """Overrides the task's step limit (None: the task's own)."""
+    plan_queries: int | None = None
+    """With planning: plan at the first N queries of an episode only, where the outcome is decided (None: every query)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoSection:
-    source: str = "expert"  # expert: the built-in task's scripted expert; dataset: files on disk; none
-    episodes: int = 40  # expert demonstrations to make
-    expert_success_rate: float = 1.0  # the expert fails the rest in real-looking ways
+    """Where the demonstrations come from."""
+
+    source: str = "expert"
+    """expert: the built-in task's scripted expert; dataset: files on disk (demos.dataset); none: checkpoints only."""
+    episodes: int = 40
+    """Scripted-expert demonstrations to make."""
+    expert_success_rate: float = 1.0
+    """Share of expert demonstrations that succeed (the expert fails the rest in real-looking ways)."""
     seed: int = 0
-    dataset: str | None = None  # source=dataset: a directory of episode files or an official release
-    dataset_format: str = "episodes"  # episodes (our HDF5 files), libero (LIBERO-Cosmos-Policy)
+    """Seed of the expert's demonstrations."""
+    dataset: str | None = None
+    """With source=dataset: a directory of episode files, or an official release (LIBERO-Cosmos-Policy)."""
+    dataset_format: str = "episodes"
+    """episodes (our HDF5 files) or libero (LIBERO-Cosmos-Policy's files)."""
     max_episodes: int | None = None
-    validation_fraction: float = 0.1  # demonstrations held out for the offline early stopping
+    """Read at most this many demonstrations from the dataset."""
+    validation_fraction: float = 0.1
+    """Share of successful demonstrations held out for the offline early stopping."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSection:
+    """How training samples are made; its defaults per benchmark come from configs/data/<benchmark>.yaml."""
+
+    benchmark: str | None = None
+    """configs/data/<benchmark>.yaml gives this section's defaults (None: model.layout's name, where such a file exists)."""
     gamma: float = 0.99
-    augmentation: bool = False  # the official recipes augment; the quickstart's fixed cameras need not
-    # A preset name (cosmos_policy.data.mixture.PRESETS: base, planning, planning_q) or a mapping
-    # {pools: {demo, success, failure}, kinds: {pool: {sample kind: probability}}}.
-    policy_mixture: Any = "base"  # offline policy training (demonstrations alone)
-    # The policy's refinement during online rounds (online.refine_policy): demonstrations and the
-    # system's successful episodes, action samples only.
+    """Monte Carlo discount of the value labels: 0.99 LIBERO and RoboCasa, 0.998 ALOHA (method 6.1)."""
+    augmentation: bool = False
+    """The official recipes' image augmentation; fixed simulator cameras need none."""
+    policy_mixture: Any = "base"
+    """Offline policy training: a preset (cosmos_policy.data.mixture.PRESETS) or a mapping {pools, kinds}."""
     policy_online_mixture: Any = "policy_experience"
-    planning_mixture: Any = "planning"  # the planning model: 10 / 45 / 45 with V(s') samples
-    demos_as_rollouts: bool = True  # the planning model also learns value and dynamics from the demonstrations
+    """The policy's own refinement (online.refine_policy): demonstrations and successful experience, action samples."""
+    planning_mixture: Any = "planning"
+    """The planning model: 10 / 45 / 45 with V(s') samples (planning_q: Q(s, a) samples), or a mapping."""
+    demos_as_rollouts: bool = True
+    """The planning model also learns values and dynamics from the demonstrations (as successful or failed rollouts)."""
+    policy_demos_as_rollouts: bool = False
+    """Offline policy training does too (the official ALOHA recipe, whose demonstrations never fail)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError(f"data.gamma: expected a discount in (0, 1], got {self.gamma}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OfflineSection:
-    policy_steps: int = 2000  # at most; early stopping on the held-out demonstrations' loss
+    """Training before any experience: the policy on demonstrations, then the planning model."""
+
+    policy_steps: int = 2000
+    """At most this many policy steps; early stopping on the held-out demonstrations' loss."""
     planning_steps: int = 600
+    """Planning-model steps, from the policy's weights."""
     batch: int = 32
+    """Samples per learner step (all ranks together: per rank with world_size 1)."""
     lr: float = 1e-3
+    """Peak learning rate of offline training."""
     warmup_steps: int = 100
+    """Linear warm-up steps of the learning-rate schedule."""
     validate_every: int = 200
-    patience: int = 2  # validations without improvement before the policy's training stops
+    """Policy steps between held-out validations."""
+    patience: int = 2
+    """Validations without improvement before the policy's training stops."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class OnlineSection:
+    """The rounds: collect with planning, refine on demonstrations plus experience, publish, evaluate."""
+
     rounds: int = 3
+    """Online rounds after the offline phase (0: offline only, then the round-0 evaluation)."""
     episodes_per_round: int = 40
+    """Episodes collected per round, each from a fresh seed."""
     runners: int = 2
-    # PolicyServers, each holding the policy and the planning model (one GPU each where the cluster
-    # has GPUs, e.g. a learner GPU plus N server GPUs on one host); EnvRunners are dealt to them in turn.
+    """EnvRunners (one simulator process each, one CPU each)."""
     servers: int = 1
-    plan: bool = True  # collect with best-of-N planning
-    # Collect in branches: each initial state is played once per planner candidate, episode c
-    # executing candidate c at the first query (planner.candidate_noise widens them), so the replay
-    # holds what each first chunk leads to from the same state. episodes_per_round counts episodes
-    # and must be a multiple of planner.num_candidates.
-    branch_first_query: bool = False
-    refine_steps: int = 300  # learner steps per round
-    publish_every: int = 100  # learner steps between weight publications
-    # Also refine the acting policy each round (after the planning model), on demonstrations plus the
-    # system's own successful episodes (data.policy_online_mixture), and publish it to the
-    # PolicyServers. Off by default: the paper keeps the acting policy fixed (dual deployment).
-    refine_policy: bool = False
-    policy_refine_steps: int = 300  # policy learner steps per round, with refine_policy
-    policy_lr: float | None = None  # the policy's refinement learning rate (None: online.lr)
-    budget_s: float | None = None  # stop after this much wall time (the current round finishes)
-    lr: float = 5e-4
-    batch: int = 32
-
-
-@dataclass
-class EvalSection:
-    trials: int = 20  # per task and seed, from the task's fixed initial states
-    seeds: list[int] = field(default_factory=lambda: [0])
+    """PolicyServers (one GPU each where the cluster has GPUs); runners are dealt to them in turn."""
     plan: bool = True
-    also_without_planning: bool = True  # the policy alone too, on the same initial states
-    at_start: bool = True  # evaluate before the first online round
+    """Collect with best-of-N planning (else the policy alone)."""
+    refine_steps: int = 300
+    """Planning-model learner steps per round."""
+    publish_every: int = 100
+    """Learner steps between weight publications (every round also ends on one)."""
+    refine_policy: bool = False
+    """Also refine the acting policy each round, on demonstrations plus successful experience (the paper keeps it fixed)."""
+    policy_refine_steps: int = 300
+    """Policy learner steps per round, with refine_policy."""
+    policy_lr: float | None = None
+    """The policy's refinement learning rate (None: online.lr)."""
+    budget_s: float | None = None
+    """Stop after this much wall time (the current round finishes)."""
+    lr: float = 5e-4
+    """Peak learning rate of online refinement."""
+    batch: int = 32
+    """Samples per online learner step."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class EvalSection:
+    """The evaluation after every round, on fixed initial states."""
+
+    trials: int = 20
+    """Trials per task and seed, from the task's fixed initial states."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Evaluation seeds (LIBERO's protocol: 195, 196, 197)."""
+    plan: bool = True
+    """Evaluate with best-of-N planning."""
+    also_without_planning: bool = True
+    """Evaluate the policy alone too, on the same initial states."""
+    at_start: bool = True
+    """Evaluate before the first online round (version 0)."""
+
+
+@dataclass(frozen=True)
 class LoggingSection:
-    wandb: str = "auto"  # auto: online with WANDB_API_KEY, else offline; online, offline, disabled
+    """Where metrics go besides run_dir/metrics.jsonl and the plot."""
+
+    wandb: str = "auto"
+    """auto: online with WANDB_API_KEY, else offline; or online, offline, disabled."""
     project: str = "cosmos-policy-online"
+    """W&B project."""
     entity: str | None = None
+    """W&B entity (None: the API key's default)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class LearnerSection(LearnerConfig):
+    """The learners' settings and resources (the fields the job derives from other sections are set by it)."""
+
+    world_size: int = 1
+    """Learner processes per learner (one per GPU; gloo ranks on CPUs)."""
+    gpus_per_worker: float = 0
+    """GPUs per learner process (a fraction shares a GPU with a PolicyServer)."""
+    cpus_per_worker: float = 1
+    """CPUs (and torch threads) per learner process; more than 1 speeds CPU-only training."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.cpus_per_worker, (int, float)) and self.cpus_per_worker > 0):
+            raise ConfigError(f"learner.cpus_per_worker: expected a number > 0, got {self.cpus_per_worker!r}")
+        if self.world_size < 1:
+            raise ConfigError(f"learner.world_size: expected >= 1, got {self.world_size}")
+
+
+# Fields of LearnerConfig the job sets from its other sections: naming them in an experiment is an error.
+LEARNER_DERIVED = {"model": "model.size", "layout": "model.layout", "init_checkpoint": "model.checkpoint", "lr": "offline.lr / online.lr",
+                   "micro_batch": "offline.batch / online.batch and learner.grad_accum", "checkpoint_dir": "run_dir", "seed": "seed"}
+
+
+@dataclass(frozen=True)
 class Experiment:
+    """A named experiment: everything the main job does, from demonstrations to the last evaluation."""
+
     name: str = "quickstart"
+    """The experiment's name (W&B run name; prefix of its Ray actors)."""
+    extends: str | None = None
+    """Another experiment whose values this one starts from (configs/experiment/<extends>.yaml)."""
     run_dir: str = "runs/quickstart"
+    """Everything the run writes (metrics, plot, replay, checkpoints, state); rerunning resumes from it."""
     seed: int = 0
+    """Seed of the model's initialization, the data draws and the collection seeds."""
     ray: RaySection = field(default_factory=RaySection)
+    """Where the job's Ray cluster is."""
     model: ModelSection = field(default_factory=ModelSection)
+    """The model: its size and layout, or the checkpoints to start from."""
     env: EnvSection = field(default_factory=EnvSection)
+    """The simulator the EnvRunners play."""
     demos: DemoSection = field(default_factory=DemoSection)
+    """Where the demonstrations come from."""
     data: DataSection = field(default_factory=DataSection)
+    """How training samples are made."""
     offline: OfflineSection = field(default_factory=OfflineSection)
+    """Training before any experience."""
     online: OnlineSection = field(default_factory=OnlineSection)
+    """The online rounds."""
     eval: EvalSection = field(default_factory=EvalSection)
+    """The evaluation after every round."""
     logging: LoggingSection = field(default_factory=LoggingSection)
-    policy: dict[str, Any] = field(default_factory=dict)  # cosmos_policy.policy.PolicyConfig fields
-    planner: dict[str, Any] = field(default_factory=dict)  # cosmos_policy.planner.PlannerConfig fields
-    server: dict[str, Any] = field(default_factory=dict)  # actors.policy_server.ServerConfig fields
-    replay: dict[str, Any] = field(default_factory=dict)  # replay.config.ReplayConfig fields (tables: a list)
-    learner: dict[str, Any] = field(default_factory=dict)  # learner.engine.LearnerConfig fields, plus world_size, gpus_per_worker, cpus_per_worker
+    """W&B settings."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """How the policy queries the model."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """Best-of-N planning."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """PolicyServer batching."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """The replay service: backend, shards, tables."""
+    learner: LearnerSection = field(default_factory=LearnerSection)
+    """The learners' settings and resources."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        """Checks across sections (each section checks its own fields); errors name the key."""
+        def integer(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
         checks = [
             (self.demos.source in ("expert", "dataset", "none"), "demos.source", "expert, dataset or none", self.demos.source),
             (self.demos.dataset_format in ("episodes", "libero"), "demos.dataset_format", "episodes or libero", self.demos.dataset_format),
             (0 <= self.demos.expert_success_rate <= 1, "demos.expert_success_rate", "a value in [0, 1]", self.demos.expert_success_rate),
             (0 <= self.demos.validation_fraction < 1, "demos.validation_fraction", "a value in [0, 1)", self.demos.validation_fraction),
-            (self.env.plan_queries is None or (isinstance(self.env.plan_queries, int) and not isinstance(self.env.plan_queries, bool)
-                                               and self.env.plan_queries >= 1),
+            (self.env.plan_queries is None or (integer(self.env.plan_queries) and self.env.plan_queries >= 1),
              "env.plan_queries", "an integer >= 1 or null (plan at every query)", self.env.plan_queries),
             (self.online.rounds >= 0, "online.rounds", ">= 0", self.online.rounds),
             (self.online.runners >= 1, "online.runners", ">= 1", self.online.runners),
-            (isinstance(self.online.servers, int) and 1 <= self.online.servers <= max(1, self.online.runners), "online.servers",
+            (integer(self.online.servers) and 1 <= self.online.servers <= max(1, self.online.runners), "online.servers",
              "an integer from 1 to online.runners (a server without EnvRunners would idle)", self.online.servers),
             (self.online.episodes_per_round >= 1, "online.episodes_per_round", ">= 1", self.online.episodes_per_round),
-            (not self.online.branch_first_query or self.online.episodes_per_round % int(self.planner.get("num_candidates", 8)) == 0,
-             "online.episodes_per_round", "a multiple of planner.num_candidates with online.branch_first_query", self.online.episodes_per_round),
             (self.online.refine_steps >= 0, "online.refine_steps", ">= 0", self.online.refine_steps),
             (self.online.policy_lr is None or self.online.policy_lr > 0, "online.policy_lr", "a learning rate > 0 or null", self.online.policy_lr),
             (self.online.policy_refine_steps >= 1, "online.policy_refine_steps", ">= 1 (with online.refine_policy)", self.online.policy_refine_steps),
@@ -187,8 +297,6 @@ class Experiment:
             (self.offline.batch >= 1 and self.online.batch >= 1, "offline.batch / online.batch", ">= 1", (self.offline.batch, self.online.batch)),
             (self.offline.validate_every >= 1, "offline.validate_every", ">= 1", self.offline.validate_every),
             (self.model.device in ("auto", "cpu", "cuda"), "model.device", "auto, cpu or cuda", self.model.device),
-            (isinstance(self.learner.get("cpus_per_worker", 1), (int, float)) and self.learner.get("cpus_per_worker", 1) > 0,
-             "learner.cpus_per_worker", "a number > 0", self.learner.get("cpus_per_worker")),
         ]
         for ok, name, expected, got in checks:
             if not ok:
@@ -199,138 +307,49 @@ class Experiment:
             raise ConfigError(f"demos.source: the scripted expert exists for the built-in task 'lift' only, env is {self.env.name!r}")
         if self.demos.source == "none" and not (self.model.checkpoint and self.model.planning_checkpoint):
             raise ConfigError("demos.source: 'none' needs model.checkpoint and model.planning_checkpoint (nothing to train from)")
-        # Build every component config once, so their own errors surface at load time.
-        self.policy_config(), self.planner_config(), self.server_config(), self.replay_config("replay")
-        self.learner_config("x", False), self.learner_config("x", True)
+        # Build what is derived once, so its errors surface at load time.
+        self.learner_config("x", online=False), self.learner_config("x", online=True)
         self.mixture("policy"), self.mixture("planning"), self.mixture("policy_online")
         self.env_config()
 
-    # ---- component configs -------------------------------------------------------------
+    # ---- what the job derives from the sections ---------------------------------------
     def env_config(self) -> EnvConfig:
         return EnvConfig(self.env.name, dict(self.env.kwargs))
-
-    def policy_config(self) -> PolicyConfig:
-        defaults = {"center_crop": self.data.augmentation, "execute": None}
-        return _build(PolicyConfig, {**defaults, **self.policy}, "policy")
-
-    def planner_config(self) -> PlannerConfig:
-        return _build(PlannerConfig, self.planner, "planner")
-
-    def server_config(self) -> ServerConfig:
-        return _build(ServerConfig, {"max_batch": max(8, self.online.runners), "poll_weights_s": 0.5, **self.server}, "server")
 
     def augment_config(self) -> AugmentConfig | None:
         return AugmentConfig() if self.data.augmentation else None
 
     def mixture(self, which: str) -> MixtureConfig:
+        """The sample mixture of a learner: ``policy`` (offline), ``planning`` or ``policy_online``."""
         field_name = {"policy": "policy_mixture", "planning": "planning_mixture", "policy_online": "policy_online_mixture"}[which]
-        name = getattr(self.data, field_name)
-        if not isinstance(name, str):
-            name = OmegaConf.to_container(name, resolve=True) if OmegaConf.is_config(name) else name
-        overrides = {"demos_as_success_rollouts": True} if which == "planning" and self.data.demos_as_rollouts else {}
+        value = getattr(self.data, field_name)
+        rollouts = {"planning": self.data.demos_as_rollouts, "policy": self.data.policy_demos_as_rollouts}.get(which, False)
+        overrides = {"demos_as_success_rollouts": True} if rollouts else {}
         try:
-            return mixture_preset(name, **overrides)
+            return mixture_preset(value, **overrides)
         except (ConfigError, TypeError) as exc:
             raise ConfigError(f"data.{field_name}: {exc}") from exc
 
-    def replay_config(self, root: str) -> ReplayConfig:
-        data = {"root": root, **{k: v for k, v in self.replay.items() if k != "root"}}
-        tables = data.pop("tables", None)
-        # Replay hands out step windows the sample builder turns into training samples: their length is
-        # the layout's action chunk (the future frame sits one chunk ahead), whatever env.execute is.
-        window = load_layout(self.model.layout).action_chunk
-        if tables is None:
-            built = default_tables(window=window)
-        else:
-            built = []
-            for i, t in enumerate(tables):
-                t = dict(t)
-                limiter = _build(RateLimiterConfig, t.pop("rate_limiter", {}), f"replay.tables[{i}].rate_limiter")
-                signature = _build(Signature, t.pop("signature", {}), f"replay.tables[{i}].signature")
-                built.append(_build(TableConfig, {"window": window, **t, "rate_limiter": limiter, "signature": signature}, f"replay.tables[{i}]"))
-        return _build(ReplayConfig, {**data, "tables": built}, "replay")
-
     def learner_config(self, checkpoint_dir: str, online: bool, init_checkpoint: str | None = None, steps: int | None = None,
                        lr: float | None = None) -> LearnerConfig:
+        """One learner's config: the ``learner`` section plus what the phase sets (model, steps, lr, batch, where to save)."""
         section = self.online if online else self.offline
-        extra = {k: v for k, v in self.learner.items() if k not in ("world_size", "gpus_per_worker", "cpus_per_worker", "schedule")}
         total = steps or (self.online.refine_steps * max(1, self.online.rounds) if online else self.offline.policy_steps)
-        warmup = min(self.offline.warmup_steps, max(0, total - 1))
-        schedule = _build(ScheduleConfig, {"warmup_steps": 0 if online else warmup, "cycle_steps": max(total, warmup + 1),
-                                           "end_of_cycle": 0.3, **self.learner.get("schedule", {})}, "learner.schedule")
-        # The batch of a step is split into learner.grad_accum micro-batches (memory: the 2b model on one GPU).
-        accum = self.learner.get("grad_accum", 1)
-        if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1 or section.batch % accum:
-            raise ConfigError(f"learner.grad_accum: expected a divisor of {'online' if online else 'offline'}.batch "
-                              f"({section.batch}), got {accum}")
-        values = {"model": self.model.size, "layout": self.model.layout, "init_checkpoint": init_checkpoint, "lr": lr or section.lr,
-                  "micro_batch": section.batch // accum, "checkpoint_dir": checkpoint_dir, "checkpoint_every": 0, "seed": self.seed,
-                  **extra, "schedule": schedule}
-        return _build(LearnerConfig, values, "learner")
-
-    @property
-    def world_size(self) -> int:
-        return int(self.learner.get("world_size", 1))
-
-    @property
-    def gpus_per_worker(self) -> float:
-        return float(self.learner.get("gpus_per_worker", 0))
-
-    @property
-    def cpus_per_worker(self) -> float:
-        """CPUs (and so torch threads) each learner process gets: more than 1 speeds CPU-only training."""
-        return float(self.learner.get("cpus_per_worker", 1))
+        warmup = 0 if online else min(self.offline.warmup_steps, max(0, total - 1))
+        schedule = dataclasses.replace(self.learner.schedule, warmup_steps=warmup, cycle_steps=max(total, warmup + 1))
+        accum = self.learner.grad_accum  # the batch of a step is split into micro-batches (memory: the 2b model on one GPU)
+        if section.batch % accum:
+            raise ConfigError(f"learner.grad_accum: expected a divisor of {'online' if online else 'offline'}.batch ({section.batch}), got {accum}")
+        engine = {f.name for f in dataclasses.fields(LearnerConfig)}
+        values = {k: v for k, v in dataclasses.asdict(self.learner).items() if k in engine}
+        values.update(model=self.model.size, layout=self.model.layout, init_checkpoint=init_checkpoint, lr=lr or section.lr,
+                      micro_batch=section.batch // accum, checkpoint_dir=checkpoint_dir, checkpoint_every=0, seed=self.seed,
+                      schedule=schedule, betas=tuple(self.learner.betas))
+        return LearnerConfig(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)  # type: ignore[return-value]
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """``cls(**values)`` with unknown keys reported by name instead of a bare TypeError."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
-    values = dict(values)
-    for f in fields(cls):  # YAML gives lists where a dataclass wants tuples
-        if f.name in values and isinstance(values[f.name], list) and "tuple" in str(f.type):
-            values[f.name] = tuple(values[f.name])
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
-def load_experiment(name_or_path: str | Path = "quickstart", overrides: list[str] | None = None) -> Experiment:
-    """``configs/experiment/<name>.yaml`` (or a YAML path) with dotlist overrides (``online.rounds=5``)."""
-    path = resolve_config_path("experiment", name_or_path)
-    try:
-        schema = OmegaConf.structured(_Unvalidated)
-        merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides or [])))
-        data = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return experiment_from_dict(data)  # type: ignore[arg-type]
-
-
-def experiment_from_dict(data: dict[str, Any]) -> Experiment:
-    sections = {"ray": RaySection, "model": ModelSection, "env": EnvSection, "demos": DemoSection, "data": DataSection,
-                "offline": OfflineSection, "online": OnlineSection, "eval": EvalSection, "logging": LoggingSection}
-    values = dict(data)
-    for key, cls in sections.items():
-        values[key] = _build(cls, dict(values.get(key) or {}), key)
-    return _build(Experiment, values, "experiment")
-
-
-@dataclass
-class _Unvalidated(Experiment):
-    """The schema OmegaConf type-checks against (validation runs once, on the merged result)."""
-
-    def __post_init__(self) -> None:
-        pass
-
-
-def experiment_names() -> list[str]:
-    return sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "experiment").glob("*.yaml"))
+        """The experiment as plain data, loadable again (the learner fields the job derives are left out)."""
+        data = dataclasses.asdict(self)
+        for key in LEARNER_DERIVED:
+            del data["learner"][key]
+        return data

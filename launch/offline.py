@@ -1,5 +1,4 @@
-"""The offline phase's pieces that need no cluster: text embeddings, the held-out split, validation batches,
-and branch-point episodes (frames at the branch point only).
+"""The offline phase's pieces that need no cluster: text embeddings, the held-out split, validation batches.
 
 Shared by the main job (launch/online.py, which trains through Ray learner groups) and the Ray-free
 trainer (launch/train.py), so that both hold out the same demonstrations, validate on the same
@@ -8,7 +7,6 @@ fixed batches and feed the learner the same sources.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -17,25 +15,11 @@ from cosmos_policy.codec import NormalizationStats
 from cosmos_policy.config import load_model_config
 from cosmos_policy.data.loader import collate
 from cosmos_policy.data.samples import SampleBuilder
-from cosmos_policy.episode import Episode, ImageSequence
+from cosmos_policy.episode import Episode
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.layout import SampleKind, load_layout
 from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
 from launch.experiment import Experiment
-
-
-def branch_point_only(episode: Episode, chunk: int) -> Episode:
-    """The episode with frames at its branch point and that sample's future step alone, so that every
-    training sample it gives starts there: the query where a branching collection's episodes of one
-    state differ only by the chunk executed (``metadata["branch_step"]``; step 0, the first query,
-    for episodes that do not record one, as ``online.branch_first_query`` collection)."""
-    step = int(episode.metadata.get("branch_step", 0) or 0)
-    if not 0 <= step < episode.num_steps:
-        raise ConfigError(f"branch_step: expected a step of episode {episode.episode_id} (0..{episode.num_steps - 1}), got {step}")
-    keep = {step, min(step + chunk, episode.num_steps - 1)}
-    images = {c: ImageSequence([j if t in keep else b"" for t, j in enumerate(seq.jpegs)], origin=seq.origin)
-              for c, seq in episode.images.items()}
-    return dataclasses.replace(episode, images=images)
 
 
 VALIDATION_SEED = 12345  # the held-out batches' samples: fixed, so validation losses compare across calls
@@ -59,7 +43,7 @@ def text_cache(cfg: Experiment, instructions: list[str], existing: TextEmbedding
 
 
 def source_kwargs(cfg: Experiment, stats: NormalizationStats, text: TextEmbeddingCache, batch: int) -> dict[str, Any]:
-    """What every batch source of this experiment shares (launch.sources)."""
+    """What every batch source of this experiment shares (learner.sources)."""
     return dict(stats=stats, text=text, batch_size=batch, gamma=cfg.data.gamma, augmentation=cfg.augment_config(), seed=cfg.seed,
                 latent_cache=cfg.model.latent_cache)
 

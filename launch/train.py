@@ -46,10 +46,13 @@ from cosmos_policy.data.statistics import compute_statistics  # noqa: E402
 from cosmos_policy.episode import Episode, Source  # noqa: E402
 from cosmos_policy.errors import ConfigError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
-from launch.experiment import Experiment, load_experiment  # noqa: E402
+from launch.config import load_experiment  # noqa: E402
+from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
-from launch.offline import branch_point_only, source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
-from launch.sources import EpisodeSource  # noqa: E402
+from actors.branching import branch_point_only  # noqa: E402
+from launch.offline import source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
+from learner.fit import EarlyStopping, fit  # noqa: E402
+from learner.sources import EpisodeSource  # noqa: E402
 
 TARGETS = ("policy", "planning")
 
@@ -155,50 +158,44 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
                       cfg.logging.project, cfg.logging.entity, cfg.name)
     ckpt = out / "checkpoints" / target
     val_batches = validation_batches(cfg, stats, text, val)
-    every = off.validate_every if val_batches else max(1, min(100, steps))
-    best, bad, exported, out_of_time, start = float("inf"), 0, False, False, time.time()
+    start, out_of_time = time.time(), []  # out_of_time: set once the time limit is reached
     if rank0:
         say(f"{target}: {len(train_eps)} episodes, {len(val)} held out, {steps} steps" + (f", resuming at step {learner.step}" if resumed else ""))
-    try:
-        while learner.step < steps:
-            rows: list[dict[str, float]] = []
-            for _ in range(min(every, steps - learner.step)):
-                rows.append(learner.train_step())
-                if export_every and learner.step % export_every == 0 and learner.step < steps:  # every rank takes part
-                    learner.export(ckpt.parent / f"{target}_step{learner.step}")
-                if stopping["stop"]:
-                    learner.save()
-                    raise Stopped()
-                if time_limit is not None and _all_agree(time.time() - start >= time_limit, learner.device):
-                    out_of_time = True
-                    break
-            if out_of_time and rank0:
-                say(f"{target}: time limit of {time_limit:.0f} s reached at step {learner.step} of {steps}")
-            avg = {k: float(np.nanmean([r[k] for r in rows if r.get(k) is not None])) for k in rows[-1]}
-            avg["step"] = rows[-1]["step"]
-            monitor.log("learner", {"phase": f"{target}_train", **{("learner/step" if k == "step" else k): v for k, v in avg.items()},
-                                    "samples_per_s": learner.samples / max(time.time() - start, 1e-9)})
-            if rank0:
-                monitor.progress(f"{target} training", learner.step, steps, f"loss {avg['loss']:.3f}")
-            if not val_batches:
-                if out_of_time:
-                    break
-                continue
-            loss = float(np.mean([learner.evaluate(b, seed=i) for i, b in enumerate(val_batches)]))
-            monitor.log("validation", {"phase": f"{target}_train", "learner/step": learner.step, "val_loss": loss, "best": min(best, loss)})
-            if loss < best - 1e-4:
-                best, bad, exported = loss, 0, True
-                learner.export(ckpt)
-            else:
-                bad += 1
-                if bad >= off.patience:
-                    if rank0:
-                        say(f"{target}: held-out loss stopped improving at {best:.4f}; stopping at step {learner.step}")
-                    break
-            if out_of_time:
+
+    def train_steps(n: int) -> list[dict[str, float]]:
+        """Up to ``n`` steps; none once the time limit is reached (every rank agrees), so ``fit`` exports and ends."""
+        rows: list[dict[str, float]] = []
+        for _ in range(n):
+            if out_of_time or (time_limit is not None and _all_agree(time.time() - start >= time_limit, learner.device)):
+                if rank0 and not out_of_time:
+                    say(f"{target}: time limit of {time_limit:.0f} s reached at step {learner.step} of {steps}")
+                out_of_time.append(True)
                 break
-        if not exported:
-            learner.export(ckpt)
+            rows.append(learner.train_step())
+            if export_every and learner.step % export_every == 0 and learner.step < steps:  # every rank takes part
+                learner.export(ckpt.parent / f"{target}_step{learner.step}")
+            if stopping["stop"]:
+                learner.save()
+                raise Stopped()
+        return rows
+
+    def report(rows: list[dict[str, float]], loss: float | None, stopper: EarlyStopping) -> None:
+        avg = {k: float(np.nanmean([r[k] for r in rows if r.get(k) is not None])) for k in rows[-1]}
+        avg["step"] = rows[-1]["step"]
+        monitor.log("learner", {"phase": f"{target}_train", **{("learner/step" if k == "step" else k): v for k, v in avg.items()},
+                                "samples_per_s": learner.samples / max(time.time() - start, 1e-9)})
+        if rank0:
+            monitor.progress(f"{target} training", learner.step, steps, f"loss {avg['loss']:.3f}")
+        if loss is not None:
+            monitor.log("validation", {"phase": f"{target}_train", "learner/step": learner.step, "val_loss": loss, "best": min(stopper.best, loss)})
+
+    def validate() -> float:
+        return float(np.mean([learner.evaluate(b, seed=i) for i, b in enumerate(val_batches)]))
+
+    try:
+        fit(train_steps, lambda: learner.step, steps, off.validate_every if val_batches else max(1, min(100, steps)),
+            lambda: learner.export(ckpt), validate if val_batches else None, off.patience, report, say if rank0 else (lambda m: None),
+            what=target)
         learner.save()  # a later run with more --steps continues from here
     finally:
         monitor.close()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from cosmos_policy.contracts import ReplayClient, TableName
 from cosmos_policy.data.loader import TrainingBatch, collate
 from cosmos_policy.data.mixture import MixtureConfig, MixtureSampler
 from cosmos_policy.data.samples import SampleBuilder, TrainingSample
@@ -28,7 +29,7 @@ from cosmos_policy.layout import SampleKind
 from cosmos_policy.text import TextEmbeddingCache
 
 # Mixture pool -> replay table.
-POOL_TABLES = {"demo": "demos", "success": "experience_success", "failure": "experience_failure"}
+POOL_TABLES = {"demo": TableName.DEMOS.value, "success": TableName.EXPERIENCE_SUCCESS.value, "failure": TableName.EXPERIENCE_FAILURE.value}
 
 
 class BatchSource(Protocol):
@@ -68,7 +69,7 @@ class ReplayBatches:
     drawn with the pool's kind probabilities.
     """
 
-    def __init__(self, replay, config: MixtureConfig, builder: SampleBuilder, text: TextEmbeddingCache, batch_size: int,
+    def __init__(self, replay: ReplayClient, config: MixtureConfig, builder: SampleBuilder, text: TextEmbeddingCache, batch_size: int,
                  seed: int = 0, rank: int = 0, timeout_s: float | None = 600.0) -> None:
         self.replay, self.config, self.builder, self.text = replay, config, builder, text
         self.batch_size, self.seed, self.rank, self.timeout_s = batch_size, seed, rank, timeout_s

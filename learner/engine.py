@@ -37,7 +37,6 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,96 +53,12 @@ from cosmos_policy.objective import TrainingNoise
 from cosmos_policy.text import TextEmbeddingCache
 from cosmos_policy.weights import Packed, Packer
 from learner.data import BatchSource, PrefetchBatches
-from learner.encode import ENCODE_MODES, TargetEncoder
-from learner.float8 import FLOAT8_RECIPES, convert_float8, resolve_float8
-from learner.schedule import ScheduleConfig, lr_multiplier
+from learner.encode import TargetEncoder
+from learner.float8 import convert_float8, resolve_float8
+from learner.config import LearnerConfig, deepspeed_config
+from learner.schedule import lr_multiplier
 
 _TAG = re.compile(r"^step(\d+)$")
-
-
-@dataclass
-class LearnerConfig:
-    model: str = "tiny"  # model size (configs/model) when not starting from a checkpoint
-    layout: str = "libero"
-    init_checkpoint: str | None = None  # our checkpoint format: the weights to refine
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    micro_batch: int = 4  # samples per process per micro-step
-    grad_accum: int = 1
-    zero_stage: int = 2
-    precision: str = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint_dir: str = "runs/learner/checkpoints"
-    checkpoint_every: int = 1000  # steps; 0: only when asked (and on shutdown)
-    keep_checkpoints: int = 2
-    seed: int = 0
-    deterministic: bool = False
-    # ---- speed (see the module docstring); defaults keep small CPU runs simple ----
-    checkpoint_blocks: int | None = None  # None: the model config's choice (2b: every block); N: the first N blocks
-    compile: bool | None = None  # torch.compile every transformer block; None: on GPUs (ZeRO <= 2)
-    fused_optimizer: bool | None = None  # None: fused AdamW on GPUs, DeepSpeed's torch AdamW (foreach) on CPUs
-    vae_encode: str = "needed"  # needed: skip frames injection overwrites and the constant leading frames; full: encode all
-    vae_batch: int = 8  # clips per VAE encoder call
-    vae_compile: bool | None = None  # None: on GPUs
-    vae_channels_last: bool | None = None  # channels-last 3-D convolutions in the VAE encoder; None: on GPUs
-    vae_dtype: str = "auto"  # auto: bf16 when training in bf16, else the VAE's own dtype
-    data_workers: int = 0  # >0: batches built ahead in this many worker processes
-    prepare_ahead: bool | None = None  # a host thread draws, checks and pins the next micro-batch; None: on GPUs
-    cudnn_benchmark: bool = True  # GPUs: let cuDNN time its convolution algorithms once (the VAE's shapes never change)
-    float8: str = "off"  # float8 matrix products in the blocks' token-wise layers (learner.float8): off, auto, tensorwise, rowwise, ...
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"learner.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"learner.precision: expected auto, bf16 or fp32, got {self.precision!r}")
-        for name in ("micro_batch", "grad_accum", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"learner.{name}: expected >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"learner.lr: expected > 0, got {self.lr}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"learner.checkpoint_every: expected >= 0, got {self.checkpoint_every}")
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
-            raise ConfigError(f"learner.checkpoint_blocks: expected None or >= 0, got {self.checkpoint_blocks}")
-        if self.vae_encode not in ENCODE_MODES:
-            raise ConfigError(f"learner.vae_encode: expected one of {ENCODE_MODES}, got {self.vae_encode!r}")
-        if self.vae_dtype not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"learner.vae_dtype: expected auto, bf16 or fp32, got {self.vae_dtype!r}")
-        if self.vae_batch < 1:
-            raise ConfigError(f"learner.vae_batch: expected >= 1, got {self.vae_batch}")
-        if self.data_workers < 0:
-            raise ConfigError(f"learner.data_workers: expected >= 0, got {self.data_workers}")
-        if self.float8 is False:  # YAML 1.1 reads a bare `off` (float8: off, learner.float8=off) as false
-            self.float8 = "off"
-        if self.float8 not in FLOAT8_RECIPES:
-            raise ConfigError(f"learner.float8: expected one of {FLOAT8_RECIPES}, got {self.float8!r}")
-        if self.compile is True and self.zero_stage == 3:
-            raise ConfigError("learner.compile: not supported with zero_stage 3 (its parameter gathering hooks run inside "
-                              "every block); use zero_stage <= 2 or compile: false")
-
-
-def deepspeed_config(cfg: LearnerConfig, world_size: int, bf16: bool, client_optimizer: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config; with ``client_optimizer`` the AdamW is built by the learner (fused) and not named here."""
-    out: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if not client_optimizer:
-        out["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "torch_adam": True},
-        }
-    return out
 
 
 def configure_blocks(net: torch.nn.Module, checkpoint_blocks: int | None, compile: bool) -> int:

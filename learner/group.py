@@ -19,8 +19,8 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
+from cosmos_policy.contracts import Target, WeightPublisher
 from learner.engine import Learner, LearnerConfig
-from learner.publish import publish
 
 
 def free_port() -> int:
@@ -32,20 +32,18 @@ def free_port() -> int:
 @dataclass
 class PublishConfig:
     every: int = 0  # steps between publications; 0: never
-    target: str = "policy"  # which model the weights are for
-    registry: str = "weight-registry"
+    target: str = Target.POLICY.value  # which model the weights are for
 
 
 @ray.remote
 class LearnerWorker:
     def __init__(self, config: LearnerConfig, source: Callable, rank: int, world_size: int, address: str, port: int,
-                 publish_cfg: PublishConfig) -> None:
+                 publish_cfg: PublishConfig, publisher: WeightPublisher | None) -> None:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0" if not ray.get_gpu_ids() else "0",
                           MASTER_ADDR=address, MASTER_PORT=str(port))
         self.learner = Learner(config, source)
         self.resumed = self.learner.resume()
-        self.publish_cfg = publish_cfg
-        self.publish_s: list[float] = []
+        self.publish_cfg, self.publisher = publish_cfg, publisher
 
     def train(self, steps: int) -> list[dict[str, float]]:
         out = []
@@ -61,11 +59,11 @@ class LearnerWorker:
         """Rank 0 puts the weights into the object store once; the others only help gather (ZeRO-3)."""
         packed = self.learner.packed_weights()
         self.learner.version += 1
-        if self.learner.rank != 0:
+        if self.learner.rank != 0 or self.publisher is None:
             return {}
-        record, seconds = publish(packed, self.learner.version, self.learner.step, self.publish_cfg.target, self.publish_cfg.registry)
-        self.publish_s.append(seconds)
-        return {"published_version": record.version, "publish_s": seconds}
+        start = time.perf_counter()
+        record = self.publisher.publish(packed, self.learner.version, self.learner.step, self.publish_cfg.target)
+        return {"published_version": record.version, "publish_s": time.perf_counter() - start}
 
     def save(self) -> str:
         return str(self.learner.save())
@@ -94,10 +92,11 @@ class LearnerGroup:
     """Starts ``world_size`` workers and trains them in lockstep, restarting them on failure."""
 
     def __init__(self, config: LearnerConfig, source: Callable, world_size: int = 1, gpus_per_worker: float = 0,
-                 cpus_per_worker: float = 1, publish_cfg: PublishConfig | None = None, max_restarts: int = 3) -> None:
+                 cpus_per_worker: float = 1, publish_cfg: PublishConfig | None = None, publisher: WeightPublisher | None = None,
+                 max_restarts: int = 3) -> None:
         self.config, self.source, self.world_size = config, source, world_size
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
-        self.publish_cfg = publish_cfg or PublishConfig()
+        self.publish_cfg, self.publisher = publish_cfg or PublishConfig(), publisher
         self.max_restarts = max_restarts
         self.restarts = 0
         self.workers: list[Any] = []
@@ -108,7 +107,7 @@ class LearnerGroup:
         port = free_port()
         self.workers = [
             LearnerWorker.options(num_gpus=self.gpus, num_cpus=self.cpus).remote(
-                self.config, self.source, rank, self.world_size, address, port, self.publish_cfg
+                self.config, self.source, rank, self.world_size, address, port, self.publish_cfg, self.publisher
             )
             for rank in range(self.world_size)
         ]

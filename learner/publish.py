@@ -1,11 +1,15 @@
 """Weight publication through the Ray object store: one put, many readers.
 
+``RegistryWeights`` is both sides of the ``WeightPublisher`` / ``WeightSource`` contracts
+(``cosmos_policy.contracts``) over one ``WeightRegistry`` actor, whose handle it carries (it is
+pickled into the learner's ranks and the actors that read; nobody looks the registry up by name).
 The learner's rank 0 packs the denoiser (bf16, plain numpy arrays), ``ray.put``s it once and
-registers a ``WeightVersion`` with the ``WeightRegistry`` actor (named ``REGISTRY``). Actors and
-policy servers (``actors.weights.WeightSubscriber``) ask the registry, by name, for the latest
-version between episodes or batches, fetch the packed weights (the object store hands every
-reader on a node the same shared-memory copy), verify the checksum and load them. Publishing costs the learner only the copy out of the engine and the put; the
-registry keeps the last few versions alive so a slow reader never sees a vanished object.
+registers a ``WeightVersion``; readers ask for the newest version of their target, fetch the
+packed weights (the object store hands every reader on a node the same shared-memory copy),
+verify the checksum and load them. Publishing costs the learner only the copy out of the engine
+and the put; the registry keeps the last few versions alive so a slow reader never sees a
+vanished object. The version numbers are the learner's (kept in its checkpoints): the registry
+only carries them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any
 
 import ray
 
-from cosmos_policy.weights import REGISTRY, Packed, WeightVersion, checksum, nbytes
+from cosmos_policy.contracts import WeightVersion
+from cosmos_policy.weights import Packed, checksum, nbytes, unpack, verify
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -36,20 +41,36 @@ class WeightRegistry:
         history = self.versions.get(target)
         return history[-1] if history else None
 
-    def version(self, target: str = "policy") -> int | None:
-        history = self.versions.get(target)
-        return history[-1][0].version if history else None
 
+class RegistryWeights:
+    """Publish to and read from one ``WeightRegistry`` (a ``WeightPublisher`` and a ``WeightSource``).
 
-def registry(name: str = REGISTRY) -> Any:
-    """The named registry actor, created on first use."""
-    return WeightRegistry.options(name=name, get_if_exists=True, lifetime="detached").remote()
+    ``verify_threads``: threads for the reader's checksum (None: one per core; 1 where several
+    readers share few cores).
+    """
 
+    def __init__(self, registry: Any, verify_threads: int | None = None) -> None:
+        self.registry, self.verify_threads = registry, verify_threads
+        self.publish_s: list[float] = []  # seconds per publication (copy into the object store, checksum, register)
 
-def publish(packed: Packed, version: int, step: int, target: str = "policy", name: str = REGISTRY) -> tuple[WeightVersion, float]:
-    """Put ``packed`` into the object store and register it; returns the version and seconds spent."""
-    start = time.perf_counter()
-    ref = ray.put(packed)
-    record = WeightVersion(version=version, step=step, checksum=checksum(packed), nbytes=nbytes(packed), target=target)
-    ray.get(registry(name).publish.remote(record, [ref]))
-    return record, time.perf_counter() - start
+    def publish(self, packed: Packed, version: int, step: int, target: str) -> WeightVersion:
+        start = time.perf_counter()
+        ref = ray.put(packed)
+        record = WeightVersion(version=version, step=step, checksum=checksum(packed), nbytes=nbytes(packed), target=target)
+        ray.get(self.registry.publish.remote(record, [ref]))
+        self.publish_s.append(time.perf_counter() - start)
+        return record
+
+    def latest(self, target: str, newer_than: int | None = None) -> tuple[WeightVersion, dict[str, Any]] | None:
+        """The newest version of ``target`` if newer than ``newer_than``, checksum verified.
+
+        The tensors are read-only views of the object store's copy (no second copy of the weights
+        in this process): load them with ``load_state_dict``, which copies, and drop them.
+        """
+        latest = ray.get(self.registry.latest.remote(target))
+        if latest is None or (newer_than is not None and latest[0].version <= newer_than):
+            return None
+        record, (ref,) = latest
+        packed = ray.get(ref)
+        verify(packed, record, self.verify_threads)
+        return record, unpack(packed, copy=False)

@@ -13,14 +13,22 @@ from dataclasses import dataclass
 from cosmos_policy.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
+    """The official two-cycle linear schedule, as multipliers of the base learning rate."""
+
     warmup_steps: int = 1000
+    """Linear warm-up from ``start`` to ``peak`` (the job sets it from offline.warmup_steps; 0 online)."""
     cycle_steps: int = 30000
+    """End of the first cycle, where the multiplier has fallen linearly to ``end_of_cycle`` (the job: the phase's steps)."""
     start: float = 1e-6
+    """Multiplier at step 0."""
     peak: float = 1.0
+    """Multiplier at the end of the warm-up."""
     end_of_cycle: float = 0.3
+    """Multiplier at the end of the first cycle."""
     after: float = 0.06
+    """Multiplier from then on."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_steps < self.cycle_steps:

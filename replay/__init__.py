@@ -1,4 +1,4 @@
-"""The replay service: tables of episodes with Reverb's semantics, a Ray backend and a Reverb backend.
+"""The replay service: tables of episodes with Reverb's semantics, on an in-process or a Reverb backend, sharded over Ray.
 
-See ARCHITECTURE.md section 5.
+See README.md in this folder.
 """

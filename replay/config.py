@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cosmos_policy.contracts import TableName
 from cosmos_policy.errors import ConfigError
 
 SELECTORS = ("uniform", "prioritized", "fifo")
@@ -18,16 +19,20 @@ REMOVERS = ("fifo", "age")
 LIMITERS = ("min_size", "sample_to_insert")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RateLimiterConfig:
     """``min_size``: sampling waits for ``min_size`` items. ``sample_to_insert``: Reverb's
     SampleToInsertRatio; the side that runs more than ``error_buffer`` items ahead of
     ``samples_per_insert`` sampled items per inserted item waits for the other."""
 
     kind: str = "min_size"
+    """min_size or sample_to_insert."""
     min_size: int = 1
+    """Items the table holds before anything is sampled."""
     samples_per_insert: float = 1.0
+    """sample_to_insert: sampled items per inserted item the limiter holds both sides to."""
     error_buffer: float = 100.0
+    """sample_to_insert: how many items either side may run ahead before it waits."""
 
     def __post_init__(self) -> None:
         if self.kind not in LIMITERS:
@@ -51,29 +56,46 @@ class RateLimiterConfig:
         return offset - self.error_buffer, offset + self.error_buffer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Signature:
     """What every episode of a table must look like; anything else is rejected at insert."""
 
-    cameras: list[str] = field(default_factory=list)  # empty: any
-    image_shape: list[int] | None = None  # [H, W]
+    cameras: list[str] = field(default_factory=list)
+    """The episode's camera names (empty: any)."""
+    image_shape: list[int] | None = None
+    """[H, W] of every frame (None: any)."""
     proprio_dim: int | None = None
+    """Proprio dimensions (None: any)."""
     action_dim: int | None = None
+    """Action dimensions (None: any)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TableConfig:
+    """One table: how items are selected and removed, its size, rate limiter and signature."""
+
     name: str
+    """The table's name (cosmos_policy.contracts.TableName for the mixture's three)."""
     sampler: str = "uniform"
-    priority_exponent: float = 1.0  # prioritized: P(item) ~ priority ** exponent
-    remover: str = "fifo"  # which items leave when the table is full
+    """uniform, prioritized or fifo."""
+    priority_exponent: float = 1.0
+    """prioritized: P(item) ~ priority ** exponent."""
+    remover: str = "fifo"
+    """Which whole episodes leave when the table is full: fifo, or age (max_age_s)."""
     max_items: int = 1_000_000
+    """Items (episode steps) the table holds at most."""
     max_bytes: int | None = None
-    max_age_s: float | None = None  # remover "age": items inserted longer ago leave
-    max_times_sampled: int | None = None  # items leave after this many samples (1 with fifo: a queue)
-    window: int = 16  # the action chunk K of the step windows handed out
+    """Bytes the table holds at most (None: no limit)."""
+    max_age_s: float | None = None
+    """With the age remover: episodes inserted longer ago leave."""
+    max_times_sampled: int | None = None
+    """Items leave after this many samples (1 with fifo: a queue; None: never)."""
+    window: int = 16
+    """The action chunk K of the step windows handed out (the experiment sets the layout's)."""
     rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)
+    """When inserts and samples wait for each other."""
     signature: Signature = field(default_factory=Signature)
+    """What every episode of the table must look like."""
 
     def __post_init__(self) -> None:
         where = f"replay.tables.{self.name}"
@@ -95,13 +117,20 @@ class TableConfig:
             raise ConfigError(f"{where}.max_times_sampled: expected >= 1 or None, got {self.max_times_sampled}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplayConfig:
-    backend: str = "ray"  # or "reverb"
-    root: str = "replay"  # episode files and checkpoints live here
-    shards: int = 1  # ray backend: shard actors
+    """The replay service: which backend, where its files live, how many shards, which tables."""
+
+    backend: str = "ray"
+    """ray (ReplayStore shards on any Python) or reverb (DeepMind Reverb servers, the reverb extra)."""
+    root: str = "replay"
+    """Episode files and checkpoints live here (the experiment's default: run_dir/replay)."""
+    shards: int = 1
+    """Shard actors; each holds the episodes whose id hashes to it (one Reverb server each with reverb)."""
     tables: list[TableConfig] = field(default_factory=lambda: default_tables())
+    """The tables (default: demos, experience_success, experience_failure)."""
     checkpoint_every_s: float = 60.0
+    """Seconds between checkpoints of the tables' metadata (episode files are durable at once)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("ray", "reverb"):
@@ -121,4 +150,4 @@ class ReplayConfig:
 
 def default_tables(window: int = 16, **overrides: Any) -> list[TableConfig]:
     """The three tables of the mixture: demonstrations, successful and failed experience."""
-    return [TableConfig(name=n, window=window, **overrides) for n in ("demos", "experience_success", "experience_failure")]
+    return [TableConfig(name=n.value, window=window, **overrides) for n in TableName]

@@ -1,13 +1,17 @@
-"""The default replay backend: ``ReplayStore`` shards as Ray actors.
+"""The replay service over Ray: shard actors, each hosting the store of ``config.backend``, and their client.
 
-Each shard owns the episodes whose id hashes to it (for every table) and keeps them
-JPEG-compressed in memory with their files on its node's disk. A shard actor restarts by itself
+A ``ReplayShard`` holds one store under ``root/shard-<i>``: a ``ReplayStore`` (backend "ray":
+tables in the actor, JPEG-compressed episodes in memory, their files on the node's disk) or a
+``ReverbReplay`` (backend "reverb": its own Reverb server in a child process of the actor). Each
+shard owns the episodes whose id hashes to it (for every table). A shard actor restarts by itself
 after a crash and restores from its own directory; callers' in-flight requests are retried, so
 an insert that returned was durable and one that was interrupted is sent again.
 
-Sampling spreads a batch over the shards in proportion to their share of the table's sampling
-mass (items, or total priority for prioritized tables), refreshed from every reply. Rate limits
-apply per shard (each shard limits its own items), as they would across Reverb servers.
+``RayReplay`` is the client of either: it holds actor handles only, so it pickles, and the copies
+an EnvRunner (inserting) and a learner (sampling) receive reach the same shards. Sampling spreads
+a batch over the shards in proportion to their share of the table's sampling mass (items, or
+total priority for prioritized tables), refreshed from every reply. Rate limits apply per shard
+(each shard limits its own items), as they would across Reverb servers.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from cosmos_policy.contracts import SampledItem
 from cosmos_policy.episode import Episode
+from cosmos_policy.errors import ConfigError
 from replay.config import ReplayConfig
-from replay.store import ReplayStore
-from replay.table import SampledItem
+from replay.service import open_store
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=64)
 class ReplayShard:
-    """One shard: a ``ReplayStore`` under ``root/shard-<i>`` in a threaded actor.
+    """One shard: the store of ``config.backend`` under ``root/shard-<i>`` in a threaded actor.
 
     Threaded (``max_concurrency``), so an insert or sample blocked by the rate limiter does not
     stop the other side from making the progress it waits for.
@@ -35,7 +40,7 @@ class ReplayShard:
 
     def __init__(self, config: ReplayConfig, index: int) -> None:
         self.index = index
-        self.store = ReplayStore(config, Path(config.root) / f"shard-{index}", seed=index)
+        self.store = open_store(config, Path(config.root) / f"shard-{index}", seed=index)
 
     def insert(self, table: str, episode: Episode, priority: float | list[float], timeout: float | None) -> tuple[str, float]:
         return self.store.insert(table, episode, priority, timeout), self.store.weight(table)
@@ -69,19 +74,28 @@ class ReplayShard:
 
 
 class RayReplay:
-    """``ReplayClient`` over ``config.shards`` shard actors (created here, or found by name)."""
+    """``ReplayClient`` over ``config.shards`` shard actors: ``shards`` given, or created here.
 
-    def __init__(self, config: ReplayConfig, name: str = "replay", shards: list | None = None, seed: int | None = None) -> None:
+    ``names`` (one per shard, the caller's) makes the shards named actors, found again when they
+    exist (``get_if_exists``); without them the shards are anonymous, reachable through this
+    object and its pickled copies while the process that created them lives.
+    """
+
+    def __init__(self, config: ReplayConfig, shards: list | None = None, names: list[str] | None = None,
+                 seed: int | None = None) -> None:
         self.config = config
-        self.name = name
         if shards is None:
-            shards = [
-                ReplayShard.options(name=f"{name}-shard-{i}", get_if_exists=True, num_cpus=0.5).remote(config, i)
-                for i in range(config.shards)
-            ]
-        self.shards = shards
+            if names is not None and len(names) != config.shards:
+                raise ConfigError(f"replay: {config.shards} shards need {config.shards} actor names, got {len(names)}")
+            shards = [self._shard(config, i, None if names is None else names[i]) for i in range(config.shards)]
+        self.shards = list(shards)
         self._weights: dict[str, np.ndarray] = {}
         self.rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def _shard(config: ReplayConfig, index: int, name: str | None):
+        named = {} if name is None else {"name": name, "get_if_exists": True}
+        return ReplayShard.options(num_cpus=0.5, **named).remote(config, index)
 
     def shard_of(self, episode_id: str) -> int:
         return zlib.crc32(episode_id.encode()) % len(self.shards)
@@ -120,7 +134,7 @@ class RayReplay:
         return [eid for ids in ray.get([s.episode_ids.remote(table) for s in self.shards]) for eid in ids]
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per-table statistics summed over shards (rates and staleness averaged)."""
+        """Per-table statistics summed over shards (staleness averaged)."""
         merged: dict[str, dict[str, float]] = {}
         per_shard = ray.get([s.stats.remote() for s in self.shards])
         for shard_stats in per_shard:

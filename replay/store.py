@@ -1,10 +1,11 @@
 """The tables of one replay shard, durable on local disk.
 
-An insert is acknowledged only after its episode file is on disk (``write_episode``: temporary
-file, fsync, rename) and the episode is in the table. Eviction deletes the file. A checkpoint
-records what the files cannot: each table's order, priorities, sample counts and rate-limiter
-counters. After a crash the shard restores from its checkpoint plus every episode file written
-since (those join with default priorities), so nothing acknowledged is lost.
+An insert is acknowledged only after its episode file is on disk (``replay.files``) and the
+episode is in the table. Eviction deletes the file. A checkpoint records what the files cannot:
+each table's order, priorities, sample counts and counters. After a crash the shard restores
+from its checkpoint plus every episode file written since (those join with default priorities),
+so nothing acknowledged is lost. An unreadable checkpoint is moved aside and the tables are
+rebuilt from the episode files alone.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from cosmos_policy.codec import atomic_write_bytes
-from cosmos_policy.data.episode_file import EpisodeFileError, read_episode, write_episode
+from cosmos_policy.contracts import SampledItem
 from cosmos_policy.episode import Episode
 from cosmos_policy.errors import ConfigError
 from replay.config import ReplayConfig
-from replay.table import SampledItem, Table
+from replay.files import EpisodeFiles
+from replay.table import Table
 
 CHECKPOINT = "checkpoint.json"
 
@@ -31,6 +33,7 @@ class ReplayStore:
     def __init__(self, config: ReplayConfig, root: str | Path, seed: int = 0) -> None:
         self.config = config
         self.root = Path(root)
+        self.files = EpisodeFiles(self.root)
         self.tables = {t.name: Table(t) for t in config.tables}
         self.rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
@@ -43,9 +46,6 @@ class ReplayStore:
             raise ConfigError(f"replay: no table {name!r}; tables are {sorted(self.tables)}")
         return self.tables[name]
 
-    def episode_path(self, table: str, episode_id: str) -> Path:
-        return self.root / table / f"{episode_id}.hdf5"
-
     # ---- the client API ----------------------------------------------------------------
     def insert(self, table: str, episode: Episode, priority: float | list[float] = 1.0, timeout: float | None = None) -> str:
         """Store ``episode`` durably in ``table``; returns its id once acknowledged.
@@ -56,17 +56,17 @@ class ReplayStore:
         try:
             tbl.check_signature(episode)
         except Exception:
-            tbl.counters.rejected += 1
+            tbl.counters.add("rejected", 1)
             raise
         tbl.wait_for_insert(timeout)
-        path = write_episode(self.episode_path(table, episode.episode_id), episode)
+        path = self.files.write(table, episode)
         try:
             evicted = tbl.add(episode, priority)
         except Exception:
             path.unlink(missing_ok=True)
-            tbl.counters.rejected += 1
+            tbl.counters.add("rejected", 1)
             raise
-        self._delete(table, evicted)
+        self.files.delete(table, evicted)
         self._maybe_checkpoint()
         return episode.episode_id
 
@@ -74,7 +74,7 @@ class ReplayStore:
         with self._rng_lock:
             rng = np.random.default_rng(self.rng.integers(2**63))
         items, gone = self.table(table).sample(n, rng, timeout)
-        self._delete(table, gone)
+        self.files.delete(table, gone)
         return items
 
     def update_priorities(self, table: str, keys: list[tuple[str, int]], priorities: list[float]) -> int:
@@ -93,11 +93,10 @@ class ReplayStore:
     def stats(self) -> dict[str, dict[str, float]]:
         return {name: t.stats() for name, t in self.tables.items()}
 
-    # ---- durability --------------------------------------------------------------------
-    def _delete(self, table: str, episode_ids: list[str]) -> None:
-        for eid in episode_ids:
-            self.episode_path(table, eid).unlink(missing_ok=True)
+    def close(self) -> None:
+        self.checkpoint()
 
+    # ---- durability --------------------------------------------------------------------
     def _maybe_checkpoint(self) -> None:
         if time.monotonic() - self.last_checkpoint >= self.config.checkpoint_every_s:
             self.checkpoint()
@@ -116,42 +115,24 @@ class ReplayStore:
         saved: dict = {}
         ckpt = self.root / CHECKPOINT
         if ckpt.exists():
-            saved = json.loads(ckpt.read_text()).get("tables", {})
+            try:
+                saved = json.loads(ckpt.read_text())["tables"]
+            except (OSError, ValueError, KeyError) as exc:  # restore from the episode files alone
+                os.replace(ckpt, ckpt.with_suffix(".corrupt"))
+                print(f"replay restore: moved unreadable {ckpt} aside ({exc!r}); restoring from the episode files", flush=True)
         for name, tbl in self.tables.items():
-            folder = self.root / name
-            folder.mkdir(exist_ok=True)
-            for stale in folder.glob(".*.tmp"):  # an insert that died before its rename was never acknowledged
-                stale.unlink(missing_ok=True)
-            files = {p.stem: p for p in folder.glob("*.hdf5")}
+            files = self.files.scan(name)
             state = saved.get(name, {})
-            known = set()
             for entry in state.get("episodes", []):
                 path = files.get(entry["episode_id"])
-                if path is None:
-                    continue
-                ep = self._read(path)
-                if ep is None:
-                    continue
-                tbl.add(ep, np.asarray(entry["priorities"]), np.asarray(entry["times_sampled"]), count_insert=False)
-                dead = [s for s, live in zip(tbl.episodes[ep.episode_id].slots, entry["live"]) if not live]
-                tbl._free_slots(np.asarray(dead, dtype=np.int64))
-                known.add(entry["episode_id"])
-            tbl.counters.inserted_items = int(state.get("inserted_items", 0))
-            tbl.counters.sampled_items = int(state.get("sampled_items", 0))
-            # Files written after the checkpoint: acknowledged inserts the checkpoint never saw.
-            late = sorted((p for stem, p in files.items() if stem not in known), key=lambda p: p.stat().st_mtime)
-            for path in late:
-                ep = self._read(path)
+                ep = None if path is None else self.files.read(path)
                 if ep is not None:
-                    self._delete(name, tbl.add(ep))
+                    tbl.add(ep, np.asarray(entry["priorities"]), np.asarray(entry["times_sampled"]), live=np.asarray(entry["live"]),
+                            count_insert=False)
+            tbl.load_counters(state.get("counters", state))  # older checkpoints kept the counters beside the episodes
+            # Files written after the checkpoint: acknowledged inserts the checkpoint never saw.
+            for path in self.files.late(name, tbl.episodes):
+                ep = self.files.read(path)
+                if ep is not None:
+                    self.files.delete(name, tbl.add(ep))
             self.restored[name] = len(tbl.episodes)
-
-    @staticmethod
-    def _read(path: Path) -> Episode | None:
-        try:
-            return read_episode(path)
-        except EpisodeFileError as exc:  # a file that cannot be read was never a complete, acknowledged insert
-            bad = path.with_suffix(".corrupt")
-            os.replace(path, bad)
-            print(f"replay restore: moved unreadable {path} aside to {bad} ({exc})", flush=True)
-            return None

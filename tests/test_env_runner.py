@@ -11,10 +11,12 @@ import pytest
 
 pytest.importorskip("robosuite", reason="the built-in task and LIBERO need the libero extra")
 
-from actors.env import EnvSpec, check_action, check_observation  # noqa: E402
+from actors.branching import Branching  # noqa: E402
+from actors.env import check_action, check_observation  # noqa: E402
 from actors.env_process import EnvConfig, EnvProcess  # noqa: E402
-from actors.env_runner import EpisodeRunner, LocalPolicyClient, RunnerConfig  # noqa: E402
-from actors.policy_server import PolicySpec  # noqa: E402
+from actors.env_runner import EpisodeRunner, RunnerConfig  # noqa: E402
+from actors.policies import PolicySpec  # noqa: E402
+from cosmos_policy.contracts import ActionChunk, EnvSpec  # noqa: E402
 from cosmos_policy.checkpoint import save_checkpoint  # noqa: E402
 from cosmos_policy.codec import NormalizationStats  # noqa: E402
 from cosmos_policy.config import load_model_config  # noqa: E402
@@ -25,7 +27,8 @@ from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
 from cosmos_policy.planner import PlannerConfig  # noqa: E402
 from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig  # noqa: E402
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache  # noqa: E402
-from replay.client import LocalReplay  # noqa: E402
+from actors.branching import branch_step  # noqa: E402
+from replay.local import LocalReplay  # noqa: E402
 from replay.config import ReplayConfig, default_tables  # noqa: E402
 
 LIFT = EnvConfig("lift", {"max_steps": 40})
@@ -59,17 +62,18 @@ def test_observation_and_action_gates():
 
 
 class NanPolicy:
-    """A policy client whose chunks are NaN: the runner must never hand them to the simulator."""
+    """A policy whose chunks are NaN (a fake of a broken model): the runner must never hand them to the simulator."""
 
-    def query(self, observation, seed, plan):
-        from cosmos_policy.policy import PolicyOutput
+    def infer(self, observation, seed=None):
+        return ActionChunk(actions=np.full((16, 7), np.nan, np.float32), value=0.5, policy_version=0)
 
-        return PolicyOutput(actions=np.full((16, 7), np.nan, np.float32), future_proprio=None, value=0.5), None, {"policy": 0, "planning": None}
+    def reset(self):
+        pass
 
 
 def test_lift_episodes_land_in_replay_and_replay_exactly(tiny_policy_parts, tmp_path):
     replay = LocalReplay(ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16)))
-    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), LocalPolicyClient(local_policy(tiny_policy_parts)), replay)
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), local_policy(tiny_policy_parts), replay=replay)
     try:
         states = runner.env.initial_states("lift")
         result = runner.run("lift", seed=3, initial_state=states[3])
@@ -87,7 +91,7 @@ def test_lift_episodes_land_in_replay_and_replay_exactly(tiny_policy_parts, tmp_
         assert np.allclose(env.get_state(), result.final_state, atol=1e-9) and out.success == ep.success
         env.close()
         # A NaN chunk is refused before it reaches the simulator, whose state does not move.
-        nan_runner = EpisodeRunner(RunnerConfig(env=LIFT), NanPolicy(), None)
+        nan_runner = EpisodeRunner(RunnerConfig(env=LIFT), NanPolicy())
         with pytest.raises(InputError, match="refusing a non-finite action"):
             nan_runner.run("lift", seed=0, initial_state=states[0])
         assert np.array_equal(nan_runner.env.get_state(), states[0]) or nan_runner.env.call("success") is False
@@ -96,112 +100,116 @@ def test_lift_episodes_land_in_replay_and_replay_exactly(tiny_policy_parts, tmp_
         runner.close()
 
 
-class PlanFlags:
-    """Wraps a real policy client and records, per query, whether the runner asked for planning."""
+class Flagged:
+    """Wraps a real policy and records, per query, whether the runner asked the planner (True) or the policy."""
 
-    def __init__(self, inner) -> None:
-        self.inner, self.flags = inner, []
+    def __init__(self, inner, flags: list, planner: bool) -> None:
+        self.inner, self.flags, self.planner = inner, flags, planner
 
-    def query(self, observation, seed, plan):
-        self.flags.append(plan)
-        return self.inner.query(observation, seed, False)  # the tiny policy has no planner; the flag is what is tested
+    def infer(self, observation, seed=None):
+        self.flags.append(self.planner)
+        return self.inner.infer(observation, seed)  # the tiny policy plays both roles; which one was asked is what is tested
+
+    def reset(self):
+        self.inner.reset()
 
 
 def test_plan_queries_plans_only_the_first_queries(tiny_policy_parts):
-    client = PlanFlags(LocalPolicyClient(local_policy(tiny_policy_parts)))
-    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=1), client, None)
+    flags: list[bool] = []
+    policy = local_policy(tiny_policy_parts)
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=1), Flagged(policy, flags, False),
+                           Flagged(policy, flags, True))
     try:
         result = runner.run("lift", seed=0, initial_state=runner.env.initial_states("lift")[0])
-        assert result.queries == 3 and client.flags == [True, False, False]
-        client.flags.clear()
+        assert result.queries == 3 and flags == [True, False, False]
+        flags.clear()
         runner.run("lift", seed=0, initial_state=runner.env.initial_states("lift")[0], plan=False)
-        assert client.flags == [False, False, False]  # never plans when planning is off
+        assert flags == [False, False, False]  # never plans when planning is off
     finally:
         runner.close()
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ConfigError, match="plan_queries: expected an integer >= 1 or None"):
             RunnerConfig(env=LIFT, plan=True, plan_queries=bad)
-    from launch.experiment import load_experiment
+    from launch.config import load_experiment
 
     assert load_experiment("quickstart", ["env.plan_queries=2"]).env.plan_queries == 2
     with pytest.raises(ConfigError, match="env.plan_queries"):
         load_experiment("quickstart", ["env.plan_queries=0"])
-    assert load_experiment("quickstart", ["online.branch_first_query=true", "online.episodes_per_round=16"]).online.branch_first_query
-    with pytest.raises(ConfigError, match="online.episodes_per_round: expected a multiple of planner.num_candidates"):
-        load_experiment("quickstart", ["online.branch_first_query=true", "online.episodes_per_round=20"])
-    from launch.online import collection_jobs
+    from launch.rounds import collection_jobs
 
-    cfg = load_experiment("quickstart", ["online.branch_first_query=true", "online.episodes_per_round=16"])
-    jobs = collection_jobs(cfg, ["lift"], round_=1)
-    assert [b for _, _, b in jobs] == list(range(8)) * 2  # every candidate of each state
-    assert len({s for _, s, _ in jobs[:8]}) == 1 and jobs[0][1] != jobs[8][1]  # one seed (state) per branch group
-    plain = collection_jobs(load_experiment("quickstart", ["online.episodes_per_round=16"]), ["lift"], round_=1)
-    assert len({s for _, s, _ in plain}) == 16 and {b for _, _, b in plain} == {None}
-    assert plain[0][1] == jobs[0][1] and collection_jobs(cfg, ["lift"], round_=2)[0][1] != jobs[0][1]  # fresh seeds per round
+    jobs = collection_jobs(load_experiment("quickstart", ["online.episodes_per_round=16"]), ["lift"], round_=1)
+    assert len({s for _, s in jobs}) == 16 and collection_jobs(load_experiment("quickstart", ["online.episodes_per_round=16"]), ["lift"], 2)[0] != jobs[0]
+    no_planner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True), policy)
+    with pytest.raises(ConfigError, match="plan: this runner has no planner"):
+        no_planner.run("lift", seed=5)
+    no_planner.close()
 
 
 def test_branches_execute_each_first_query_candidate(tiny_policy_parts, tmp_path):
-    """online.branch_first_query: episode c of one seed executes the planner's candidate c at the first
-    query, then acts as configured; the same seed gives the same state and the same candidates."""
+    """Branching collection (``actors.branching``): episode c of one seed executes the planner's candidate c at
+    the first query, then acts as configured; the same seed gives the same state and the same candidates."""
     from cosmos_policy.planner import Planner
 
     model, _ = tiny_policy_parts
     policy = local_policy(tiny_policy_parts)
     planner = Planner(policy, model, PlannerConfig(num_candidates=3, future_steps=[1], value_steps=[1], candidate_noise=0.3))
     replay = LocalReplay(ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16)))
-    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=False), LocalPolicyClient(policy, planner), replay)
+
+    def branch(candidates, seed=5):
+        runner.planner = Branching(planner, candidates)
+        result = runner.run("lift", seed=seed, metadata={"branch_candidates": list(candidates)})
+        table = "experience_success" if result.success else "experience_failure"
+        return read_episode(tmp_path / "replay" / table / f"{result.episode_id}.hdf5")
+
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=1), policy, None, replay)
     try:
-        eps = []
-        for c in range(3):
-            result = runner.run("lift", seed=5, metadata={"branch": c}, branch=c)
-            table = "experience_success" if result.success else "experience_failure"
-            eps.append(read_episode(tmp_path / "replay" / table / f"{result.episode_id}.hdf5"))
+        eps = [branch([c]) for c in range(3)]
         cands = eps[0].planner[0].candidate_actions
         for c, ep in enumerate(eps):
             assert len(ep.planner) == 1 and ep.planner[0].chosen == c and ep.planner[0].step == 0  # only the first query is planned
             assert np.allclose(ep.planner[0].candidate_actions, cands, atol=1e-6)  # the same candidates in every branch
             assert np.allclose(ep.actions[:16], np.clip(cands[c][:16], -1, 1), atol=1e-5)  # candidate c was executed
-            assert np.array_equal(ep.proprio[0], eps[0].proprio[0]) and ep.metadata["branch"] == c
+            assert np.array_equal(ep.proprio[0], eps[0].proprio[0]) and ep.metadata["branch_candidates"] == [c]
+            assert branch_step(ep) == 0
         assert not np.allclose(eps[1].actions[:16], eps[2].actions[:16])  # the offsets make the branches differ
         with pytest.raises(ConfigError, match=r"branch: expected a candidate index in \[0, 3\), got 3"):
-            runner.run("lift", seed=5, branch=3)
+            branch([3])
         # A sequence branches at a later query: candidate 1 at the first, then candidate 2 at the second.
-        result = runner.run("lift", seed=5, branch=[1, 2])
-        table = "experience_success" if result.success else "experience_failure"
-        late = read_episode(tmp_path / "replay" / table / f"{result.episode_id}.hdf5")
+        runner.config = RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=2)
+        late = branch([1, 2])
         assert [q.chosen for q in late.planner] == [1, 2] and [q.step for q in late.planner] == [0, 16]
-        assert late.metadata["branch_candidates"] == [1, 2] and late.metadata["branch_step"] == 16
+        assert late.metadata["branch_candidates"] == [1, 2] and branch_step(late) == 16  # the branch point, from the planner's record
         assert np.allclose(late.actions[:16], eps[1].actions[:16], atol=1e-6)  # the lead is candidate 1's chunk
         assert np.allclose(late.actions[16:32], np.clip(late.planner[1].candidate_actions[2][:16], -1, 1), atol=1e-5)
-        with pytest.raises(ConfigError, match="branch: expected a candidate index or a non-empty sequence"):
-            runner.run("lift", seed=5, branch=[])
-        with pytest.raises(ConfigError, match="branch: expected a candidate index or a non-empty sequence"):
-            runner.run("lift", seed=5, branch=[0, "1"])
-        no_planner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), LocalPolicyClient(policy), None)
-        with pytest.raises(ValueError, match="plan: this runner has no planner"):
-            no_planner.run("lift", seed=5, branch=0)
-        no_planner.close()
+        for bad in ([], [0, "1"], [-1]):
+            with pytest.raises(ConfigError, match="branch: expected a non-empty sequence of candidate indices"):
+                Branching(planner, bad)
+        with pytest.raises(ConfigError, match="branch: the planner returned no candidates"):
+            Branching(policy, [0]).infer(runner.env.reset("lift", 5, None))
     finally:
         runner.close()
 
 
 class KillingPolicy:
-    """Wraps a real policy client and SIGKILLs the runner's simulator at the second query."""
+    """Wraps a real policy and SIGKILLs the runner's simulator at the second query."""
 
     def __init__(self, inner, runner_ref):
         self.inner, self.runner_ref, self.calls = inner, runner_ref, 0
 
-    def query(self, observation, seed, plan):
+    def infer(self, observation, seed=None):
         self.calls += 1
         if self.calls == 2:
             os.kill(self.runner_ref[0].simulator_pid(), signal.SIGKILL)
-        return self.inner.query(observation, seed, plan)
+        return self.inner.infer(observation, seed)
+
+    def reset(self):
+        self.inner.reset()
 
 
 def test_a_killed_simulator_is_restarted_and_the_episode_marked(tiny_policy_parts, tmp_path):
     replay = LocalReplay(ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16)))
     ref: list = []
-    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), KillingPolicy(LocalPolicyClient(local_policy(tiny_policy_parts)), ref), replay)
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), KillingPolicy(local_policy(tiny_policy_parts), ref), replay=replay)
     ref.append(runner)
     try:
         broken = runner.run("lift", seed=1)
@@ -218,8 +226,8 @@ def test_a_killed_simulator_is_restarted_and_the_episode_marked(tiny_policy_part
 def tiny_checkpoints(tiny_policy_parts, tmp_path_factory):
     model, stats = tiny_policy_parts
     root = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(root / "policy", model, stats=stats)
-    save_checkpoint(root / "planning", CosmosPolicyModel.build(model.config, model.layout, seed=4), stats=stats)
+    save_checkpoint(root / "policy", model, stats=stats, metadata={"version": 4})  # as the learner exports them
+    save_checkpoint(root / "planning", CosmosPolicyModel.build(model.config, model.layout, seed=4), stats=stats, metadata={"version": 2})
     return root
 
 
@@ -235,6 +243,7 @@ def libero_available() -> bool:
 def test_env_runner_actor_runs_real_libero_with_a_planning_server(ray_local, tiny_checkpoints, tmp_path):
     from actors.env_runner import EnvRunner
     from actors.evaluator import EvalConfig, evaluate, table, write
+    from actors.policies import ServerPolicy
     from actors.policy_server import PolicyServer, ServerConfig
     from replay.ray_backend import RayReplay
 
@@ -242,11 +251,12 @@ def test_env_runner_actor_runs_real_libero_with_a_planning_server(ray_local, tin
     spec = PolicySpec(checkpoint=str(tiny_checkpoints / "policy"), planning_checkpoint=str(tiny_checkpoints / "planning"),
                       policy=PolicyConfig(action_steps=1), planner=PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1]),
                       text_encoder="random")
-    server = PolicyServer.options(num_cpus=0.5).remote(spec, ServerConfig(max_wait_ms=20), policy_version=4, planning_version=2)
+    server = PolicyServer.options(num_cpus=0.5).remote(spec, ServerConfig(max_wait_ms=20))
     rcfg = ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16))
-    replay = RayReplay(rcfg, name=f"runner-replay-{os.getpid()}")
+    replay = RayReplay(rcfg)  # handed to the runner: it inserts through the same shards the test reads
     libero = EnvConfig("libero", {"suite": "libero_spatial", "max_steps": 32})
-    runner = EnvRunner.options(num_cpus=0.5).remote(RunnerConfig(env=libero, execute=16, plan=True), server, rcfg, replay.name)
+    runner = EnvRunner.options(num_cpus=0.5).remote(RunnerConfig(env=libero, execute=16, plan=True), ServerPolicy(server),
+                                                    ServerPolicy(server, plan=True), replay)
     task = ray.get(runner.tasks.remote())[0]
     result = ray.get(runner.run_trial.remote(task, 195, 0))
     assert result.queries == 2 and result.steps == 32 and (result.policy_version, result.planning_version) == (4, 2)
@@ -258,7 +268,7 @@ def test_env_runner_actor_runs_real_libero_with_a_planning_server(ray_local, tin
     assert ep.planner[1].step == 16 and ep.planner[0].candidate_values.shape == (2,) and ep.planner[0].candidate_actions.shape == (2, 16, 7)
     assert ep.images["primary"].shape == (256, 256)
     # The evaluation protocol on 2 tasks x 2 trials, spread over two runners.
-    runners = [runner, EnvRunner.options(num_cpus=0.5).remote(RunnerConfig(env=libero, execute=16, record=False), server)]
+    runners = [runner, EnvRunner.options(num_cpus=0.5).remote(RunnerConfig(env=libero, execute=16, record=False), ServerPolicy(server))]
     report = evaluate(runners, EvalConfig(tasks=ray.get(runner.tasks.remote())[:2], trials=2, seeds=[195]), suite="libero_spatial")
     assert report["episodes"] == 4 and set(report["tasks"]) == set(ray.get(runner.tasks.remote())[:2])
     assert all(row["trials"] == 2 for row in report["tasks"].values())

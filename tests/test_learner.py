@@ -123,7 +123,8 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_pa
 
 
 def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
-    from actors.policy_server import PolicyServer, PolicySpec, ServerConfig
+    from actors.policies import PolicySpec
+    from actors.policy_server import PolicyServer, ServerConfig
     from cosmos_policy.checkpoint import save_checkpoint
     from cosmos_policy.codec import NormalizationStats
     from cosmos_policy.config import load_model_config
@@ -132,6 +133,7 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     from cosmos_policy.policy import Observation, PolicyConfig
     from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache
     from learner.group import LearnerGroup, PublishConfig
+    from learner.publish import RegistryWeights, WeightRegistry
 
     ray = ray_local
     rng = np.random.default_rng(0)
@@ -141,16 +143,14 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     stats = NormalizationStats.compute(rng.random((50, 7)), rng.random((50, 9)))
     ckpt = save_checkpoint(tmp_path / "policy", model, stats=stats, text=text)
     spec = PolicySpec(checkpoint=str(ckpt), policy=PolicyConfig(action_steps=1))
-    servers = [PolicyServer.options(num_cpus=0.25).remote(spec, ServerConfig(poll_weights_s=0.2)) for _ in range(2)]
+    weights = RegistryWeights(WeightRegistry.remote())  # handed to the learner (publisher) and the servers (source)
+    servers = [PolicyServer.options(num_cpus=0.25).remote(spec, ServerConfig(poll_weights_s=0.2), weights) for _ in range(2)]
     obs = Observation(images={c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in ("primary", "wrist")},
                       proprio=rng.random(9), instruction="lift the cube")
     before = [ray.get(s.act.remote(obs, 0)) for s in servers]
     assert all(r.policy_version == 0 for r in before)
-    registry = f"registry-{os.getpid()}"
     group = LearnerGroup(config(tmp_path, init_checkpoint=str(ckpt)), synthetic_source(2), world_size=1, cpus_per_worker=0.5,
-                         publish_cfg=PublishConfig(every=2, registry=registry))
-    for s in servers:  # point the servers' subscribers at this test's registry
-        ray.get(s.set_registry.remote(registry))
+                         publish_cfg=PublishConfig(every=2), publisher=weights)
     group.train(2)
     import time
 
@@ -163,7 +163,7 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
         time.sleep(0.3)
     assert all(r.policy_version == 1 for r in replies)
     for b, a in zip(before, replies):
-        assert not np.allclose(a.result.actions, b.result.actions)
+        assert not np.allclose(a.actions, b.actions)
     group.stop()
     for s in servers:
         ray.kill(s)

@@ -18,7 +18,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; EnvProcess chil
 
 from actors.env import check_observation  # noqa: E402
 from actors.env_process import EnvConfig, EnvProcess  # noqa: E402
-from actors.envs.lift import INSTRUCTION, TASK, LiftEnv, expert_outcomes, make_demonstrations, upright  # noqa: E402
+from actors.envs.lift import INSTRUCTION, TASK, LiftEnv, upright  # noqa: E402
+from actors.envs.lift_expert import expert_outcomes, make_demonstrations  # noqa: E402
 from cosmos_policy.episode import Episode, Source  # noqa: E402
 from cosmos_policy.errors import InputError  # noqa: E402
 

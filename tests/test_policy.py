@@ -46,7 +46,7 @@ def policy(tiny_model, stats, text):
 
 
 def test_actions_come_back_in_dataset_units(policy, stats):
-    out = policy.act(observation())
+    out = policy.infer(observation())
     assert out.actions.shape == (16, 7) and out.actions.dtype == np.float32
     normalized = stats.normalize_actions(torch.from_numpy(out.actions).double())
     assert torch.allclose(normalized.float(), policy.model.read_outputs(out.latents[None]).actions[0], atol=1e-4)
@@ -54,8 +54,8 @@ def test_actions_come_back_in_dataset_units(policy, stats):
     assert out.future_proprio.shape == (9,) and np.all(out.future_proprio < 0)
     assert 0.0 <= out.value <= 1.0
     # Deterministic for a seed; another seed gives another chunk.
-    assert np.array_equal(policy.act(observation()).actions, out.actions)
-    assert not np.array_equal(policy.act(observation(), seed=5).actions, out.actions)
+    assert np.array_equal(policy.infer(observation()).actions, out.actions)
+    assert not np.array_equal(policy.infer(observation(), seed=5).actions, out.actions)
 
 
 def test_the_queue_hands_out_the_configured_number_of_actions(tiny_model, stats, text):
@@ -63,7 +63,7 @@ def test_the_queue_hands_out_the_configured_number_of_actions(tiny_model, stats,
     obs = observation()
     handed = [policy.next_action(obs) for _ in range(10)]
     assert policy.queries == 3  # 4 + 4 + 2 of the third chunk
-    chunk = policy.act(obs).actions
+    chunk = policy.infer(obs).actions
     assert all(np.array_equal(a, chunk[i % 4]) for i, a in enumerate(handed))
     policy.reset()
     before = policy.queries
@@ -78,7 +78,7 @@ def test_autoregressive_mode_and_future_images(tiny_model, stats, text):
     hook = tiny_model.denoiser.net.register_forward_pre_hook(lambda m, a, k: calls.append(k["condition_mask"][:, 0, :, 0, 0].clone()), with_kwargs=True)
     policy = CosmosPolicy(tiny_model, stats, text, PolicyConfig(mode="autoregressive", action_steps=2, future_steps=2, value_steps=1,
                                                                  decode_future_images=True))
-    out = policy.act(observation())
+    out = policy.infer(observation())
     hook.remove()
     assert len(calls) == 2 + 2 + 1
     # Pass 1 policy (frames 0-3 clean), pass 2 world model (action frame 4 clean), pass 3 value (all but 8 clean).
@@ -103,7 +103,7 @@ def test_malformed_observations_are_clear_errors(policy, mutate, message):
     obs = observation()
     mutate(obs)
     with pytest.raises(InputError, match=message):
-        policy.act(obs)
+        policy.infer(obs)
 
 
 def test_non_finite_outputs_never_leave(tiny_config, libero, stats, text):
@@ -111,7 +111,7 @@ def test_non_finite_outputs_never_leave(tiny_config, libero, stats, text):
     with torch.no_grad():
         model.denoiser.net.proj_out.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
-        CosmosPolicy(model, stats, text, PolicyConfig(action_steps=1)).act(observation())
+        CosmosPolicy(model, stats, text, PolicyConfig(action_steps=1)).infer(observation())
 
 
 # ---- aggregation ---------------------------------------------------------------------
@@ -174,18 +174,18 @@ def planning_model(tiny_config, libero, tiny_model):
 def test_planner_picks_the_candidate_the_aggregation_ranks_first(policy, planning_model, stats):
     control = ControlledValue(planning_model)
     planner = Planner(policy, planning_model, PlannerConfig(num_candidates=6, future_steps=[1, 3, 5], value_steps=[1, 2, 3]))
-    plan = planner.plan(observation(), seed=40)
+    plan = planner.infer(observation(), seed=40)
     control.handle.remove()
-    cands = plan.candidate_actions
-    assert cands.shape == (6, 16, 7) and plan.member_values.shape == (6, 9)
+    cands = plan.planner.candidate_actions
+    assert cands.shape == (6, 16, 7) and plan.planner.member_values.shape == (6, 9)
     assert len({a.tobytes() for a in cands}) == 6  # distinct seeds give distinct candidates
-    assert plan.seeds == [40, 41, 42, 43, 44, 45]
+    assert plan.planner.seeds == [40, 41, 42, 43, 44, 45]
     normalized = stats.normalize_actions(torch.from_numpy(cands).double())
     expected = ((normalized.mean(dim=(1, 2)) + 1) / 2).clamp(0, 1).numpy()
-    assert np.allclose(plan.member_values, expected[:, None], atol=2e-3)
-    assert np.allclose(plan.candidate_values, aggregate(plan.member_values, "majority_mean"), atol=1e-6)
-    assert plan.chosen == int(np.argmax(plan.candidate_values))
-    assert np.array_equal(plan.output.actions, cands[plan.chosen]) and plan.output.value == pytest.approx(plan.candidate_values[plan.chosen])
+    assert np.allclose(plan.planner.member_values, expected[:, None], atol=2e-3)
+    assert np.allclose(plan.planner.candidate_values, aggregate(plan.planner.member_values, "majority_mean"), atol=1e-6)
+    assert plan.planner.chosen == int(np.argmax(plan.planner.candidate_values))
+    assert np.array_equal(plan.actions, cands[plan.planner.chosen]) and plan.value == pytest.approx(plan.planner.candidate_values[plan.planner.chosen])
     # Batched: policy 5 steps + world model [1, 3, 5] + value [1, 2, 3] in 5 + 5 + 3 forward passes.
     assert control.calls == 5 + 3
 
@@ -197,13 +197,13 @@ def test_planner_variants_and_batching(policy, planning_model):
     planner = Planner(policy, planning_model, PlannerConfig(num_candidates=3, future_steps=[1, 2], value_steps=[1, 1], max_batch=5))
     plans = planner.plan_batch(obs, seeds=[0, 100])
     h.remove()
-    assert [p.seeds for p in plans] == [[0, 1, 2], [100, 101, 102]]
+    assert [p.planner.seeds for p in plans] == [[0, 1, 2], [100, 101, 102]]
     assert all(b <= 5 for b in calls)  # never more rows per pass than max_batch
     for kind in ("q_value", "value"):
-        plan = Planner(policy, planning_model, PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1, 2], value_kind=kind)).plan(obs[0])
-        assert plan.member_values.shape == (2, 2)
-    deep = Planner(policy, planning_model, PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1], depth=2, depth_value="mean")).plan(obs[0])
-    assert deep.candidate_values.shape == (2,) and np.all(np.isfinite(deep.candidate_values))
+        plan = Planner(policy, planning_model, PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1, 2], value_kind=kind)).infer(obs[0])
+        assert plan.planner.member_values.shape == (2, 2)
+    deep = Planner(policy, planning_model, PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1], depth=2, depth_value="mean")).infer(obs[0])
+    assert deep.planner.candidate_values.shape == (2,) and np.all(np.isfinite(deep.planner.candidate_values))
     with pytest.raises(ConfigError, match="planner.value_kind"):
         PlannerConfig(value_kind="advantage")
 
@@ -218,23 +218,23 @@ class _IdenticalCandidates(Planner):
 
 def test_common_judge_seeds_leave_only_the_candidates_differences(policy, planning_model):
     cfg = dict(num_candidates=4, future_steps=[1], value_steps=[1, 2])
-    shared = _IdenticalCandidates(policy, planning_model, PlannerConfig(common_judge_seeds=True, **cfg)).plan(observation(), seed=3)
-    assert np.allclose(shared.member_values, shared.member_values[0]) and shared.chosen == 0
-    own = _IdenticalCandidates(policy, planning_model, PlannerConfig(**cfg)).plan(observation(), seed=3)
-    assert not np.allclose(own.member_values, own.member_values[0])  # per-candidate seeds: noise alone ranks them
-    real = Planner(policy, planning_model, PlannerConfig(common_judge_seeds=True, **cfg)).plan(observation(), seed=3)
-    assert real.seeds == [3, 4, 5, 6] and len({a.tobytes() for a in real.candidate_actions}) == 4  # candidates still differ
+    shared = _IdenticalCandidates(policy, planning_model, PlannerConfig(common_judge_seeds=True, **cfg)).infer(observation(), seed=3)
+    assert np.allclose(shared.planner.member_values, shared.planner.member_values[0]) and shared.planner.chosen == 0
+    own = _IdenticalCandidates(policy, planning_model, PlannerConfig(**cfg)).infer(observation(), seed=3)
+    assert not np.allclose(own.planner.member_values, own.planner.member_values[0])  # per-candidate seeds: noise alone ranks them
+    real = Planner(policy, planning_model, PlannerConfig(common_judge_seeds=True, **cfg)).infer(observation(), seed=3)
+    assert real.planner.seeds == [3, 4, 5, 6] and len({a.tobytes() for a in real.planner.candidate_actions}) == 4  # candidates still differ
 
 
 def test_candidate_noise_offsets_all_but_the_first_candidate(policy, planning_model, stats):
     cfg = dict(num_candidates=3, future_steps=[1], value_steps=[1], common_judge_seeds=True)
-    plain = Planner(policy, planning_model, PlannerConfig(**cfg)).plan(observation(), seed=5)
-    moved = Planner(policy, planning_model, PlannerConfig(candidate_noise=0.2, **cfg)).plan(observation(), seed=5)
+    plain = Planner(policy, planning_model, PlannerConfig(**cfg)).infer(observation(), seed=5)
+    moved = Planner(policy, planning_model, PlannerConfig(candidate_noise=0.2, **cfg)).infer(observation(), seed=5)
     norm = lambda a: stats.normalize_actions(torch.from_numpy(a).double()).numpy()  # noqa: E731
-    assert np.allclose(moved.candidate_actions[0], plain.candidate_actions[0])  # the policy's own sample, untouched
+    assert np.allclose(moved.planner.candidate_actions[0], plain.planner.candidate_actions[0])  # the policy's own sample, untouched
     for c in (1, 2):
-        delta = norm(moved.candidate_actions[c]) - norm(plain.candidate_actions[c])
-        inside = np.abs(norm(plain.candidate_actions[c]) + delta[0]) < 0.99  # not clipped at +-1
+        delta = norm(moved.planner.candidate_actions[c]) - norm(plain.planner.candidate_actions[c])
+        inside = np.abs(norm(plain.planner.candidate_actions[c]) + delta[0]) < 0.99  # not clipped at +-1
         assert np.abs(delta).max() > 0.01 and np.allclose(delta[inside], np.broadcast_to(delta[0], delta.shape)[inside], atol=2e-3)
     with pytest.raises(ConfigError, match="planner.candidate_noise"):
         PlannerConfig(candidate_noise=-0.1)
@@ -251,8 +251,23 @@ def test_the_judge_sees_held_action_dimensions_as_executed(tiny_model, planning_
     policy = CosmosPolicy(tiny_model, held_stats, text, PolicyConfig(action_steps=3, return_latents=True))
     control = ControlledValue(planning_model)
     plan = Planner(policy, planning_model, PlannerConfig(num_candidates=4, future_steps=[1], value_steps=[1], candidate_noise=0.3,
-                                                         common_judge_seeds=True)).plan(observation(), seed=9)
+                                                         common_judge_seeds=True)).infer(observation(), seed=9)
     control.handle.remove()
-    assert np.all(plan.candidate_actions[:, :, 3] == 7.0)  # executed as the constant
-    judged = held_stats.normalize_actions(torch.from_numpy(plan.candidate_actions).double())  # what the judge saw, if fixed
-    assert np.allclose(plan.member_values[:, 0], ((judged.mean(dim=(1, 2)) + 1) / 2).clamp(0, 1).numpy(), atol=2e-3)
+    assert np.all(plan.planner.candidate_actions[:, :, 3] == 7.0)  # executed as the constant
+    judged = held_stats.normalize_actions(torch.from_numpy(plan.planner.candidate_actions).double())  # what the judge saw, if fixed
+    assert np.allclose(plan.planner.member_values[:, 0], ((judged.mean(dim=(1, 2)) + 1) / 2).clamp(0, 1).numpy(), atol=2e-3)
+
+
+def test_chunks_name_the_weight_versions_that_made_them(policy, planning_model):
+    """The one policy contract: a local policy and a planner both answer ``infer`` with an ``ActionChunk``
+    that carries the weight versions (and, planned, the planner's record)."""
+    assert policy.infer(observation()).policy_version is None  # built, not loaded from a published version
+    before = policy.infer(observation()).actions
+    policy.load_weights({k: v + 0.05 for k, v in policy.model.denoiser.net.state_dict().items()}, version=3)
+    after = policy.infer(observation())
+    assert after.policy_version == 3 and after.planner is None and not np.allclose(after.actions, before)
+    planner = Planner(policy, planning_model, PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1]))
+    planner.load_weights(planning_model.denoiser.net.state_dict(), version=5)
+    chunk = planner.infer(observation(), seed=1)
+    assert (chunk.policy_version, chunk.planning_version) == (3, 5)
+    assert chunk.planner.candidate_values.shape == (2,) and np.array_equal(chunk.actions, chunk.planner.candidate_actions[chunk.planner.chosen])

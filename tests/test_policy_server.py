@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from actors.policy_server import BatchingServer, PolicyServer, PolicySpec, ServerConfig
+from actors.policies import PolicySpec, ServerPolicy
+from actors.policy_server import BatchingServer, PolicyServer, ServerConfig
 from cosmos_policy.checkpoint import save_checkpoint
 from cosmos_policy.codec import NormalizationStats
 from cosmos_policy.errors import InputError
 from cosmos_policy.model import CosmosPolicyModel
-from cosmos_policy.planner import Planner, PlannerConfig
+from cosmos_policy.planner import PlannerConfig
 from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache
 
@@ -42,7 +43,8 @@ def parts(tiny_config, libero):
 def test_concurrent_requests_share_batches_without_ray(parts):
     model, stats, text = parts
     policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=2))
-    server = BatchingServer(policy, config=ServerConfig(max_batch=8, max_wait_ms=50), policy_version=3)
+    policy.version = 3
+    server = BatchingServer(policy, config=ServerConfig(max_batch=8, max_wait_ms=50))
 
     async def main():
         return await asyncio.gather(*[server.act(observation(i), seed=i) for i in range(8)])
@@ -50,9 +52,10 @@ def test_concurrent_requests_share_batches_without_ray(parts):
     replies = asyncio.run(main())
     assert server.stats["requests"] == 8 and server.stats["batches"] < 8
     for i, reply in enumerate(replies):
-        expected = policy.act(observation(i), seed=i)
-        assert np.allclose(reply.result.actions, expected.actions, atol=1e-4)
-        assert reply.policy_version == 3 and reply.batch_size > 1
+        expected = policy.infer(observation(i), seed=i)
+        assert np.allclose(reply.actions, expected.actions, atol=1e-4)
+        assert reply.policy_version == 3
+    assert server.stats["act_batches"] < len(replies)  # requests shared batches
 
 
 def test_a_malformed_request_fails_alone(parts):
@@ -65,7 +68,7 @@ def test_a_malformed_request_fails_alone(parts):
         return await asyncio.gather(server.act(observation(0)), server.act(bad), return_exceptions=True)
 
     good, err = asyncio.run(main())
-    assert good.result.actions.shape == (16, 7)
+    assert good.actions.shape == (16, 7)
     assert isinstance(err, InputError) and "observation.proprio: non-finite" in str(err)
 
 
@@ -73,8 +76,9 @@ def test_a_malformed_request_fails_alone(parts):
 def checkpoints(parts, tmp_path_factory, tiny_config, libero):
     model, stats, text = parts
     root = tmp_path_factory.mktemp("served")
-    save_checkpoint(root / "policy", model, stats=stats, text=text)
-    save_checkpoint(root / "planning", CosmosPolicyModel.build(tiny_config, libero, seed=5), stats=stats, text=text)
+    # The versions a served checkpoint was exported at (the learner writes them) are what the server reports.
+    save_checkpoint(root / "policy", model, stats=stats, text=text, metadata={"version": 7})
+    save_checkpoint(root / "planning", CosmosPolicyModel.build(tiny_config, libero, seed=5), stats=stats, text=text, metadata={"version": 2})
     return root
 
 
@@ -83,18 +87,18 @@ def test_eight_ray_callers_get_their_own_replies_in_fewer_passes(ray_local, part
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
     spec = PolicySpec(checkpoint=str(checkpoints / "policy"), planning_checkpoint=str(checkpoints / "planning"),
                       policy=PolicyConfig(action_steps=2), planner=PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1]))
-    server = PolicyServer.options(num_cpus=1).remote(spec, ServerConfig(max_batch=8, max_wait_ms=200), policy_version=7, planning_version=2)
+    server = PolicyServer.options(num_cpus=1).remote(spec, ServerConfig(max_batch=8, max_wait_ms=200))
 
     @ray.remote(num_cpus=0)
-    def caller(handle, seed):
-        reply = ray.get(handle.act.remote(observation(seed), seed=seed))
-        return seed, reply.result.actions, reply.policy_version, reply.batch_size
+    def caller(client, seed):
+        chunk = client.infer(observation(seed), seed=seed)  # the Policy contract, through the server
+        return seed, chunk.actions, chunk.policy_version, None
 
-    results = ray.get([caller.remote(server, i) for i in range(8)])
+    results = ray.get([caller.remote(ServerPolicy(server), i) for i in range(8)])
     model, stats, text = parts
     local = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=2))
     for seed, actions, version, _ in results:
-        assert np.allclose(actions, local.act(observation(seed), seed=seed).actions, atol=1e-4), seed
+        assert np.allclose(actions, local.infer(observation(seed), seed=seed).actions, atol=1e-4), seed
         assert version == 7
     node_ips = {n["NodeManagerAddress"] for n in ray.nodes()}
     assert node_ips == {"127.0.0.1"}  # nothing beyond loopback
@@ -102,16 +106,16 @@ def test_eight_ray_callers_get_their_own_replies_in_fewer_passes(ray_local, part
     assert stats_now["requests"] == 8 and stats_now["act_batches"] < 8
     # Planning requests are batched too and report both versions.
     plans = ray.get([server.plan.remote(observation(i), seed=10 * i) for i in range(3)])
-    assert all(p.result.candidate_actions.shape == (2, 16, 7) and p.planning_version == 2 for p in plans)
+    assert all(p.planner.candidate_actions.shape == (2, 16, 7) and (p.policy_version, p.planning_version) == (7, 2) for p in plans)
     # Bad input reaches the caller as the same error type.
     bad = observation(0)
     bad.images.pop("wrist")
     with pytest.raises(InputError, match="missing camera 'wrist'"):
         ray.get(server.act.remote(bad))
     # New weights are swapped in between batches; replies say which version produced them.
-    before = ray.get(server.act.remote(observation(0), seed=0)).result.actions
+    before = ray.get(server.act.remote(observation(0), seed=0)).actions
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.denoiser.net.state_dict().items()}
     ray.get(server.set_weights.remote(8, state))
     after = ray.get(server.act.remote(observation(0), seed=0))
-    assert after.policy_version == 8 and not np.allclose(after.result.actions, before)
+    assert after.policy_version == 8 and not np.allclose(after.actions, before)
     ray.kill(server)

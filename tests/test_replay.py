@@ -8,6 +8,7 @@ which sets REQUIRE_REVERB=1 so that a missing Reverb fails them instead of skipp
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cosmos_policy.episode import Episode, Source
-from replay.client import EpisodeWriter, LocalReplay, table_for
+from cosmos_policy.contracts import TableName
+from cosmos_policy.episode import Episode, EpisodeRecorder, Source
+from replay.local import LocalReplay
 from replay.config import RateLimiterConfig, ReplayConfig, Signature, TableConfig, default_tables
 from replay.table import ReplayTimeout, SignatureError
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["local", "ray", "reverb"]
+ON_RAY = ("ray", "ray-reverb")  # RayReplay over shards hosting a ReplayStore, or a ReverbReplay each
 
 
 def require_reverb() -> None:
@@ -49,20 +52,20 @@ def make(request, tmp_path):
     """make(tables, **config) -> a client of the backend under test, rooted in tmp_path."""
     backend = request.param
     clients = []
-    if backend == "ray":
+    if backend in ON_RAY:
         request.getfixturevalue("ray_local")
-    if backend == "reverb":
+    if "reverb" in backend:
         require_reverb()
 
-    def factory(tables: list[TableConfig], **kwargs):
-        cfg = ReplayConfig(backend="reverb" if backend == "reverb" else "ray", root=str(tmp_path / f"replay{len(clients)}"),
+    def factory(tables: list[TableConfig], names: list[str] | None = None, **kwargs):
+        cfg = ReplayConfig(backend="reverb" if "reverb" in backend else "ray", root=str(tmp_path / f"replay{len(clients)}"),
                            tables=tables, **kwargs)
         if backend == "local":
             client = LocalReplay(cfg)
-        elif backend == "ray":
+        elif backend in ON_RAY:
             from replay.ray_backend import RayReplay
 
-            client = RayReplay(cfg, name=f"replay-{os.getpid()}-{time.monotonic_ns()}", seed=0)
+            client = RayReplay(cfg, names=names, seed=0)
         else:
             from replay.reverb_backend import ReverbReplay
 
@@ -71,13 +74,14 @@ def make(request, tmp_path):
         clients.append(client)
         return client
 
+    factory.backend = backend
     yield factory
     for c in clients:
         try:
             c.close()
         except Exception:
             pass
-        if backend == "ray":
+        if backend in ON_RAY:
             import ray
 
             for s in c.shards:
@@ -85,13 +89,14 @@ def make(request, tmp_path):
 
 
 all_backends = pytest.mark.parametrize("make", BACKENDS, indirect=True)
+with_ray_reverb = pytest.mark.parametrize("make", BACKENDS + ["ray-reverb"], indirect=True)
 
 
-@all_backends
+@with_ray_reverb
 def test_insert_sample_and_step_windows(make):
     replay = make(default_tables(window=4))
     ep = episode(steps=10, seed=1)
-    assert replay.insert(table_for(ep), ep) == ep.episode_id
+    assert replay.insert(TableName.of(ep), ep) == ep.episode_id
     items = replay.sample("experience_success", 32, timeout=10)
     assert len(items) == 32
     for it in items:
@@ -151,7 +156,7 @@ def test_min_size_blocks_sampling_and_times_out_clearly(make):
     assert replay.stats()["t"]["blocked_sample_s"] >= 0.45
 
 
-@all_backends
+@with_ray_reverb
 def test_sample_to_insert_ratio_blocks_the_side_that_runs_ahead(make):
     # diff = inserted items x 1 - sampled items must stay in [1 - 5, 1 + 5]; an episode may enter
     # while the inserter is not yet one item past the upper bound.
@@ -206,11 +211,12 @@ def test_statistics(make):
 @all_backends
 def test_a_stream_of_steps_closes_into_an_episode(make):
     replay = make(default_tables(window=2))
-    writer = EpisodeWriter(replay, "open the drawer", task="drawer", seed=7, policy_version=2)
+    recorder = EpisodeRecorder(["primary"])
     rng = np.random.default_rng(0)
     for t in range(6):
-        writer.append({"primary": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)}, rng.normal(size=9), rng.normal(size=7))
-    ep = writer.close(success=False)
+        recorder.add({"primary": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)}, rng.normal(size=9), rng.normal(size=7))
+    ep = recorder.episode(instruction="open the drawer", success=False, task="drawer", seed=7, policy_version=2)
+    replay.insert(TableName.of(ep), ep)
     assert replay.episode_ids("experience_failure") == [ep.episode_id]
     assert ep.num_steps == 6 and ep.seed == 7 and len(ep.timestamps) == 6
 
@@ -221,9 +227,11 @@ WRITER = textwrap.dedent(
     import sys, numpy as np
     sys.path.insert(0, {root!r})
     from cosmos_policy.episode import Episode
-    from replay.client import LocalReplay
     from replay.config import ReplayConfig, TableConfig
-    replay = LocalReplay(ReplayConfig(root={store!r}, tables=[TableConfig(name="t", window=1)], checkpoint_every_s=0.2))
+    from replay.service import make_replay
+    cfg = ReplayConfig(backend={backend!r}, root={store!r}, tables=[TableConfig(name="t", window=1)], checkpoint_every_s=0.2)
+    replay = make_replay(cfg, local=True)
+    print("SERVER", replay.server_pid() if hasattr(replay, "server_pid") else 0, flush=True)
     rng = np.random.default_rng(0)
     for i in range(10_000):
         frames = {{"primary": rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)}}
@@ -233,43 +241,93 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_local_store_killed_mid_stream_keeps_every_acknowledged_episode(tmp_path):
-    store = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), store=str(store))], stdout=subprocess.PIPE, text=True)
-    acked = []
+def kill_writer_mid_stream(store: Path, backend: str) -> tuple[list[str], int]:
+    """Run WRITER in a process, SIGKILL it after 40 acknowledged inserts; returns every id it acknowledged and its server pid."""
+    writer = WRITER.format(root=str(ROOT), store=str(store), backend=backend)
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    server, acked = 0, []
     for line in proc.stdout:
+        if line.startswith("SERVER"):
+            server = int(line.split()[1])
         if line.startswith("ACK"):
             acked.append(line.split()[1])
         if len(acked) >= 40:
             break
-    proc.send_signal(signal.SIGKILL)  # mid-stream: an insert may be half-written
+    proc.send_signal(signal.SIGKILL)  # mid-stream (a Reverb service with its server): an insert may be half-written
     rest = proc.stdout.read()
     proc.wait()
-    acked += [line.split()[1] for line in rest.splitlines() if line.startswith("ACK")]
+    return acked + [line.split()[1] for line in rest.splitlines() if line.startswith("ACK")], server
+
+
+def test_local_store_killed_mid_stream_keeps_every_acknowledged_episode(tmp_path):
+    store = tmp_path / "store"
+    acked, _ = kill_writer_mid_stream(store, "ray")
     restored = LocalReplay(ReplayConfig(root=str(store), tables=[TableConfig(name="t", window=1)]))
     assert set(acked) <= set(restored.episode_ids("t"))
     assert not list((store / "t").glob(".*.tmp"))  # half-written inserts were cleaned up
     assert len(restored.sample("t", 10, timeout=5)) == 10
 
 
-def test_ray_shard_killed_mid_stream_keeps_every_acknowledged_episode(ray_local, tmp_path):
+def test_unreadable_files_are_moved_aside_and_the_rest_restored(tmp_path):
+    cfg = ReplayConfig(root=str(tmp_path / "store"), tables=[TableConfig(name="t", window=1)])
+    replay = LocalReplay(cfg)
+    eps = [episode(steps=5, seed=i) for i in range(3)]
+    for ep in eps:
+        replay.insert("t", ep)
+    replay.checkpoint()
+    (tmp_path / "store" / "checkpoint.json").write_text('{"tables": ')  # cut short
+    (tmp_path / "store" / "t" / f"{eps[0].episode_id}.hdf5").write_bytes(b"not an episode")
+    restored = LocalReplay(cfg)
+    assert sorted(restored.episode_ids("t")) == sorted(e.episode_id for e in eps[1:])
+    assert (tmp_path / "store" / "checkpoint.corrupt").exists() and (tmp_path / "store" / "t" / f"{eps[0].episode_id}.corrupt").exists()
+    assert len(restored.sample("t", 10, timeout=5)) == 10
+
+
+@pytest.mark.parametrize("backend", ON_RAY)
+def test_ray_shard_killed_mid_stream_keeps_every_acknowledged_episode(backend, ray_local, tmp_path):
+    if backend == "ray-reverb":
+        require_reverb()
     from replay.ray_backend import RayReplay
 
     ray = ray_local
-    cfg = ReplayConfig(root=str(tmp_path / "store"), shards=2, tables=[TableConfig(name="t", window=1)], checkpoint_every_s=0.5)
-    replay = RayReplay(cfg, name=f"crash-{os.getpid()}", seed=0)
-    acked = []
-    pids = ray.get([s.pid.remote() for s in replay.shards])
-    for i in range(30):
-        if i == 12:
-            os.kill(pids[0], signal.SIGKILL)  # the shard process dies mid-stream; Ray restarts it
-        acked.append(replay.insert("t", episode(steps=5, seed=i)))
-    new_pids = ray.get([s.pid.remote() for s in replay.shards])
-    assert new_pids[0] != pids[0] and ray.get(replay.shards[0].restored.remote())["t"] >= 1
-    assert sorted(replay.episode_ids("t")) == sorted(acked)
-    assert len(replay.sample("t", 20, timeout=10)) == 20
-    for s in replay.shards:
-        ray.kill(s)
+    cfg = ReplayConfig(backend="reverb" if backend == "ray-reverb" else "ray", root=str(tmp_path / "store"), shards=2,
+                       tables=[TableConfig(name="t", window=1)], checkpoint_every_s=0.5)
+    replay = RayReplay(cfg, seed=0)
+    try:
+        acked = []
+        pids = ray.get([s.pid.remote() for s in replay.shards])
+        for i in range(30):
+            if i == 12:
+                os.kill(pids[0], signal.SIGKILL)  # the shard process dies mid-stream; Ray restarts it
+            acked.append(replay.insert("t", episode(steps=5, seed=i)))
+        new_pids = ray.get([s.pid.remote() for s in replay.shards])
+        assert new_pids[0] != pids[0] and ray.get(replay.shards[0].restored.remote())["t"] >= 1
+        assert sorted(replay.episode_ids("t")) == sorted(acked)
+        assert len(replay.sample("t", 20, timeout=10)) == 20
+    finally:
+        for s in replay.shards:
+            ray.kill(s)
+
+
+@pytest.mark.parametrize("make", ON_RAY, indirect=True)
+def test_a_pickled_client_samples_what_another_inserted(make):
+    # An EnvRunner and a learner each get a copy of the client, serialized as Ray hands it to an actor.
+    import ray
+
+    from replay.ray_backend import RayReplay
+
+    shards = 2 if make.backend == "ray" else 1  # a Reverb shard starts TensorFlow twice (actor and server): keep it to one
+    names = [f"pickled-{os.getpid()}-{time.monotonic_ns()}-{i}" for i in range(shards)]
+    inserter = make(default_tables(window=2), names=names, shards=shards)
+    learner = ray.get(ray.put(inserter))
+    eps = [episode(steps=6, seed=i) for i in range(4)]
+    for ep in eps:
+        inserter.insert(TableName.of(ep), ep)
+    assert sorted(learner.episode_ids("experience_success")) == sorted(e.episode_id for e in eps)
+    assert {it.episode_id for it in learner.sample("experience_success", 80, timeout=10)} == {e.episode_id for e in eps}
+    assert pickle.loads(pickle.dumps(learner)).episode_ids("experience_success") == learner.episode_ids("experience_success")
+    again = RayReplay(inserter.config, names=names)  # named shards are found again, not created twice
+    assert ray.get([s.pid.remote() for s in again.shards]) == ray.get([s.pid.remote() for s in inserter.shards])
 
 
 def test_reverb_server_killed_mid_stream_keeps_every_acknowledged_episode(tmp_path):
@@ -297,44 +355,12 @@ def test_reverb_server_killed_mid_stream_keeps_every_acknowledged_episode(tmp_pa
         replay.close()
 
 
-REVERB_WRITER = textwrap.dedent(
-    """
-    import os, sys, numpy as np
-    sys.path.insert(0, {root!r})
-    from cosmos_policy.episode import Episode
-    from replay.config import ReplayConfig, TableConfig
-    from replay.reverb_backend import ReverbReplay
-    cfg = ReplayConfig(backend="reverb", root={store!r}, tables=[TableConfig(name="t", window=1)], checkpoint_every_s=0.2)
-    replay = ReverbReplay(cfg)
-    print("SERVER", replay.server_pid(), flush=True)
-    rng = np.random.default_rng(0)
-    for i in range(10_000):
-        frames = {{"primary": rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)}}
-        ep = Episode.from_frames(frames, proprio=np.zeros((5, 9)), actions=np.zeros((5, 7)), instruction="x", success=True)
-        print("ACK", replay.insert("t", ep), flush=True)
-    """
-)
-
-
 def test_reverb_service_killed_mid_stream_keeps_every_acknowledged_episode(tmp_path):
     require_reverb()
     from replay.reverb_backend import ReverbReplay
 
     store = tmp_path / "store"
-    writer = REVERB_WRITER.format(root=str(ROOT), store=str(store))
-    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
-    server, acked = None, []
-    for line in proc.stdout:
-        if line.startswith("SERVER"):
-            server = int(line.split()[1])
-        if line.startswith("ACK"):
-            acked.append(line.split()[1])
-        if len(acked) >= 40:
-            break
-    proc.send_signal(signal.SIGKILL)  # the service dies mid-stream (its server with it): an insert may be half-written
-    rest = proc.stdout.read()
-    proc.wait()
-    acked += [line.split()[1] for line in rest.splitlines() if line.startswith("ACK")]
+    acked, server = kill_writer_mid_stream(store, "reverb")
     deadline = time.monotonic() + 10
     while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:  # an orphaned server stops by itself
         time.sleep(0.1)
@@ -360,7 +386,7 @@ def test_checkpoint_restores_priorities_and_counters(make, tmp_path):
     again = LocalReplay(replay.store.config)
     assert {it.step for it in again.sample("p", 20, timeout=5)} == {3}
     stats = again.stats()["p"]
-    assert stats["inserted_items"] == 5 and stats["sampled_items"] == 27
+    assert stats["inserted_items"] == 5 and stats["sampled_items"] == 27 and stats["inserted_episodes"] == 1
 
 
 @all_backends
@@ -375,8 +401,9 @@ def test_priority_updates_of_sampled_items_change_what_is_sampled(make):
     assert {it.step for it in replay.sample("p", 50, timeout=5)} == {2}
 
 
-@pytest.mark.parametrize("make", ["local"], indirect=True)
+@all_backends
 def test_items_only_where_frames_were_rendered(make):
+    """Runners render cameras at query steps only: items are the steps with frames at t and t + K, in every backend."""
     replay = make([TableConfig(name="t", window=4)])
     ep = episode(steps=13)
     for seq in ep.images.values():

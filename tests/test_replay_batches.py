@@ -5,7 +5,6 @@ and a learner step trained from replay with its staleness figure."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +19,8 @@ from cosmos_policy.errors import InputError
 from cosmos_policy.layout import SampleKind
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache
 from learner.data import POOL_TABLES, ReplayBatches
-from replay.client import LocalReplay, table_for
+from cosmos_policy.contracts import TableName
+from replay.local import LocalReplay
 from replay.config import ReplayConfig, default_tables
 
 INSTRUCTION = "put the bowl on the plate"
@@ -35,12 +35,12 @@ def episode(success: bool, source: Source, seed: int, version: int | None = None
 
 
 def fill(client, demos: int = 2, successes: int = 2, failures: int = 2) -> dict[str, set[str]]:
-    """Insert episodes into the tables ``table_for`` picks; returns the episode ids per table."""
+    """Insert episodes into the tables ``TableName.of`` picks; returns the episode ids per table."""
     ids: dict[str, set[str]] = {}
     specs = [(True, Source.DEMO, None)] * demos + [(True, Source.SIM, 3)] * successes + [(False, Source.SIM, 3)] * failures
     for i, (success, source, version) in enumerate(specs):
         ep = episode(success, source, seed=i, version=version)
-        table = table_for(ep)
+        table = TableName.of(ep)
         client.insert(table, ep)
         ids.setdefault(table, set()).add(ep.episode_id)
     return ids
@@ -138,7 +138,7 @@ def test_replay_batches_over_ray_shards(ray_local, libero, tmp_path):
     from replay.ray_backend import RayReplay
 
     cfg = ReplayConfig(root=str(tmp_path / "replay"), shards=2, tables=default_tables(window=16))
-    client = RayReplay(cfg, name=f"replay-batches-{os.getpid()}-{time.monotonic_ns()}", seed=0)
+    client = RayReplay(cfg, seed=0)
     try:
         ids = fill(client)
         batch = make_source(client, libero).batch(0)
@@ -147,3 +147,5 @@ def test_replay_batches_over_ray_shards(ray_local, libero, tmp_path):
             assert eid in ids[POOL_TABLES[pool]]
     finally:
         client.close()
+        for shard in client.shards:
+            ray_local.kill(shard)

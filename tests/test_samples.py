@@ -198,17 +198,22 @@ def test_loader_batches_train_the_model(setup, tiny_config, libero):
     assert single.model.kinds == [first[0].kind]
 
 
-def test_per_benchmark_data_configs():
-    from cosmos_policy.data.config import load_data_config
+def test_per_benchmark_data_defaults_reach_the_experiment():
+    """configs/data/<benchmark>.yaml gives an experiment's data section its defaults (ALOHA's gamma 0.998)."""
+    from launch.config import load_experiment
 
-    libero, aloha = load_data_config("libero"), load_data_config("aloha")
-    assert (libero.gamma, load_data_config("robocasa").gamma, aloha.gamma) == (0.99, 0.99, 0.998)
-    assert aloha.mixture_config().demos_as_success_rollouts and not libero.mixture_config().demos_as_success_rollouts
-    assert load_data_config("libero", ["mixture=planning"]).mixture_config().pools == {"demo": 0.1, "success": 0.45, "failure": 0.45}
+    libero, aloha = load_experiment("quickstart"), load_experiment("quickstart", ["model.layout=aloha"])
+    robocasa = load_experiment("quickstart", ["data.benchmark=robocasa"])
+    assert (libero.data.gamma, robocasa.data.gamma, aloha.data.gamma) == (0.99, 0.99, 0.998)
+    assert aloha.mixture("policy").demos_as_success_rollouts and not libero.mixture("policy").demos_as_success_rollouts
+    assert load_experiment("quickstart", ["data.benchmark=aloha", "data.gamma=0.9"]).data.gamma == 0.9  # the experiment wins
+    assert libero.mixture("planning").pools == {"demo": 0.1, "success": 0.45, "failure": 0.45}
     with pytest.raises(ConfigError, match="data.gamma"):
-        load_data_config("libero", ["gamma=1.5"])
+        load_experiment("quickstart", ["data.gamma=1.5"])
     with pytest.raises(ConfigError, match="mixture preset 'fastest'"):
-        load_data_config("libero", ["mixture=fastest"])
+        load_experiment("quickstart", ["data.policy_mixture=fastest"])
+    with pytest.raises(ConfigError, match="data config 'atari'"):
+        load_experiment("quickstart", ["data.benchmark=atari"])
 
 
 def test_one_label_equals_the_label_curve():

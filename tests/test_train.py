@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("robosuite")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from actors.envs.lift import make_demonstrations  # noqa: E402
+from actors.envs.lift_expert import make_demonstrations  # noqa: E402
 from cosmos_policy.checkpoint import load_checkpoint  # noqa: E402
 from cosmos_policy.data.episode_file import write_episode  # noqa: E402
 from cosmos_policy.errors import ConfigError  # noqa: E402
@@ -144,7 +144,7 @@ def test_bad_inputs_name_the_argument(demo_dir: Path, tmp_path: Path) -> None:
 
 def test_branch_point_only_leaves_samples_at_the_branch_point(demo_dir: Path) -> None:
     from cosmos_policy.data.episode_file import read_episode
-    from launch.train import branch_point_only
+    from actors.branching import branch_point_only
 
     ep = read_episode(sorted(demo_dir.glob("*.hdf5"))[0])
     assert len(ep.sample_steps(16)) > 1

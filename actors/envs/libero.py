@@ -73,14 +73,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from typing import Any, Callable
+from typing import Any
 
 import mujoco
 import numpy as np
 
-from actors.env import EnvSpec, StepResult, check_action, check_observation
+from actors.env import check_action, check_observation
+from actors.envs.libero_sim import CameraGate, ForwardedSim
+from cosmos_policy.contracts import EnvSpec, Observation, StepResult
 from cosmos_policy.errors import ConfigError, InputError
-from cosmos_policy.policy import Observation
 
 # robosuite picks its GL backend when it is imported; headless offscreen rendering needs EGL
 # (or OSMesa, if the caller set MUJOCO_GL=osmesa). robosuite would default to EGL on Linux too.
@@ -125,73 +126,6 @@ PROPRIO_DIM = 9
 CONTROL_HZ = 20.0
 
 
-class _CameraGate:
-    """Camera sensors that render only while the gate is open, returning a blank frame otherwise.
-
-    robosuite's observables call their sensor on their own schedule (and once more to check it
-    when it is installed); the gate leaves that schedule alone and only decides whether a call
-    renders. Frames rendered while open are kept by observable name, so a step's images are
-    exactly the frames rendered during that step.
-    """
-
-    def __init__(self) -> None:
-        self.is_open = False
-        self.frames: dict[str, np.ndarray] = {}
-        self.renders = 0  # camera renders done through the gate, for diagnostics and tests
-        self._sensors: dict[str, Callable[[dict], np.ndarray]] = {}
-
-    def wrap(self, name: str, sensor: Callable[[dict], np.ndarray], shape: tuple[int, int, int]) -> Callable[[dict], np.ndarray]:
-        blank = np.zeros(shape, dtype=np.uint8)
-        self._sensors[name] = sensor
-
-        def gated(obs_cache: dict) -> np.ndarray:
-            if not self.is_open:
-                return blank
-            frame = sensor(obs_cache)
-            self.renders += 1
-            self.frames[name] = frame
-            return frame
-
-        gated.__modality__ = sensor.__modality__  # what robosuite's @sensor decorator sets
-        return gated
-
-    @contextlib.contextmanager
-    def open(self, is_open: bool = True):
-        """Let the sensors render for the duration of a step; yields the frames rendered."""
-        self.frames = {}
-        self.is_open = is_open
-        try:
-            yield self.frames
-        finally:
-            self.is_open = False
-
-    def render_now(self, name: str) -> np.ndarray:
-        """Render one camera directly, outside the observable's schedule (a fallback only)."""
-        frame = self._sensors[name]({})
-        self.renders += 1
-        return frame
-
-
-class _ForwardedSim:
-    """The simulator as the arm controller sees it inside ``LiberoEnv._advance``: ``forward()`` does nothing.
-
-    robosuite's controller calls ``sim.forward()`` before it reads the arm's pose, Jacobians, mass
-    matrix and bias forces. In ``_advance`` that call comes right after ``mj_step1``, which has
-    just computed every one of those position- and velocity-stage quantities from the same state,
-    so recomputing them (a whole ``mj_forward``) would give the same bits and cost 0.12 ms per
-    physics substep. Everything else is the real simulator.
-    """
-
-    def __init__(self, sim: Any) -> None:
-        self._sim = sim
-
-    def forward(self) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sim, name)
-
-
 class LiberoEnv:
     """One LIBERO suite; one simulator at a time, rebuilt when the task changes."""
 
@@ -230,7 +164,7 @@ class LiberoEnv:
         with contextlib.redirect_stdout(io.StringIO()):
             self._benchmark = _benchmark.get_benchmark_dict()[suite]()
         self._task_ids = {name: i for i, name in enumerate(self._benchmark.get_task_names())}
-        self._gate = _CameraGate()
+        self._gate = CameraGate()
         self._env: Any = None  # the OffScreenRenderEnv of self._task
         self._task: str | None = None
         self._property_samplers = 0
@@ -376,7 +310,7 @@ class LiberoEnv:
         controller refreshing its view of the same, unchanged state) and ``mj_step`` (a third
         forward pass, then the Euler integration); three forward passes were ~60 % of a step
         without rendering. Here a substep is ``mj_step1`` (position and velocity stages: all the
-        controller reads), the controller with its ``forward`` made a no-op (``_ForwardedSim``),
+        controller reads), the controller with its ``forward`` made a no-op (``ForwardedSim``),
         then ``mj_step2`` (actuation, acceleration, constraints, integration). ``mj_step1`` +
         ``mj_step2`` is how MuJoCo splits ``mj_step`` around a controller, and its stages are the
         ones ``mj_step`` runs, on the same inputs (the controller's reads come before ``ctrl`` is
@@ -392,7 +326,7 @@ class LiberoEnv:
         model, data = inner.sim.model._model, inner.sim.data._data
         controller = inner.robots[0].controller
         sim = controller.sim
-        controller.sim = _ForwardedSim(sim)
+        controller.sim = ForwardedSim(sim)
         try:
             policy_step = True  # the first substep sets the controller's goal from the action
             for _ in range(self._substeps):

@@ -1,8 +1,9 @@
-"""Batch-source factories the main job hands to learner workers (picklable; built inside each rank).
+"""Batch-source factories handed to learner ranks (picklable; each builds its source inside its rank).
 
-A ``LearnerWorker`` calls ``factory(model, rank)`` once its model exists. The factories carry only
-plain data (episodes, statistics, text embeddings, configs) and build the sample builder, the
-mixture and, for experience, the replay client inside the worker's process. When augmentation
+A ``Learner`` calls ``factory(model, rank)`` once its model exists. The factories carry plain
+data (episodes, statistics, text embeddings, configs) or, for experience, the job's replay client
+(a ``ReplayClient``, whatever its backend), and build the sample builder and the mixture inside
+the rank's process. When augmentation
 is off they also turn on the model's latent cache: the VAE is frozen, so every (episode, step)
 clip is encoded once instead of at every visit (most of a tiny model's step on a CPU).
 """
@@ -12,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from cosmos_policy.codec import NormalizationStats
+from cosmos_policy.contracts import ReplayClient
 from cosmos_policy.data.augment import AugmentConfig
 from cosmos_policy.data.mixture import MixtureConfig, MixtureSampler
 from cosmos_policy.data.samples import SampleBuilder
 from cosmos_policy.episode import Episode
 from cosmos_policy.text import TextEmbeddingCache
 from learner.data import EpisodeBatches, ReplayBatches
-from replay.config import ReplayConfig
 
 
 class _Factory:
@@ -50,12 +51,9 @@ class EpisodeSource(_Factory):
 class ReplaySource(_Factory):
     """Batches sampled from the replay tables (demonstrations and experience) of a running job."""
 
-    def __init__(self, replay: ReplayConfig, replay_name: str, **kwargs: Any) -> None:
+    def __init__(self, replay: ReplayClient, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.replay, self.replay_name = replay, replay_name
+        self.replay = replay
 
     def __call__(self, model: Any, rank: int) -> ReplayBatches:
-        from replay.service import make_replay
-
-        client = make_replay(self.replay, name=self.replay_name, seed=self.seed * 1000 + rank)
-        return ReplayBatches(client, self.mixture, self.builder(model), self.text, self.batch_size, seed=self.seed, rank=rank)
+        return ReplayBatches(self.replay, self.mixture, self.builder(model), self.text, self.batch_size, seed=self.seed, rank=rank)

@@ -1,0 +1,109 @@
+"""The ``Policy`` contract's implementations for actors: built from checkpoints, local or served.
+
+- ``PolicySpec``: where a policy and its planner come from (checkpoints in our format) and how
+  they are queried; built where it runs (a PolicyServer's GPU, or an actor's own process), so
+  weights are never shipped over the network.
+- ``LocalPolicy``: a ``CosmosPolicy`` or ``Planner`` in this process that takes newer published
+  weights from a ``WeightSource`` between episodes (at ``reset``), as actors must.
+- ``ServerPolicy``: the client of a ``PolicyServer`` actor; the server takes new weights itself,
+  between batches.
+A weight version comes from the checkpoint it was built from (``metadata["version"]``, written by
+the learner's export; 0 for a checkpoint without one), then from each version loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cosmos_policy.checkpoint import load_checkpoint
+from cosmos_policy.contracts import ActionChunk, Observation, Target, WeightSource
+from cosmos_policy.errors import CheckpointError
+from cosmos_policy.planner import Planner, PlannerConfig
+from cosmos_policy.policy import CosmosPolicy, PolicyConfig
+from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
+
+
+@dataclass
+class PolicySpec:
+    """Where the models come from: checkpoints in our format, plus how to query them."""
+
+    checkpoint: str
+    planning_checkpoint: str | None = None
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    device: str = "cpu"
+    dtype: str | None = None  # e.g. "bfloat16" on a GPU
+    # Encode instructions missing from the checkpoint's cache: None (they are errors), "random"
+    # (RandomTextEncoder: tiny models and the quickstart), or a local T5 encoder directory.
+    text_encoder: str | None = None
+
+    def build(self) -> tuple[CosmosPolicy, Planner | None]:
+        dtype = getattr(torch, self.dtype) if self.dtype else None
+        ckpt = load_checkpoint(self.checkpoint, device=self.device, dtype=dtype)
+        if ckpt.stats is None or (ckpt.text is None and self.text_encoder is None):
+            raise CheckpointError(f"{self.checkpoint}: a served checkpoint needs dataset_statistics.json and t5_embeddings.pkl")
+        text_cfg = ckpt.model.config.text
+        encoder = None
+        if self.text_encoder == "random":
+            encoder = RandomTextEncoder(text_cfg.embed_dim, text_cfg.max_length)
+        elif self.text_encoder is not None:
+            encoder = T5TextEncoder(self.text_encoder, text_cfg.max_length, device=self.device)
+        policy = CosmosPolicy(ckpt.model, ckpt.stats, ckpt.text or TextEmbeddingCache(), self.policy, text_encoder=encoder)
+        policy.version = int(ckpt.metadata.get("version", 0))
+        planner = None
+        if self.planning_checkpoint is not None:
+            planning = load_checkpoint(self.planning_checkpoint, device=self.device, dtype=dtype, expected_layout=ckpt.model.layout)
+            planner = Planner(policy, planning.model, self.planner)
+            planner.version = int(planning.metadata.get("version", 0))
+        return policy, planner
+
+
+def take_newer(model: CosmosPolicy | Planner, weights: WeightSource, target: Target | str) -> int | None:
+    """Load ``target``'s newest published version into ``model`` if it is newer than the one there; returns it."""
+    got = weights.latest(str(Target(target).value), newer_than=model.version)
+    if got is None:
+        return None
+    record, state = got
+    model.load_weights(state, record.version)
+    return record.version
+
+
+class LocalPolicy:
+    """A policy (or planner) in this process; with a weight source it takes newer versions at ``reset``."""
+
+    def __init__(self, model: CosmosPolicy | Planner, target: Target | str, weights: WeightSource | None = None) -> None:
+        self.model, self.target, self.weights = model, Target(target), weights
+
+    def infer(self, observation: Observation, seed: int | None = None) -> ActionChunk:
+        return self.model.infer(observation, seed)
+
+    def reset(self) -> None:
+        """Between episodes: never change weights inside one (the episode records the versions it acted with)."""
+        if self.weights is not None:
+            take_newer(self.model, self.weights, self.target)
+        self.model.reset()
+
+
+def local_policies(spec: PolicySpec, weights: WeightSource | None = None) -> tuple[LocalPolicy, LocalPolicy | None]:
+    """The acting policy and (with a planning checkpoint) the planner, built here from ``spec``."""
+    policy, planner = spec.build()
+    return LocalPolicy(policy, Target.POLICY, weights), None if planner is None else LocalPolicy(planner, Target.PLANNING, weights)
+
+
+class ServerPolicy:
+    """A ``PolicyServer`` actor's client: acting (``plan=False``) or best-of-N planning (``plan=True``)."""
+
+    def __init__(self, server: Any, plan: bool = False) -> None:
+        self.server, self.plan = server, plan
+
+    def infer(self, observation: Observation, seed: int | None = None) -> ActionChunk:
+        import ray
+
+        call = self.server.plan if self.plan else self.server.act
+        return ray.get(call.remote(observation, seed))
+
+    def reset(self) -> None:
+        """Nothing to do: the server swaps new weights in between its batches."""

@@ -1,0 +1,133 @@
+"""Loading named experiments: the one registry is ``configs/experiment/*.yaml`` read through ``Experiment``.
+
+Layers, later ones winning: the schema's defaults; the benchmark's data defaults
+(``configs/data/<benchmark>.yaml``); the experiments a YAML ``extends`` (recursively); the YAML
+itself; the command line's ``key=value`` overrides. A typo or a value of the wrong type is an
+error naming the key and the layer it came from. Then the job's rules fill what other sections
+determine (below), and the result is a frozen ``Experiment``, validated.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cosmos_policy.config import resolve_config_path
+from cosmos_policy.errors import ConfigError
+from cosmos_policy.layout import load_layout
+from launch.experiment import LEARNER_DERIVED, Experiment
+
+
+def experiment_names() -> list[str]:
+    """The named experiments (configs/experiment/*.yaml)."""
+    folder = resolve_config_path("experiment", "quickstart").parent
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_experiment(name_or_path: str | Path = "quickstart", overrides: list[str] | None = None) -> Experiment:
+    """``configs/experiment/<name>.yaml`` (or a YAML path) with dotlist overrides (``online.rounds=5``)."""
+    layers = _extended(name_or_path, seen=[])
+    try:
+        layers.append(("the command line", OmegaConf.from_dotlist(list(overrides or []))))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the command line: {exc}") from exc
+    plain = OmegaConf.merge(*[layer for _, layer in layers])
+    benchmark = OmegaConf.select(plain, "data.benchmark") or OmegaConf.select(plain, "model.layout") or "libero"
+    preset = resolve_config_path("data", benchmark) if OmegaConf.select(plain, "data.benchmark") else _data_preset(str(benchmark))
+    if preset is not None:
+        layers.insert(0, (str(preset), OmegaConf.create({"data": OmegaConf.load(preset)})))
+    merged = OmegaConf.structured(Experiment)
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, _yaml_quirks(layer))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    data = OmegaConf.to_container(merged, resolve=True)
+    _job_rules(data, plain)  # type: ignore[arg-type]
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Experiment), data))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _extended(name_or_path: str | Path, seen: list[str]) -> list[tuple[str, DictConfig]]:
+    """The YAML's layers: those of the experiment it extends first, then its own."""
+    path = resolve_config_path("experiment", name_or_path)
+    if str(path) in seen:
+        raise ConfigError(f"extends: experiments extend each other in a circle ({' -> '.join(seen + [str(path)])})")
+    try:
+        layer = OmegaConf.load(path)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    base = layer.get("extends") if isinstance(layer, DictConfig) else None
+    return (_extended(base, seen + [str(path)]) if base else []) + [(str(path), layer)]
+
+
+def _data_preset(benchmark: str) -> Path | None:
+    try:
+        return resolve_config_path("data", benchmark)
+    except ConfigError:
+        return None  # a layout of the user's own has no data defaults: the schema's apply
+
+
+def _yaml_quirks(layer: DictConfig) -> DictConfig:
+    """YAML 1.1 reads a bare ``off`` as false: ``learner.float8: off`` means the string."""
+    if OmegaConf.select(layer, "learner.float8") is False:
+        layer = OmegaConf.merge(layer, {"learner": {"float8": "off"}})
+    return layer
+
+
+def _job_rules(data: dict[str, Any], given: DictConfig) -> None:
+    """What the job derives from other sections where the experiment does not say."""
+    learner = OmegaConf.select(given, "learner") or {}
+    for key, owner in LEARNER_DERIVED.items():
+        if key in learner:
+            raise ConfigError(f"learner.{key}: set by the job from {owner}; remove it from the experiment")
+    if OmegaConf.select(given, "policy.center_crop") is None:  # the test-time crop matches the training augmentation
+        data["policy"]["center_crop"] = bool(data["data"]["augmentation"])
+    if OmegaConf.select(given, "server.max_batch") is None:
+        data["server"]["max_batch"] = max(8, int(data["online"]["runners"]))
+    if OmegaConf.select(given, "replay.root") is None:
+        data["replay"]["root"] = str(Path(data["run_dir"]) / "replay")
+    # Replay hands out step windows the sample builder turns into training samples: their length is
+    # the layout's action chunk (the future frame sits one chunk ahead), whatever env.execute is.
+    window = load_layout(data["model"]["layout"]).action_chunk
+    given_tables = OmegaConf.select(given, "replay.tables")
+    for i, table in enumerate(data["replay"]["tables"]):
+        if given_tables is None or "window" not in given_tables[i]:
+            table["window"] = window
+
+
+# ---- documentation generated from the schema ------------------------------------------------
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal under it), for this class and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value).splitlines()[0]
+    return docs
+
+
+def config_keys(cls: type = Experiment, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, one-line docstring) of every leaf field of the schema, in order."""
+    rows: list[tuple[str, Any, str]] = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            rows += config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", default, docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,18 @@
+"""The names of a running job's Ray actors: spelled here and nowhere else.
+
+Services are handed to the actors that use them as objects (a replay client, a weight source),
+never looked up by name inside the roles; the names let a person or a tool that joins a running
+job later find its services (``ray list actors``, a robot attaching to the job).
+"""
+
+from __future__ import annotations
+
+
+def replay_shards(experiment: str, shards: int) -> list[str]:
+    """The replay service's shard actors of an experiment."""
+    return [f"{experiment}-replay-shard-{i}" for i in range(shards)]
+
+
+def weight_registry(experiment: str) -> str:
+    """The actor that lists an experiment's published weight versions."""
+    return f"{experiment}-weights"

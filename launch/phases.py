@@ -1,0 +1,192 @@
+"""The phases before the online rounds: demonstrations, statistics and embeddings, offline training.
+
+Each phase records its completion in the run state, so a restarted job skips what is done:
+1. demonstrations: the built-in task's scripted expert (in parallel Ray tasks), or a dataset;
+   written as episode files under the run directory;
+2. normalization statistics from them, and the embeddings of every instruction the job will see;
+3. offline training (DeepSpeed learner groups): the policy on the demonstrations until the
+   held-out demonstrations' loss stops improving, then the planning model (world model + value)
+   from the policy's weights on the planning mixture.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from cosmos_policy.checkpoint import save_checkpoint
+from cosmos_policy.codec import NormalizationStats
+from cosmos_policy.config import load_model_config
+from cosmos_policy.contracts import Episode, WeightPublisher
+from cosmos_policy.data.episode_file import read_episode, write_episode
+from cosmos_policy.data.statistics import compute_statistics
+from cosmos_policy.errors import ConfigError
+from cosmos_policy.layout import load_layout
+from cosmos_policy.model import CosmosPolicyModel
+from cosmos_policy.text import TextEmbeddingCache
+from launch.experiment import Experiment
+from launch.monitor import Monitor, say
+from launch.offline import source_kwargs, split_validation, text_cache, validation_batches
+from launch.run_state import RunState
+from learner.config import LearnerConfig
+from learner.fit import EarlyStopping, fit
+from learner.group import LearnerGroup, PublishConfig
+from learner.sources import EpisodeSource
+
+
+# ---- demonstrations ----------------------------------------------------------------------------
+@ray.remote(num_cpus=1)
+def _expert_demos(n: int, success_rate: float, seed: int, env_kwargs: dict[str, Any]) -> list[Episode]:
+    from actors.envs.lift_expert import make_demonstrations
+
+    return make_demonstrations(n, success_rate, seed, image_size=int(env_kwargs.get("image_size", 64)),
+                               max_steps=int(env_kwargs.get("max_steps", 100)))
+
+
+def demonstrations(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor) -> list[Episode]:
+    """The demonstrations: read back from the run directory, or made / read once and written there."""
+    demo_dir = run_dir / "demos"
+    if state.get("demos_done"):
+        return [read_episode(p) for p in sorted(demo_dir.glob("*.hdf5"))]
+    if cfg.demos.source == "none":
+        return []
+    start = time.time()
+    if cfg.demos.source == "expert":
+        workers = max(1, min(cfg.online.runners, cfg.demos.episodes))
+        # Each worker makes its own share with a distinct seed; the expert's outcomes are exact per share.
+        shares = [cfg.demos.episodes // workers + (i < cfg.demos.episodes % workers) for i in range(workers)]
+        refs = [_expert_demos.remote(n, cfg.demos.expert_success_rate, cfg.demos.seed * 1000 + i, dict(cfg.env.kwargs))
+                for i, n in enumerate(shares) if n]
+        episodes = []
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            episodes += ray.get(done[0])
+            monitor.progress("demonstrations (scripted expert)", len(episodes), cfg.demos.episodes)
+    else:
+        episodes = read_dataset(cfg)
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    for i, ep in enumerate(episodes):
+        write_episode(demo_dir / f"demo_{i:05d}.hdf5", ep)
+    monitor.log("demos", {"episodes": len(episodes), "success_rate": float(np.mean([e.success for e in episodes])) if episodes else 0.0,
+                          "steps": int(sum(e.num_steps for e in episodes)), "seconds": time.time() - start})
+    state.set(demos_done=True)
+    return episodes
+
+
+def read_dataset(cfg: Experiment) -> list[Episode]:
+    path = Path(cfg.demos.dataset or "")
+    if not path.exists():
+        raise ConfigError(f"demos.dataset: {path} does not exist")
+    if cfg.demos.dataset_format == "libero":
+        from cosmos_policy.data.official import iter_libero_demos
+
+        it = iter_libero_demos(path)
+    else:
+        it = (read_episode(p) for p in sorted(path.rglob("*.hdf5")))
+    episodes = []
+    for ep in it:
+        episodes.append(ep)
+        if cfg.demos.max_episodes and len(episodes) >= cfg.demos.max_episodes:
+            break
+    if not episodes:
+        raise ConfigError(f"demos.dataset: no episodes under {path} (format {cfg.demos.dataset_format!r})")
+    return episodes
+
+
+# ---- statistics and instruction embeddings -----------------------------------------------------
+def statistics_and_text(cfg: Experiment, run_dir: Path, demos: list[Episode]) -> tuple[NormalizationStats, TextEmbeddingCache]:
+    """Normalization statistics (computed once from the demonstrations) and every instruction's embedding."""
+    stats_path = run_dir / "dataset_statistics.json"
+    if not stats_path.is_file():
+        if not demos:
+            raise ConfigError("demos: no demonstrations to compute normalization statistics from")
+        compute_statistics(demos).save(stats_path)
+    return NormalizationStats.load(stats_path), text_cache(cfg, [e.instruction for e in demos] + env_instructions(cfg))
+
+
+def env_instructions(cfg: Experiment) -> list[str]:
+    """The instructions of the environment's tasks (the built-in task's is fixed; others ask the env)."""
+    if cfg.env.name == "lift":
+        from actors.envs.lift import INSTRUCTION
+
+        return [INSTRUCTION]
+    from actors.env_process import EnvProcess
+
+    env = EnvProcess(cfg.env_config())
+    try:
+        return [env.instruction(t) for t in (cfg.env.tasks or env.tasks())]
+    finally:
+        env.close()
+
+
+# ---- offline training ----------------------------------------------------------------------------
+def learner_group(cfg: Experiment, learner_cfg: LearnerConfig, source: Any, publish: PublishConfig | None = None,
+                  publisher: WeightPublisher | None = None) -> LearnerGroup:
+    """A learner of this experiment: ``learner.world_size`` ranks with its resources."""
+    return LearnerGroup(learner_cfg, source, world_size=cfg.learner.world_size, gpus_per_worker=cfg.learner.gpus_per_worker,
+                        cpus_per_worker=cfg.learner.cpus_per_worker, publish_cfg=publish, publisher=publisher)
+
+
+def log_learner(monitor: Monitor, phase: str, rows: list[dict[str, float]]) -> dict[str, float]:
+    """Average a chunk of learner steps into one record."""
+    if not rows:
+        return {}
+    keys = {k for r in rows for k in r}
+    avg = {k: float(np.nanmean([r[k] for r in rows if k in r and r[k] is not None])) for k in keys}
+    avg["step"] = rows[-1]["step"]
+    monitor.log("learner", {"phase": phase, **{("learner/step" if k == "step" else k): v for k, v in avg.items()}})
+    return avg
+
+
+def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
+            text: TextEmbeddingCache) -> tuple[str, str]:
+    """Train (or take) the policy and the planning model; returns their checkpoint directories."""
+    policy_ckpt = cfg.model.checkpoint or state.get("policy_checkpoint")
+    if policy_ckpt is None:
+        model = CosmosPolicyModel.build(load_model_config(cfg.model.size), load_layout(cfg.model.layout), seed=cfg.seed)
+        init = save_checkpoint(run_dir / "checkpoints" / "init", model, stats=stats, text=text)
+        train, val = split_validation(cfg, demos)
+        policy_ckpt = train_offline(cfg, run_dir, monitor, "policy", str(init), train, stats, text, val)
+        state.set(policy_checkpoint=policy_ckpt)
+    planning_ckpt = cfg.model.planning_checkpoint or state.get("planning_checkpoint")
+    if planning_ckpt is None:
+        planning_ckpt = train_offline(cfg, run_dir, monitor, "planning", str(policy_ckpt), demos, stats, text)
+        state.set(planning_checkpoint=planning_ckpt)
+    return str(policy_ckpt), str(planning_ckpt)
+
+
+def train_offline(cfg: Experiment, run_dir: Path, monitor: Monitor, target: str, init: str, episodes: list[Episode],
+                  stats: NormalizationStats, text: TextEmbeddingCache, val: list[Episode] | None = None) -> str:
+    """The policy on demonstrations alone until the held-out loss stops improving (or its step budget), or the
+    planning model from the policy's weights for its steps on the planning mixture; returns the export."""
+    steps = cfg.offline.policy_steps if target == "policy" else max(1, cfg.offline.planning_steps)
+    phase, out = f"{target}_offline", run_dir / "checkpoints" / target
+    source = EpisodeSource(episodes, mixture=cfg.mixture(target), **source_kwargs(cfg, stats, text, cfg.offline.batch))
+    group = learner_group(cfg, cfg.learner_config(str(run_dir / "learner" / phase), online=False, init_checkpoint=init, steps=steps), source)
+    batches = validation_batches(cfg, stats, text, val or [])
+
+    def train(n: int) -> list[dict[str, float]]:
+        rows: list[dict[str, float]] = []
+        group.train(n, chunk=min(n, 50), on_metrics=lambda r: (rows.extend(r), monitor.progress(
+            f"{target} training", rows[-1]["step"], steps, f"loss {rows[-1]['loss']:.3f}")))
+        return rows
+
+    def report(rows: list[dict[str, float]], loss: float | None, stopper: EarlyStopping) -> None:
+        log_learner(monitor, phase, rows)
+        if loss is not None:
+            monitor.log("validation", {"phase": phase, "learner/step": group.step(), "val_loss": loss, "best": min(stopper.best, loss)})
+
+    def validate() -> float:  # fixed held-out batches with fixed noise: comparable between calls
+        worker = group.workers[0]
+        return float(np.mean(ray.get([worker.evaluate.remote(b, seed=i) for i, b in enumerate(batches)])))
+
+    try:
+        fit(train, group.step, steps, cfg.offline.validate_every if target == "policy" else 100, lambda: group.export(str(out)),
+            validate if batches else None, cfg.offline.patience, report, say, what=target)
+    finally:
+        group.stop()
+    return str(out)

@@ -1,0 +1,127 @@
+"""The pieces of an online round: collect, refine and publish, evaluate, and what each reports.
+
+``launch/online.py`` strings them together; each is a few lines over the services
+(``launch.services``) and the learners it is given.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from actors.dispatch import spread
+from actors.env_runner import EpisodeResult
+from actors.evaluator import EvalConfig, evaluate
+from cosmos_policy.contracts import Target
+from cosmos_policy.episode import episode_seed
+from launch.experiment import Experiment
+from launch.monitor import Monitor, say
+from launch.phases import learner_group, log_learner
+from launch.services import Services
+from learner.group import LearnerGroup, PublishConfig
+from learner.sources import ReplaySource
+
+
+class Stop(Exception):
+    """Ctrl-C or a job stop (SIGTERM): finish cleanly with a final checkpoint."""
+
+
+@dataclass
+class OnlineLearner:
+    """One model refined online (the planning model; the policy too with ``online.refine_policy``)."""
+
+    target: Target
+    group: LearnerGroup
+    steps: int  # learner steps per round
+
+    @classmethod
+    def start(cls, cfg: Experiment, run_dir: Path, services: Services, target: Target, init: str, source_kwargs: dict[str, Any]) -> OnlineLearner:
+        """From ``init``'s weights, or from its own checkpoint under run_dir when the job resumes; publishes ``target``."""
+        policy = target is Target.POLICY
+        steps = cfg.online.policy_refine_steps if policy else cfg.online.refine_steps
+        source = ReplaySource(services.replay, mixture=cfg.mixture("policy_online" if policy else "planning"), **source_kwargs)
+        learner_cfg = cfg.learner_config(str(run_dir / "learner" / f"{target.value}_online"), online=True, init_checkpoint=init,
+                                         steps=steps * max(1, cfg.online.rounds), lr=cfg.online.policy_lr if policy else None)
+        publish = PublishConfig(every=cfg.online.publish_every, target=target.value)
+        return cls(target, learner_group(cfg, learner_cfg, source, publish, services.weights), steps)
+
+    def refine(self, round_: int, monitor: Monitor, stopping: Callable[[], bool]) -> int:
+        """A round's steps (publishing every ``publish_every``); returns the version the round ends on (published)."""
+        rows: list[dict[str, float]] = []
+        if self.steps:
+            self.group.train(self.steps, chunk=self.group.publish_cfg.every, should_stop=stopping, on_metrics=lambda r: (
+                rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), self.steps)))
+            log_learner(monitor, f"{self.target.value}_online", rows)
+        if stopping():  # the round is not recorded: a restart collects it again from the saved learner
+            raise Stop()
+        # Every round ends on a published version (the last step may fall between publications).
+        return int(rows[-1]["published_version"]) if rows and "published_version" in rows[-1] else self.group.publish()
+
+    def export(self, run_dir: Path) -> str:
+        return self.group.export(str(run_dir / "checkpoints" / f"{self.target.value}_latest"))
+
+
+def collection_jobs(cfg: Experiment, tasks: list[str], round_: int) -> list[tuple[str, int]]:
+    """A round's episodes as (task, seed): fresh seeds every round, tasks in turn."""
+    return [(tasks[i % len(tasks)], episode_seed(cfg.seed * 7919 + round_, i)) for i in range(cfg.online.episodes_per_round)]
+
+
+def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) -> list[EpisodeResult]:
+    """``episodes_per_round`` episodes, spread over the EnvRunners as they come free; logs the round's collection."""
+    start = time.time()
+
+    def progress(done: int, total: int) -> None:
+        if done % len(services.runners) == 0 or done == total:
+            monitor.progress(f"round {round_}: collecting", done, total)
+
+    results = [r for _, r in spread(services.runners, collection_jobs(cfg, services.tasks, round_),
+                                    lambda runner, job: runner.run.remote(job[0], job[1], None, {"round": round_}), progress)]
+    seconds = max(time.time() - start, 1e-9)
+    ok = [r for r in results if not r.interrupted]
+    steps = sum(r.steps for r in results)
+    monitor.log("collect", {"round": round_, "episodes": len(results), "interrupted": len(results) - len(ok),
+                            "success_rate": float(np.mean([r.success for r in ok])) if ok else 0.0,
+                            "env_steps": steps, "env_steps_per_s": steps / seconds, "episodes_per_s": len(results) / seconds,
+                            "inference_s_per_query": services.seconds_per_batch(),
+                            **{f"replay_items/{t}": s.get("items", 0) for t, s in services.replay.stats().items()},
+                            **{f"calibration/{k}": v for k, v in calibration(ok).items()}})
+    return results
+
+
+def calibration(results: list[EpisodeResult]) -> dict[str, float]:
+    """How the planner's predicted values relate to what happened (value in [0, 1] vs success)."""
+    rows = [(float(np.mean(r.predicted_values)), float(r.success)) for r in results if r.predicted_values and not r.interrupted]
+    if not rows:
+        return {}
+    pred, real = np.array(rows).T
+    out = {"value_mean": float(pred.mean()), "value_brier": float(np.mean((pred - real) ** 2))}
+    if real.min() != real.max():
+        out["value_if_success"] = float(pred[real == 1].mean())
+        out["value_if_failure"] = float(pred[real == 0].mean())
+        if pred.std() > 0:
+            out["value_success_corr"] = float(np.corrcoef(pred, real)[0, 1])
+    return out
+
+
+def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_: int, versions: dict[str, int | None]) -> dict[str, Any]:
+    """Success on the fixed initial states, with planning and (``eval.also_without_planning``) the policy alone."""
+    start = time.time()
+    config = EvalConfig(tasks=services.tasks, trials=cfg.eval.trials, seeds=list(cfg.eval.seeds))
+    report = evaluate(services.runners, config, suite=cfg.env.name, plan=cfg.eval.plan, record=False)
+    results = [EpisodeResult(**{k: v for k, v in row.items() if k in EpisodeResult.__dataclass_fields__}) for row in report["episodes_detail"]]
+    record: dict[str, Any] = {"round": round_, "weight_version": versions.get("planning"), "policy_version": versions.get("policy"),
+                              "success_rate": report["success_rate"], "episodes": report["episodes"], "planning": cfg.eval.plan,
+                              **{f"task/{t}": row["success_rate"] for t, row in report["tasks"].items()},
+                              **{f"calibration/{k}": v for k, v in calibration(results).items()}}
+    if cfg.eval.also_without_planning and cfg.eval.plan:
+        record["success_rate_no_plan"] = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False)["success_rate"]
+    record["seconds"] = time.time() - start
+    monitor.log("eval", record)
+    monitor.plot()
+    say(f"round {round_}: success {100 * report['success_rate']:.1f} % with planning (weight version {versions.get('planning')})"
+        + (f", {100 * record['success_rate_no_plan']:.1f} % policy alone" if "success_rate_no_plan" in record else ""))
+    return record

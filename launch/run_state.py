@@ -1,0 +1,30 @@
+"""``<run_dir>/state.json``: which phases of a run are done and where their outputs are.
+
+A restarted job with the same run directory reads it and skips what is done. It records phases
+and paths only: weight versions belong to the learner (its checkpoints, and the metadata of every
+checkpoint it exports), so there is one owner of a version number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class RunState:
+    """The run's progress, written atomically (a crash leaves the old file or the new one, never half)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "state.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set(self, **values: Any) -> None:
+        self.data.update(values)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)

@@ -1,0 +1,100 @@
+"""The job's services, built from the experiment config and handed to the roles that use them.
+
+``connect`` joins or starts the Ray cluster. ``Services`` starts the concrete ones: the replay
+service (the config's backend), the weight registry, the PolicyServers (the policy and its
+planner, on GPUs where the cluster has them) and the EnvRunners, each runner given its server's
+clients and the replay client. Nothing else in the job creates a Ray actor of a service.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.env_runner import EnvRunner, RunnerConfig
+from actors.policies import PolicySpec, ServerPolicy
+from actors.policy_server import PolicyServer
+from cosmos_policy.contracts import ReplayClient
+from launch import names
+from launch.experiment import Experiment
+from learner.publish import RegistryWeights, WeightRegistry
+from replay.service import make_replay
+
+
+def connect(cfg: Experiment) -> None:
+    """Join the configured cluster, or start a local one on 127.0.0.1 sized for every actor the job asks for."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
+    if address:
+        ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
+        return
+    learners = 2 if cfg.online.refine_policy else 1  # the planning model's learner, and the policy's
+    need = cfg.online.runners + cfg.online.servers + learners * int(np.ceil(cfg.learner.world_size * cfg.learner.cpus_per_worker)) + 1
+    extra: dict[str, Any] = {}
+    if cfg.ray.object_store_gb:
+        extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
+    # address="local": a new cluster of our own, even where `ray start` or another job runs one on this
+    # machine (a bare ray.init() would join that one and then refuse num_cpus).
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.ray.num_cpus or need), include_dashboard=False,
+             _node_ip_address="127.0.0.1", namespace=cfg.ray.namespace, log_to_driver=True, **extra)
+
+
+@dataclass
+class Services:
+    """The running services of one job (``start`` them; ``stop`` kills the actors, the replay files stay)."""
+
+    replay: ReplayClient
+    weights: RegistryWeights
+    servers: list[Any]
+    runners: list[Any]
+    tasks: list[str]
+
+    @classmethod
+    def start(cls, cfg: Experiment, policy_checkpoint: str, planning_checkpoint: str) -> Services:
+        """Replay, weights, PolicyServers serving the given checkpoints (and what is published after), EnvRunners."""
+        replay = make_replay(cfg.replay, names=names.replay_shards(cfg.name, cfg.replay.shards), seed=cfg.seed)
+        registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True).remote()
+        weights = RegistryWeights(registry)
+        gpu = 1 if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)) else 0
+        spec = PolicySpec(checkpoint=policy_checkpoint, planning_checkpoint=planning_checkpoint, policy=cfg.policy, planner=cfg.planner,
+                          device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else None, text_encoder=cfg.model.text_encoder)
+        servers = [PolicyServer.options(num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server, weights)
+                   for _ in range(cfg.online.servers)]
+        config = RunnerConfig(env=cfg.env_config(), execute=cfg.env.execute, plan=cfg.online.plan, record=True, max_steps=cfg.env.max_steps,
+                              plan_queries=cfg.env.plan_queries)
+        runners = []
+        for i in range(cfg.online.runners):  # runners are dealt to the servers in turn
+            server = servers[i % len(servers)]
+            runners.append(EnvRunner.options(num_cpus=1).remote(config, ServerPolicy(server), ServerPolicy(server, plan=True), replay))
+        tasks = list(cfg.env.tasks or ray.get(runners[0].tasks.remote()))
+        return cls(replay, weights, servers, runners, tasks)
+
+    def versions(self) -> dict[str, int | None]:
+        """The weight versions the (first) PolicyServer serves now."""
+        return ray.get(self.servers[0].versions.remote())
+
+    def wait_for(self, versions: dict[str, int], timeout_s: float = 120.0) -> None:
+        """Block until every PolicyServer serves these versions (each takes them from the registry between batches)."""
+        deadline = time.time() + timeout_s
+        while True:
+            served = ray.get([s.versions.remote() for s in self.servers])
+            if all(v.get(target) == version for v in served for target, version in versions.items()):
+                return
+            if time.time() > deadline:
+                raise TimeoutError(f"PolicyServers did not all pick up weights {versions} within {timeout_s:.0f} s (serving {served})")
+            time.sleep(0.2)
+
+    def seconds_per_batch(self) -> float:
+        """Seconds per served batch, over all PolicyServers."""
+        stats = ray.get([s.stats.remote() for s in self.servers])
+        return sum(s["busy_s"] for s in stats) / max(1, sum(s["batches"] for s in stats))
+
+    def stop(self) -> None:
+        for actor in self.runners + self.servers:
+            ray.kill(actor)
