@@ -16,8 +16,10 @@
 
 ``--planning CKPT``: the ``final`` evaluation plans with this planning model instead of the job's
 last one: a judge made from this run's own episodes outside the job, where the CPU machine is too
-small for it (``bench/gpu_branch_judge.sh``: branching episodes of this run's policy collected and a
-9.4 M-parameter judge trained on a GPU host; bench/RESULTS.md, "eighth session"). With
+small for it (branching episodes of this run's policy collected and a 9.4 M-parameter judge
+trained on a GPU host: ``research/learning_proof/gpu_branch_judge.sh`` did it at commit 6696f28,
+``configs/experiment/learning_proof.yaml`` has the steps now; research/bench_history.md, "eighth
+session"). With
 ``online.rounds=0`` the job stops after its offline phase (demonstrations, policy, planning model).
 
 Writes bench/results/learning_curve.json (or --out) after each evaluation (``complete`` turns true

@@ -11,7 +11,7 @@
 #   bash bench/multi_gpu_online.sh 2b [timeout_s]      # the 2b model, random weights, no compilation
 #
 # On a host without the packages: .whl/*.whl are installed and .carry/site.tar.xz (made by
-# bench/device_site.sh: Ray, robosuite, MuJoCo) is unpacked into /tmp/site first; .gl/*.deb
+# research/tools/device_site.sh: Ray, robosuite, MuJoCo) is unpacked into /tmp/site first; .gl/*.deb
 # (EGL/GL loaders for MuJoCo's rendering) are unpacked into / when present. A killed run resumes
 # from its run directory (/tmp/<name>) when called again on the same host.
 set -u

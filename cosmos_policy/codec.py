@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import json
 import math
 import os
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosmos_policy.errors import InputError, StatisticsError
+from cosmos_policy.errors import InputError, StatisticsError, existing_file
 
 # Normalized proprio is clipped to this bound. The official code does not clip, and its datasets'
 # wide ranges keep rollouts near [-1, 1]; a dimension the demonstrations barely vary (the built-in
@@ -126,9 +129,7 @@ class NormalizationStats:
     @classmethod
     def load(cls, path: str | Path) -> "NormalizationStats":
         """Read the official ``dataset_statistics.json``."""
-        path = Path(path)
-        if not path.is_file():
-            raise StatisticsError(f"{path}: statistics file not found")
+        path = existing_file(path, "statistics file", StatisticsError)
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -190,20 +191,31 @@ def _scale(x: torch.Tensor, lo: np.ndarray, hi: np.ndarray, name: str, forward: 
     return out.to(x.dtype if x.is_floating_point() else torch.float32)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old or the complete new content."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; on success it is fsynced and renamed onto ``path``, on failure removed.
+
+    Readers see either the old or the complete new content, even after a crash (a leftover
+    ``.<name>.*.tmp`` was never renamed: never acknowledged).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old or the complete new content."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ---- tiling ----------------------------------------------------------------------------

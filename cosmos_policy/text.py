@@ -22,7 +22,7 @@ from typing import Iterable, Protocol, Sequence
 import torch
 
 from cosmos_policy.codec import atomic_write_bytes
-from cosmos_policy.errors import CheckpointError, InputError
+from cosmos_policy.errors import CheckpointError, InputError, existing_file
 
 
 class TextEncoder(Protocol):
@@ -119,9 +119,7 @@ class TextEmbeddingCache:
 
     @classmethod
     def load(cls, path: str | Path) -> "TextEmbeddingCache":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: text-embedding pickle not found")
+        path = existing_file(path, "text-embedding pickle", CheckpointError)
         try:
             with path.open("rb") as f:
                 data = _TensorDictUnpickler(f).load()

@@ -84,7 +84,10 @@ class DemoSection:
     episodes: int = 40
     """Scripted-expert demonstrations to make."""
     expert_success_rate: float = 1.0
-    """Share of expert demonstrations that succeed (the expert fails the rest in real-looking ways)."""
+    """Share of expert demonstrations that succeed.
+
+    The expert fails the rest in real-looking ways (it grasps beside the cube, or drops it), so
+    the value function sees failures that look like the policy's own."""
     seed: int = 0
     """Seed of the expert's demonstrations."""
     dataset: str | None = None
@@ -140,7 +143,9 @@ class OfflineSection:
     validate_every: int = 200
     """Policy steps between held-out validations."""
     patience: int = 2
-    """Validations without improvement before the policy's training stops."""
+    """Validations without improvement before the policy's training stops.
+
+    The best weights seen are what the policy's checkpoint holds (exported at every improvement)."""
 
 
 @dataclass(frozen=True)

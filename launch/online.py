@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,11 @@ from launch.phases import demonstrations, offline, statistics_and_text  # noqa: 
 from launch.rounds import OnlineLearner, Stop, collect, evaluate_round  # noqa: E402
 from launch.run_state import RunState  # noqa: E402
 from launch.services import Services, connect  # noqa: E402
+from launch.signals import StopRequest  # noqa: E402
 
 
 def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
-           text: TextEmbeddingCache, checkpoints: dict[Target, str], stopping: dict[str, bool]) -> None:
+           text: TextEmbeddingCache, checkpoints: dict[Target, str], stop: StopRequest) -> None:
     """The rounds: collect with planning, refine on demonstrations plus experience, publish, evaluate; repeat.
 
     A resumed job serves the newest weights it exported (their versions are in the checkpoints) and
@@ -60,11 +60,11 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
             state.set(eval0_done=True)
         for round_ in range(state.get("round", 0) + 1, cfg.online.rounds + 1):
             start = time.time()
-            if stopping["stop"]:
+            if stop:
                 raise Stop()
             collect(cfg, services, round_, monitor)
             for learner in learners:
-                versions[learner.target.value] = learner.refine(round_, monitor, lambda: stopping["stop"])
+                versions[learner.target.value] = learner.refine(round_, monitor, stop)
             services.wait_for({t.target.value: versions[t.target.value] for t in learners})
             exported = {f"{t.target.value}_latest": t.export(run_dir) for t in learners}
             evaluate_round(cfg, services, monitor, round_, versions)
@@ -96,38 +96,28 @@ def run(cfg: Experiment) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    stopping = {"stop": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stopping["stop"]:
-            raise KeyboardInterrupt
-        stopping["stop"] = True
-        say(f"signal {signum}: stopping after the current step (again to abort)")
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     monitor = Monitor(run_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.project, cfg.logging.entity, cfg.name)
-    try:
-        connect(cfg)
-        say(f"run directory {run_dir}" + (" (resuming)" if state.data else ""))
-        demos = demonstrations(cfg, run_dir, state, monitor)
-        stats, text = statistics_and_text(cfg, run_dir, demos)
-        policy, planning = offline(cfg, run_dir, state, monitor, demos, stats, text)
-        if stopping["stop"]:
-            raise Stop()
-        online(cfg, run_dir, state, monitor, demos, stats, text, {Target.POLICY: policy, Target.PLANNING: planning}, stopping)
-        state.set(finished=True)
-    except Stop:
-        say("stopped; run again with the same run_dir to resume")
-    finally:
-        plot = monitor.plot()
-        monitor.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
-        say(f"metrics: {monitor.path}")
-        if plot:
-            say(f"success-rate plot: {plot}")
-        if monitor.wandb_dir:
-            say(f"W&B files: {monitor.wandb_dir / 'wandb'} (offline runs: `wandb sync {monitor.wandb_dir / 'wandb'}/offline-run-*`)")
+    with StopRequest() as stop:
+        try:
+            connect(cfg)
+            say(f"run directory {run_dir}" + (" (resuming)" if state.data else ""))
+            demos = demonstrations(cfg, run_dir, state, monitor)
+            stats, text = statistics_and_text(cfg, run_dir, demos)
+            policy, planning = offline(cfg, run_dir, state, monitor, demos, stats, text)
+            if stop:
+                raise Stop()
+            online(cfg, run_dir, state, monitor, demos, stats, text, {Target.POLICY: policy, Target.PLANNING: planning}, stop)
+            state.set(finished=True)
+        except Stop:
+            say("stopped; run again with the same run_dir to resume")
+        finally:
+            plot = monitor.plot()
+            monitor.close()
+            say(f"metrics: {monitor.path}")
+            if plot:
+                say(f"success-rate plot: {plot}")
+            if monitor.wandb_dir:
+                say(f"W&B files: {monitor.wandb_dir / 'wandb'} (offline runs: `wandb sync {monitor.wandb_dir / 'wandb'}/offline-run-*`)")
     evals = monitor.records("eval")
     return evals[-1] if evals else {}
 

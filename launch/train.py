@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -49,6 +48,7 @@ from cosmos_policy.layout import load_layout  # noqa: E402
 from launch.config import load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
+from launch.signals import StopRequest  # noqa: E402
 from actors.branching import branch_point_only  # noqa: E402
 from launch.offline import source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
 from learner.fit import EarlyStopping, fit  # noqa: E402
@@ -114,7 +114,7 @@ def statistics(init: str | None, episodes: list[Episode]) -> NormalizationStats:
 
 
 def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init: str | None = None, steps: int | None = None,
-          lr: float | None = None, stopping: dict[str, bool] | None = None, branch_point: bool = False,
+          lr: float | None = None, stop: Callable[[], bool] = lambda: False, branch_point: bool = False,
           time_limit: float | None = None, export_every: int | None = None) -> Path:
     """Train ``target`` on ``episodes`` and export it to ``<out>/checkpoints/<target>``; returns that path.
 
@@ -125,13 +125,12 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
     call) ends with its weights exported instead of killed with nothing to show.
     ``export_every``: also export snapshots ``<out>/checkpoints/<target>_step<N>`` every that many steps,
     for choosing among them afterwards on held-out labels (a judge has no held-out loss here: its quality
-    is how it ranks held-out states' candidates, ``bench/grade_branches.py``).
+    is how it ranks held-out states' candidates, research/learning_proof/grade_branches.py).
     """
     from learner.engine import Learner  # DeepSpeed: imported when training, not for --help
 
     if target not in TARGETS:
         raise ConfigError(f"--target: expected one of {TARGETS}, got {target!r}")
-    stopping = stopping if stopping is not None else {"stop": False}
     off = cfg.offline
     steps = steps or (off.policy_steps if target == "policy" else off.planning_steps)
     stats = statistics(init, episodes)
@@ -174,7 +173,7 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
             rows.append(learner.train_step())
             if export_every and learner.step % export_every == 0 and learner.step < steps:  # every rank takes part
                 learner.export(ckpt.parent / f"{target}_step{learner.step}")
-            if stopping["stop"]:
+            if stop():
                 learner.save()
                 raise Stopped()
         return rows
@@ -228,19 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--time-limit: expected a positive number of seconds, got {args.time_limit}")
     cfg = load_experiment(args.config, args.overrides)
     episodes = [read_episode(p) for p in episode_files(args.episodes)]
-    stopping = {"stop": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stopping["stop"]:
-            raise KeyboardInterrupt
-        stopping["stop"] = True
-        say(f"signal {signum}: saving the learner after this step (again to abort)")
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
     try:
-        path = train(cfg, args.target, episodes, Path(args.out), init=args.init, steps=args.steps, lr=args.lr, stopping=stopping,
-                     branch_point=args.branch_point_only, time_limit=args.time_limit, export_every=args.export_every)
+        with StopRequest("saving the learner after this step") as stop:
+            path = train(cfg, args.target, episodes, Path(args.out), init=args.init, steps=args.steps, lr=args.lr, stop=stop,
+                         branch_point=args.branch_point_only, time_limit=args.time_limit, export_every=args.export_every)
     except Stopped:
         if os.environ.get("RANK", "0") == "0":
             say(f"stopped; run again with --out {args.out} to resume")

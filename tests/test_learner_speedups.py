@@ -121,7 +121,7 @@ def test_speed_options_are_checked():
     with pytest.raises(ConfigError, match="learner.float8: expected one of"):
         LearnerConfig(float8=True)  # YAML's bare `on`
     assert LearnerConfig(float8=False).float8 == "off"  # YAML's bare `off`
-    from launch.experiment import load_experiment
+    from launch.config import load_experiment
 
     assert load_experiment("quickstart", ["learner.float8=off"]).learner_config("x", True).float8 == "off"
     LearnerConfig(zero_stage=3)  # compile left to the default: simply off under ZeRO-3

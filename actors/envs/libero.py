@@ -80,7 +80,8 @@ import numpy as np
 
 from actors.env import check_action, check_observation
 from actors.envs.libero_sim import CameraGate, ForwardedSim
-from cosmos_policy.contracts import EnvSpec, Observation, StepResult
+from actors.envs.panda import CAMERAS, panda_spec
+from cosmos_policy.contracts import Observation, StepResult
 from cosmos_policy.errors import ConfigError, InputError
 
 # robosuite picks its GL backend when it is imported; headless offscreen rendering needs EGL
@@ -111,18 +112,11 @@ SUITES: tuple[str, ...] = tuple(SUITE_MAX_STEPS)
 NUM_NOOP_STEPS = 10  # steps with the robot holding still at the start of every episode
 NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # zero EEF delta, gripper open
 
-# Model camera name -> LIBERO camera name.
-CAMERAS: dict[str, str] = {"primary": "agentview", "wrist": "robot0_eye_in_hand"}
 # The robosuite observables the proprio is made of, in the proprio's order (see the module docstring).
 PROPRIO_OBSERVABLES: tuple[str, ...] = ("robot0_gripper_qpos", "robot0_eef_pos", "robot0_eef_quat")
 # Every other observable but the cameras is switched off: nothing here reads them.
 READ_OBSERVABLES: frozenset[str] = frozenset(PROPRIO_OBSERVABLES) | {f"{c}_image" for c in CAMERAS.values()}
 
-# OSC_POSE takes normalized deltas in [-1, 1] (robosuite clips them there itself) and the Panda
-# gripper only looks at the sign of its command, so clipping to [-1, 1] changes nothing that runs
-# but makes the bound explicit to callers.
-ACTION_DIM = 7
-PROPRIO_DIM = 9
 CONTROL_HZ = 20.0
 
 
@@ -151,15 +145,7 @@ class LiberoEnv:
         self.suite = suite
         self.image_size = image_size
         self._max_steps = max_steps if max_steps is not None else SUITE_MAX_STEPS[suite]
-        self.spec = EnvSpec(
-            cameras=tuple(CAMERAS),
-            image_size=(image_size, image_size),
-            proprio_dim=PROPRIO_DIM,
-            action_dim=ACTION_DIM,
-            action_low=(-1.0,) * ACTION_DIM,
-            action_high=(1.0,) * ACTION_DIM,
-            control_hz=CONTROL_HZ,
-        )
+        self.spec = panda_spec(image_size, CONTROL_HZ)
         # The benchmark prints an "[info] Applying task order ..." line when built; keep it out of logs.
         with contextlib.redirect_stdout(io.StringIO()):
             self._benchmark = _benchmark.get_benchmark_dict()[suite]()

@@ -38,15 +38,12 @@ from typing import Any
 import numpy as np
 
 from actors.env import check_action, check_observation
-from cosmos_policy.contracts import EnvSpec, Observation, StepResult
+from actors.envs.panda import CAMERAS, panda_spec
+from cosmos_policy.contracts import Observation, StepResult
 from cosmos_policy.errors import ConfigError, InputError
 
 TASK = "lift"
 INSTRUCTION = "lift the red cube"
-# Model camera name -> robosuite camera name (LIBERO's pair).
-CAMERAS: dict[str, str] = {"primary": "agentview", "wrist": "robot0_eye_in_hand"}
-PROPRIO_DIM = 9
-ACTION_DIM = 7
 # robosuite's model timestep (macros.SIMULATION_TIMESTEP); a control period must be a whole number of them.
 _PHYSICS_DT = 0.002
 # OSC_POSE maps a normalized action of 1 to a 5 cm position goal offset (controllers/config/osc_pose.json).
@@ -94,15 +91,7 @@ class LiftEnv:
         except ImportError as exc:  # robosuite comes with the [libero] extra
             raise ImportError("LiftEnv needs robosuite 1.4 (pip install -e '.[libero]')") from exc
 
-        self.spec = EnvSpec(
-            cameras=tuple(CAMERAS),
-            image_size=(image_size, image_size),
-            proprio_dim=PROPRIO_DIM,
-            action_dim=ACTION_DIM,
-            action_low=(-1.0,) * ACTION_DIM,
-            action_high=(1.0,) * ACTION_DIM,
-            control_hz=float(control_hz),
-        )
+        self.spec = panda_spec(image_size, control_hz)
         self._max_steps = max_steps
         # robosuite draws the cube's size (and other model details) from the global RNG when it
         # builds the model: seed it, so every process simulates the very same cube.

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from actors.envs.lift import _POS_SCALE, ACTION_DIM, CAMERAS, INSTRUCTION, TASK, LiftEnv
+from actors.envs.lift import _POS_SCALE, INSTRUCTION, TASK, LiftEnv
+from actors.envs.panda import ACTION_DIM, CAMERAS
 from cosmos_policy.episode import Episode, Source, episode_seed
 from cosmos_policy.errors import ConfigError
 

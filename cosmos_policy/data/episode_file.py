@@ -17,15 +17,16 @@ service restoring after a crash) sees a complete file or none.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from cosmos_policy.codec import atomic_path
 from cosmos_policy.episode import Episode, ImageSequence, PlannerQuery, Source
 from cosmos_policy.errors import InputError
 
@@ -48,10 +49,7 @@ def episode_file_name(episode: Episode) -> str:
 def write_episode(path: str | Path, episode: Episode) -> Path:
     """Write ``episode`` to ``path`` atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for camera, seq in episode.images.items():
                 data = np.empty(len(seq), dtype=object)
@@ -81,13 +79,6 @@ def write_episode(path: str | Path, episode: Episode) -> Path:
                     a[key] = int(value)
             a["metadata"] = json.dumps(episode.metadata)
             f.flush()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -103,6 +94,27 @@ def _write_planner(f: h5py.File, queries: list[PlannerQuery]) -> None:
         g.create_dataset("candidate_actions", data=np.stack([q.candidate_actions for q in queries]))  # type: ignore[misc]
 
 
+@contextmanager
+def open_hdf5(path: Path, what: str = "file") -> Iterator[h5py.File]:
+    """Open an HDF5 file for reading; any failure while it is read becomes an ``EpisodeFileError`` naming the file."""
+    where = str(path)
+    if not path.is_file():
+        raise EpisodeFileError(f"{where}: {what} not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise EpisodeFileError(f"{where}: not a readable HDF5 file, truncated or corrupt ({exc})") from exc
+    with f:
+        try:
+            yield f
+        except EpisodeFileError:
+            raise
+        except InputError as exc:
+            raise EpisodeFileError(f"{where}: {exc}") from exc
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise EpisodeFileError(f"{where}: unreadable data, truncated or corrupt ({exc})") from exc
+
+
 def read_episode(path: str | Path, source: Source | str | None = None) -> Episode:
     """Read an episode file (ours or an official rollout file); errors name the file and field.
 
@@ -110,56 +122,43 @@ def read_episode(path: str | Path, source: Source | str | None = None) -> Episod
     """
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise EpisodeFileError(f"{where}: episode file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise EpisodeFileError(f"{where}: not a readable HDF5 file, truncated or corrupt ({exc})") from exc
-    with f:
-        try:
-            # Official eval rollouts may also hold the policy's predicted images per query
-            # (future_<camera>_images_jpeg, one frame per query, not per step): not cameras.
-            cameras = sorted(k[: -len(IMAGE_SUFFIX)] for k in f.keys() if k.endswith(IMAGE_SUFFIX) and not k.startswith("future_"))
-            if not cameras:
-                raise EpisodeFileError(f"{where}: no '<camera>{IMAGE_SUFFIX}' dataset (expected e.g. primary{IMAGE_SUFFIX})")
-            images = {cam: read_jpeg_dataset(f, f"{cam}{IMAGE_SUFFIX}", where) for cam in cameras}
-            proprio = read_matrix(f, "proprio", where)
-            actions = read_matrix(f, "actions", where)
-            a = f.attrs
-            if "success" not in a:
-                raise EpisodeFileError(f"{where}: missing attribute 'success'")
-            if "task_description" not in a:
-                raise EpisodeFileError(f"{where}: missing attribute 'task_description'")
-            kwargs: dict[str, Any] = dict(
-                instruction=_text(a["task_description"]),
-                success=bool(a["success"]),
-                task=_text(a.get("task", "")),
-                score=float(a["score"]) if "score" in a else None,
-                source=Source(_text(a["source"])) if "source" in a else Source(source or Source.SIM),
-                interrupted=bool(a.get("interrupted", False)),
-                metadata=json.loads(_text(a["metadata"])) if "metadata" in a else {},
-            )
-            if source is not None:
-                kwargs["source"] = Source(source)
-            if "episode_id" in a:
-                kwargs["episode_id"] = _text(a["episode_id"])
-            for key in ("seed", "policy_version", "planning_version"):
-                if key in a:
-                    kwargs[key] = int(a[key])
-            if "timestamps" in f:
-                kwargs["timestamps"] = f["timestamps"][()]
-            if "initial_state" in f:
-                kwargs["initial_state"] = f["initial_state"][()]
-            if "planner" in f:
-                kwargs["planner"] = _read_planner(f["planner"], where)
-            return Episode(images=images, proprio=proprio, actions=actions, **kwargs)
-        except EpisodeFileError:
-            raise
-        except InputError as exc:
-            raise EpisodeFileError(f"{where}: {exc}") from exc
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise EpisodeFileError(f"{where}: unreadable episode data, truncated or corrupt ({exc})") from exc
+    with open_hdf5(path, "episode file") as f:
+        # Official eval rollouts may also hold the policy's predicted images per query
+        # (future_<camera>_images_jpeg, one frame per query, not per step): not cameras.
+        cameras = sorted(k[: -len(IMAGE_SUFFIX)] for k in f.keys() if k.endswith(IMAGE_SUFFIX) and not k.startswith("future_"))
+        if not cameras:
+            raise EpisodeFileError(f"{where}: no '<camera>{IMAGE_SUFFIX}' dataset (expected e.g. primary{IMAGE_SUFFIX})")
+        images = {cam: read_jpeg_dataset(f, f"{cam}{IMAGE_SUFFIX}", where) for cam in cameras}
+        proprio = read_matrix(f, "proprio", where)
+        actions = read_matrix(f, "actions", where)
+        a = f.attrs
+        if "success" not in a:
+            raise EpisodeFileError(f"{where}: missing attribute 'success'")
+        if "task_description" not in a:
+            raise EpisodeFileError(f"{where}: missing attribute 'task_description'")
+        kwargs: dict[str, Any] = dict(
+            instruction=_text(a["task_description"]),
+            success=bool(a["success"]),
+            task=_text(a.get("task", "")),
+            score=float(a["score"]) if "score" in a else None,
+            source=Source(_text(a["source"])) if "source" in a else Source(source or Source.SIM),
+            interrupted=bool(a.get("interrupted", False)),
+            metadata=json.loads(_text(a["metadata"])) if "metadata" in a else {},
+        )
+        if source is not None:
+            kwargs["source"] = Source(source)
+        if "episode_id" in a:
+            kwargs["episode_id"] = _text(a["episode_id"])
+        for key in ("seed", "policy_version", "planning_version"):
+            if key in a:
+                kwargs[key] = int(a[key])
+        if "timestamps" in f:
+            kwargs["timestamps"] = f["timestamps"][()]
+        if "initial_state" in f:
+            kwargs["initial_state"] = f["initial_state"][()]
+        if "planner" in f:
+            kwargs["planner"] = _read_planner(f["planner"], where)
+        return Episode(images=images, proprio=proprio, actions=actions, **kwargs)
 
 
 def read_jpeg_dataset(group: h5py.Group, key: str, where: str) -> ImageSequence:

@@ -75,16 +75,17 @@ def _check_distribution(dist: dict[str, float], allowed: tuple[str, ...], name: 
         raise ConfigError(f"{name}: probabilities must sum to 1, got {total:.6f}")
 
 
+def _planning(value_kind: str) -> dict[str, Any]:
+    """The planning model's mixture (method 6.3): 10 % policy samples from the demonstrations, and from
+    successful and failed rollouts alike, world-model and value samples half and half."""
+    judged = {"world_model": 0.5, value_kind: 0.5}
+    return {"pools": {"demo": 0.1, "success": 0.45, "failure": 0.45},
+            "kinds": {"demo": {"policy": 1.0}, "success": dict(judged), "failure": dict(judged)}}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "base": {},
-    "planning": {
-        "pools": {"demo": 0.1, "success": 0.45, "failure": 0.45},
-        "kinds": {
-            "demo": {"policy": 1.0},
-            "success": {"world_model": 0.5, "value_sprime": 0.5},
-            "failure": {"world_model": 0.5, "value_sprime": 0.5},
-        },
-    },
+    "planning": _planning("value_sprime"),
     # The policy refined on experience (``online.refine_policy``): action samples from the
     # demonstrations and, in equal share, from the system's own successful episodes (the chunks
     # it executed there); failures never teach the policy. Not in the paper, which keeps the acting
@@ -95,14 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The planning pools with a model-free, action-conditioned value Q(s, a) (the future state
     # masked) in place of V(s'): for ``planner.value_kind: q_value``.
-    "planning_q": {
-        "pools": {"demo": 0.1, "success": 0.45, "failure": 0.45},
-        "kinds": {
-            "demo": {"policy": 1.0},
-            "success": {"world_model": 0.5, "q_value": 0.5},
-            "failure": {"world_model": 0.5, "q_value": 0.5},
-        },
-    },
+    "planning_q": _planning("q_value"),
 }
 
 

@@ -35,14 +35,13 @@ import fnmatch
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import av
 import h5py
 import numpy as np
 
-from cosmos_policy.data.episode_file import EpisodeFileError, read_episode, read_jpeg_dataset, read_matrix
+from cosmos_policy.data.episode_file import EpisodeFileError, open_hdf5, read_episode, read_jpeg_dataset, read_matrix
 from cosmos_policy.episode import Episode, ImageSequence, Source, encode_jpeg
 from cosmos_policy.errors import ConfigError, InputError
 
@@ -197,7 +196,7 @@ def read_aloha_episode(path: str | Path) -> Episode:
     path = Path(path)
     where = str(path)
     task, instruction = aloha_instruction(path)
-    with _hdf5(path) as f:
+    with open_hdf5(path) as f:
         proprio = read_matrix(f, "observations/qpos", where, dims=ALOHA_DIMS)
         actions = read_matrix(f, "action", where, dims=ALOHA_DIMS)
         names = {camera: _string_dataset(f, f"observations/video_paths/{camera}", where) for camera in ALOHA_CAMERAS}
@@ -296,27 +295,6 @@ def _find_files(root: str | Path, subdir: str, pattern: str) -> list[Path]:
     return found
 
 
-@contextmanager
-def _hdf5(path: Path) -> Iterator[h5py.File]:
-    """Open an HDF5 file; any failure while it is read becomes an ``EpisodeFileError`` naming the file."""
-    where = str(path)
-    if not path.is_file():
-        raise EpisodeFileError(f"{where}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise EpisodeFileError(f"{where}: not a readable HDF5 file, truncated or corrupt ({exc})") from exc
-    with f:
-        try:
-            yield f
-        except EpisodeFileError:
-            raise
-        except InputError as exc:
-            raise EpisodeFileError(f"{where}: {exc}") from exc
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise EpisodeFileError(f"{where}: unreadable data, truncated or corrupt ({exc})") from exc
-
-
 def _iter_demo_file(
     path: Path,
     cameras: Mapping[str, str],
@@ -328,7 +306,7 @@ def _iter_demo_file(
 ) -> Iterator[Episode]:
     """The demos of a robomimic-style file (``data/demo_<i>/...``), read one at a time while the file stays open."""
     where = str(path)
-    with _hdf5(path) as f:
+    with open_hdf5(path) as f:
         for key, index in _demo_keys(f, where):
             base = f"data/{key}"
             images = {name: _read_camera(f, f"{base}/obs/{prefix}", where) for prefix, name in cameras.items()}

@@ -12,10 +12,10 @@
 # RAY=0 leaves Ray and what only Ray imports out (about 14 MB): enough for the Ray-free entry points
 # (launch/collect.py, launch/train.py, bench/gpu_branch_judge.sh), which is what a GPU host needs.
 #
-#   bash bench/device_site.sh [out.tar.xz]    # needs the project's .venv (robosuite) and network access to PyPI
+#   bash research/tools/device_site.sh [out.tar.xz]    # needs the project's .venv (robosuite) and network access to PyPI
 set -euo pipefail
 out=$(realpath -m "${1:-.carry/site.tar.xz}")
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)  # the repository (this script lives in research/tools/)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/wheels" "$work/site" "$(dirname "$out")"
