@@ -6,13 +6,13 @@ processes and writes each episode as a file under ``<out>/<table>/`` (experience
 experience_failure), where launch/train.py reads it. It is the Ray-free half of the offline
 loop (collect, train, evaluate) for a machine without Ray or a cluster, e.g. a GPU host:
 
-    python launch/collect.py --config learning_curve --policy runs/learning_curve/checkpoints/policy \\
+    python launch/collect.py --config learning_proof --policy runs/learning_curve/checkpoints/policy \\
         --planning runs/learning_curve/checkpoints/planning --trials 200-259 --branch-first-query \\
-        --workers 2 --out runs/branches planner.candidate_noise=0.1 planner.common_judge_seeds=true
+        --workers 2 --out runs/branches
 
 Trials are the task's fixed initial states (the evaluation protocol's); ``--branch-first-query``
 plays each once per planner candidate, episode c executing candidate c at the first query
-(``online.branch_first_query``). ``--branch-query K`` branches at query K instead: the queries
+(``actors.branching.Branching``). ``--branch-query K`` branches at query K instead: the queries
 before it execute one candidate drawn per trial (``lead_candidates``), the same in all of the
 trial's episodes, so a judge that plans at several queries sees states reached through any first
 chunk it might pick. With ``--branch-point-only`` the files keep camera frames at the branch point

@@ -1,7 +1,6 @@
 """Train the tiny Cosmos Policy model for a few steps and sample an action chunk, on a CPU.
 
-What ``make demo`` runs until the main job (launch/online.py) exists. It exercises the whole
-model path: clip assembly and VAE encoding, latent injection of proprio/actions/values, the
+The model alone, no Ray and no simulator, in seconds. It exercises the whole model path: clip assembly and VAE encoding, latent injection of proprio/actions/values, the
 hybrid-sigma loss over policy, world-model and value samples, the 5-step second-order sampler,
 and a checkpoint round trip. The batch is synthetic (random images, a fixed action chunk), so
 the model learns to reproduce that chunk: the sampled chunk's error falls as it trains.

@@ -278,3 +278,25 @@ def test_env_runner_actor_runs_real_libero_with_a_planning_server(ray_local, tin
     print(table([report]))
     for actor in runners + [server] + replay.shards:
         ray.kill(actor)
+
+
+def test_a_local_policy_takes_published_weights_between_episodes(ray_local, tiny_checkpoints):
+    """A runner holding its policy in its own process pulls newer versions from its weight source at the
+    episode's start (never inside one), and the episode records the version it acted with."""
+    from actors.policies import local_policies
+    from cosmos_policy.weights import pack
+    from learner.publish import RegistryWeights, WeightRegistry
+
+    weights = RegistryWeights(WeightRegistry.remote())
+    spec = PolicySpec(checkpoint=str(tiny_checkpoints / "policy"), policy=PolicyConfig(action_steps=1), text_encoder="random")
+    policy, planner = local_policies(spec, weights)
+    assert planner is None
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16), policy)
+    try:
+        assert runner.run("lift", seed=0).policy_version == 4  # the checkpoint's version: nothing published yet
+        net = policy.model.model.denoiser.net
+        weights.publish(pack({k: v + 0.01 for k, v in net.state_dict().items()}), version=5, step=50, target="policy")
+        assert runner.run("lift", seed=0).policy_version == 5
+        assert policy.model.version == 5 and runner.run("lift", seed=1).policy_version == 5  # taken once
+    finally:
+        runner.close()

@@ -199,7 +199,7 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
         assert no_token.returncode != 0
         runtime_env = json.dumps({"excludes": [".venv", ".venv-reverb", ".git", "runs", ".whl", "wandb"]})
         submit = [RAY, "job", "submit", f"--address={address}", "--working-dir", str(ROOT), f"--runtime-env-json={runtime_env}",
-                  "--", sys.executable, "launch/online.py", f"run_dir={run_dir}", "name=jobtest", *SMALL]
+                  "--", sys.executable, "launch/online.py", f"run_dir={run_dir}", "name=jobtest", *SMALL, "online.rounds=1"]
         for _ in range(30):  # the head answers `job list` a little before its node's job agent takes submissions
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1200)
             if "No available agent to submit job" not in job.stdout + job.stderr:
@@ -211,7 +211,7 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
             os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=90)
         shutil.rmtree(temp, ignore_errors=True)
-    _check_finished_run(run_dir, rounds=2)
+    _check_finished_run(run_dir, rounds=1)
     runners = {m["runner"] for m in _replay_episodes(run_dir, "experience_*")}
     assert len(runners) >= 2  # episodes from both EnvRunners reached replay
     assert len(_replay_episodes(run_dir, "demos")) == 6
@@ -303,7 +303,7 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     With the policy refined too (online.refine_policy): both learners checkpoint and resume, and every
     round's evaluation runs on the round's published policy and planning versions."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", *SMALL, "online.rounds=3", "online.refine_policy=true",
+    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", *SMALL, "online.rounds=2", "online.refine_policy=true",
            "online.policy_refine_steps=2"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     out = []
@@ -324,7 +324,7 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     again = subprocess.run(cmd, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "(resuming)" in again.stdout
-    _check_finished_run(run_dir, rounds=3)
+    _check_finished_run(run_dir, rounds=2)
     # The policy's versions: 0 (offline) at round 0, then one more published version per round, each
     # served before the round's evaluation (else wait_for_version fails the job); the latest exported.
     policy_versions = [e["policy_version"] for e in _records(run_dir, "eval")]
