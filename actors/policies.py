@@ -94,10 +94,20 @@ def local_policies(spec: PolicySpec, weights: WeightSource | None = None) -> tup
 
 
 class ServerPolicy:
-    """A ``PolicyServer`` actor's client: acting (``plan=False``) or best-of-N planning (``plan=True``)."""
+    """A ``PolicyServer`` actor's client: acting (``plan=False``) or best-of-N planning (``plan=True``).
 
-    def __init__(self, server: Any, plan: bool = False) -> None:
-        self.server, self.plan = server, plan
+    With ``name`` (the server's actor name) a copy travels as that name and finds the server again
+    where it is used (no actor handle in another actor's constructor arguments: see
+    ``replay.ray_backend.RayReplay.__reduce__``).
+    """
+
+    def __init__(self, server: Any, plan: bool = False, name: str | None = None) -> None:
+        self.server, self.plan, self.name = server, plan, name
+
+    def __reduce__(self) -> tuple:
+        if self.name is None:
+            return (ServerPolicy, (self.server, self.plan))
+        return (_named_server_policy, (self.name, self.plan))
 
     def infer(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         import ray
@@ -107,3 +117,9 @@ class ServerPolicy:
 
     def reset(self) -> None:
         """Nothing to do: the server swaps new weights in between its batches."""
+
+
+def _named_server_policy(name: str, plan: bool) -> ServerPolicy:
+    import ray
+
+    return ServerPolicy(ray.get_actor(name), plan, name)

@@ -14,6 +14,7 @@ fails alone: it is validated before it joins a batch. New weights are staged by 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,29 +25,12 @@ except ImportError:  # optional where only the Ray-free parts run (e.g. a GPU ma
     ray = None
 import torch
 
+from actors.config import ServerConfig
 from actors.policies import PolicySpec
 from cosmos_policy.contracts import ActionChunk, Observation, Target, WeightSource
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.planner import Planner
 from cosmos_policy.policy import CosmosPolicy
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How a PolicyServer batches requests and takes new weights."""
-
-    max_batch: int = 8
-    """Requests per batched query (the experiment's default: max(8, online.runners))."""
-    max_wait_ms: float = 5.0
-    """How long the first request of a batch waits for company."""
-    poll_weights_s: float = 0.5
-    """How often the Ray actor asks its weight source for a newer version (0: never)."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ConfigError(f"server.max_batch: expected >= 1, got {self.max_batch}")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"server.max_wait_ms: expected >= 0, got {self.max_wait_ms}")
 
 
 @dataclass
@@ -168,6 +152,9 @@ class PolicyServer:
 
     def __init__(self, spec: PolicySpec | Callable[[], tuple[CosmosPolicy, Planner | None]], config: ServerConfig | None = None,
                  weights: WeightSource | None = None) -> None:
+        # The weight source's blocking ray.get runs on an executor thread, never on the event loop, which Ray's
+        # warning about blocking calls in async actors cannot tell apart: it would only alarm the job's log.
+        os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
         policy, planner = spec.build() if isinstance(spec, PolicySpec) else spec()
         self.server = BatchingServer(policy, planner, config)
         self.weights = weights

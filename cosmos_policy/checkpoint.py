@@ -39,15 +39,10 @@ from cosmos_policy.codec import NormalizationStats
 from cosmos_policy.config import ModelConfig, load_model_config, model_config_from_dict, model_config_to_dict
 from cosmos_policy.errors import CheckpointError, ConfigError, StatisticsError
 from cosmos_policy.layout import LatentLayout, layout_from_dict, load_layout
+from cosmos_policy.manifest import DENOISER_FILE, FORMAT, FORMAT_VERSION, STATS_FILE, TEXT_FILE, VAE_FILE, read_manifest
 from cosmos_policy.model import CosmosPolicyModel
 from cosmos_policy.text import TextEmbeddingCache
 
-FORMAT = "cosmos-policy-online/checkpoint"
-FORMAT_VERSION = 1
-DENOISER_FILE = "denoiser.safetensors"
-VAE_FILE = "vae.safetensors"
-STATS_FILE = "dataset_statistics.json"
-TEXT_FILE = "t5_embeddings.pkl"
 
 
 @dataclass
@@ -118,24 +113,8 @@ def load_checkpoint(
     corrupted file is reported by name instead of as a shape error later.
     """
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path}: missing (not a checkpoint written by save_checkpoint)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r} v{manifest.get('version')} is not {FORMAT!r} v{FORMAT_VERSION}")
-    files: dict[str, str] = manifest.get("files", {})
-    for required in (DENOISER_FILE, VAE_FILE, "config.yaml"):
-        if required not in files:
-            raise CheckpointError(f"{manifest_path}: lists no {required}")
-    for name in files:
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing (listed in the manifest)")
+    manifest = read_manifest(path)
+    files: dict[str, str] = manifest["files"]
     for name, digest in files.items():
         if verify and _sha256(path / name) != digest:
             raise CheckpointError(f"{path / name}: checksum mismatch, the file is corrupt or was modified after saving")
@@ -187,6 +166,7 @@ def import_nvidia_checkpoint(
         prefer_ema: use ``net_ema.`` weights when the file has them (the official base-model recipe).
         allow_pickle: permit arbitrary pickled objects in ``weights``; only for files you trust.
     """
+    _check_import_files(weights, vae, statistics, text_embeddings)
     cfg = load_model_config(config) if isinstance(config, str) else config
     lay = load_layout(layout) if isinstance(layout, str) else layout
     weights = Path(weights)
@@ -200,6 +180,28 @@ def import_nvidia_checkpoint(
     stats = _load_stats(Path(statistics)) if statistics is not None else None
     text = TextEmbeddingCache.load(text_embeddings) if text_embeddings is not None else None
     return LoadedCheckpoint(model=model, stats=stats, text=text, metadata={"imported_from": str(weights)})
+
+
+def _check_import_files(weights: str | Path, vae: str | Path, statistics: str | Path | None, text_embeddings: str | Path | None) -> None:
+    """Every file the import reads, checked before any is: each missing or empty one named, all in one error."""
+    problems = []
+    files = [("weights", weights), ("statistics", statistics), ("text_embeddings", text_embeddings)]
+    vae = Path(vae)
+    files += [("vae", vae / "config.json")] if vae.is_dir() else []
+    for what, path in files:
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.is_file():
+            problems.append(f"{what}: {path} not found")
+        elif path.stat().st_size == 0:
+            problems.append(f"{what}: {path} is empty (0 bytes)")
+    if not vae.is_dir():
+        problems.append(f"vae: {vae} is not a directory (expected a diffusers AutoencoderKLWan directory: config.json + *.safetensors)")
+    elif not any(vae.glob("*.safetensors")):
+        problems.append(f"vae: no *.safetensors in {vae}")
+    if problems:
+        raise CheckpointError("import_nvidia_checkpoint: " + "; ".join(problems))
 
 
 def extract_network_state(raw: Any, prefer_ema: bool, source: str) -> dict[str, torch.Tensor]:
@@ -255,7 +257,7 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
             ) from exc
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({str(exc) or type(exc).__name__})") from exc
 
 
 def _load_vae_into(vae: nn.Module, path: Path) -> None:

@@ -1,4 +1,8 @@
-"""Model configuration: one OmegaConf schema for every model size.
+"""The model's configuration: one OmegaConf schema for every model size, and how the model is queried.
+
+``PolicyConfig`` (how the policy queries the model) and ``PlannerConfig`` (best-of-N planning)
+live here too, beside the sizes, so that reading any config loads no torch or diffusers: a job
+reports a mistake in its config in a second.
 
 The YAML files in ``configs/model/`` fill this schema; anything not given keeps the method's
 numbers (``cosmos_policy_method.md`` sections 3 and 4). Validation happens once, here, so a
@@ -167,13 +171,18 @@ def load_model_config(name_or_path: str | Path, overrides: dict[str, Any] | list
     return model_config_from_dict(OmegaConf.load(path), overrides, source=str(path))
 
 
+def config_names(group: str) -> list[str]:
+    """The named configs of a group: ``configs/<group>/*.yaml`` stems."""
+    return sorted(p.stem for p in (CONFIG_ROOT / group).glob("*.yaml"))
+
+
 def resolve_config_path(group: str, name_or_path: str | Path) -> Path:
     """``configs/<group>/<name>.yaml`` for a name, the path itself for a ``.yaml`` path; must exist."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_ROOT / group / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_ROOT / group).glob("*.yaml"))
+        known = config_names(group)
         raise ConfigError(f"{group} config {str(name_or_path)!r}: no file {path} (known: {known})")
     return path
 
@@ -197,3 +206,104 @@ def model_config_from_dict(
 def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """Plain-data form for saving next to weights."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+# ---- how the model is queried: the policy and best-of-N planning (method sections 4 and 5) ---------------
+AGGREGATIONS = ("majority_mean", "mean", "lcb", "success_vote")
+VALUE_KINDS = ("value_sprime", "value", "q_value")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How the policy queries the model. Defaults are LIBERO's (method 4.2, 4.3)."""
+
+    mode: str = "parallel"
+    """parallel: actions, future state and value in one pass; autoregressive: one after the other (method 4.2)."""
+    action_steps: int = 5
+    """Denoising steps of the action pass (ALOHA: 10)."""
+    future_steps: int = 5
+    """Denoising steps of the future-state pass (autoregressive mode only)."""
+    value_steps: int = 5
+    """Denoising steps of the value pass (autoregressive mode only)."""
+    execute: int | None = None
+    """Actions executed per query; None = the whole chunk."""
+    jpeg_round_trip: bool = True
+    """JPEG q95 round trip of live frames, as training images went through (LIBERO, RoboCasa; not ALOHA's MP4)."""
+    center_crop: bool = True
+    """Centre crop of side sqrt(0.9), for a model trained with the random-crop augmentation (the experiment's default: data.augmentation)."""
+    decode_future_images: bool = False
+    """VAE-decode the predicted future images (costs a decode)."""
+    return_latents: bool = False
+    """Also return the final latents (debugging, analysis)."""
+    prefix_encode: bool = True
+    """Encode the conditioning frames with the constant leading frames' VAE state computed once (8 instead of 13 pixel frames in LIBERO)."""
+    seed: int = 0
+    """Sampling seed of a query that names none."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("parallel", "autoregressive"):
+            raise ConfigError(f"policy.mode: expected 'parallel' or 'autoregressive', got {self.mode!r}")
+        for name in ("action_steps", "future_steps", "value_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"policy.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.execute is not None and self.execute < 1:
+            raise ConfigError(f"policy.execute: expected >= 1 or None, got {self.execute}")
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """Best-of-N settings; the defaults are the official ALOHA deployment's (method 4.2, 5.1)."""
+
+    num_candidates: int = 8
+    """N: action chunks the policy proposes per query, each from its own seed."""
+    future_steps: list[int] = field(default_factory=lambda: [1, 3, 5])
+    """Denoising steps of each future-state ensemble member (one member per entry)."""
+    value_steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """Denoising steps of each value ensemble member, per future state (one member per entry)."""
+    aggregation: str = "majority_mean"
+    """How a candidate's member values become its score: majority_mean, mean, lcb or success_vote (method 5.1)."""
+    success_threshold: float = 0.05
+    """A value above this counts as predicted success (majority_mean, success_vote)."""
+    lcb_k: float = 1.0
+    """lcb aggregation: mean - k * std of the member values."""
+    value_kind: str = "value_sprime"
+    """value_sprime: V(s') of each predicted future; value: V(s, a, s'); q_value: model-free Q(s, a), no world model."""
+    depth: int = 1
+    """Planning depth: > 1 re-plans from the imagined future state that many times."""
+    depth_value: str = "last"
+    """With depth > 1: the last depth's value, or the mean over depths."""
+    max_batch: int = 64
+    """Rows per forward pass (GPU memory)."""
+    common_judge_seeds: bool = False
+    """Judge all candidates of a query with the same world-model and value seeds, so score differences come from the actions.
+
+    With per-candidate seeds (the official choice) a small judge's sampling noise can exceed the
+    differences between candidates; the learning proof's judge ranks with shared seeds.
+    """
+    candidate_noise: float = 0.0
+    """Std of a constant per-dimension offset (normalized action units) added to every candidate but the first (0: off).
+
+    Widens the candidates of a policy whose samples barely differ from seed to seed; the first
+    stays the policy's own sample, so ties keep its choice. Used by the learning proof's branching
+    collection and planner (0.1).
+    """
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 1:
+            raise ConfigError(f"planner.num_candidates: expected >= 1, got {self.num_candidates}")
+        for name in ("future_steps", "value_steps"):
+            steps = list(getattr(self, name))
+            if not steps or any(int(s) < 1 for s in steps):
+                raise ConfigError(f"planner.{name}: expected a non-empty list of step counts >= 1, got {steps}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"planner.aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.value_kind not in VALUE_KINDS:
+            raise ConfigError(f"planner.value_kind: expected one of {VALUE_KINDS}, got {self.value_kind!r}")
+        if self.depth < 1:
+            raise ConfigError(f"planner.depth: expected >= 1, got {self.depth}")
+        if self.depth_value not in ("last", "mean"):
+            raise ConfigError(f"planner.depth_value: expected 'last' or 'mean', got {self.depth_value!r}")
+        if self.max_batch < 1:
+            raise ConfigError(f"planner.max_batch: expected >= 1, got {self.max_batch}")
+        if not self.candidate_noise >= 0:
+            raise ConfigError(f"planner.candidate_noise: expected a std >= 0, got {self.candidate_noise}")

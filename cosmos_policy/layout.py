@@ -22,13 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from omegaconf import OmegaConf
 
 from cosmos_policy.config import VAE_TEMPORAL_COMPRESSION, resolve_config_path
 from cosmos_policy.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SlotKind(str, Enum):
@@ -178,6 +180,8 @@ class LatentLayout:
 
     def role_tensor(self, kinds: Sequence[SampleKind | str], device: torch.device | str | None = None) -> torch.Tensor:
         """(B, T) int64 tensor of ``FrameRole`` values for a batch of sample kinds."""
+        import torch  # here, not at the top: reading a layout (a config) loads no torch
+
         rows = [[int(r) for r in self.frame_roles(k)] for k in kinds]
         return torch.tensor(rows, dtype=torch.long, device=device)
 

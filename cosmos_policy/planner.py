@@ -19,7 +19,6 @@ current-state frames and one more action, future and value round is predicted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -29,12 +28,11 @@ from cosmos_policy.codec import tile_into_frame, untile_from_frame
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.layout import SampleKind, SlotKind, SlotTime
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch
+from cosmos_policy.config import AGGREGATIONS, PlannerConfig
 from cosmos_policy.contracts import ActionChunk, Observation
 from cosmos_policy.episode import PlannerQuery
 from cosmos_policy.policy import CosmosPolicy
 
-AGGREGATIONS = ("majority_mean", "mean", "lcb", "success_vote")
-VALUE_KINDS = ("value_sprime", "value", "q_value")
 
 
 def aggregate(values: np.ndarray, scheme: str, threshold: float = 0.05, lcb_k: float = 1.0) -> np.ndarray:
@@ -58,65 +56,6 @@ def aggregate(values: np.ndarray, scheme: str, threshold: float = 0.05, lcb_k: f
         mean_above = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
         return np.clip(np.where(count >= 0.5 * v.shape[-1], mean_above, 0.0), 0.0, 1.0)
     raise ConfigError(f"planner.aggregation: expected one of {AGGREGATIONS}, got {scheme!r}")
-
-
-@dataclass(frozen=True)
-class PlannerConfig:
-    """Best-of-N settings; the defaults are the official ALOHA deployment's (method 4.2, 5.1)."""
-
-    num_candidates: int = 8
-    """N: action chunks the policy proposes per query, each from its own seed."""
-    future_steps: list[int] = field(default_factory=lambda: [1, 3, 5])
-    """Denoising steps of each future-state ensemble member (one member per entry)."""
-    value_steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    """Denoising steps of each value ensemble member, per future state (one member per entry)."""
-    aggregation: str = "majority_mean"
-    """How a candidate's member values become its score: majority_mean, mean, lcb or success_vote (method 5.1)."""
-    success_threshold: float = 0.05
-    """A value above this counts as predicted success (majority_mean, success_vote)."""
-    lcb_k: float = 1.0
-    """lcb aggregation: mean - k * std of the member values."""
-    value_kind: str = "value_sprime"
-    """value_sprime: V(s') of each predicted future; value: V(s, a, s'); q_value: model-free Q(s, a), no world model."""
-    depth: int = 1
-    """Planning depth: > 1 re-plans from the imagined future state that many times."""
-    depth_value: str = "last"
-    """With depth > 1: the last depth's value, or the mean over depths."""
-    max_batch: int = 64
-    """Rows per forward pass (GPU memory)."""
-    common_judge_seeds: bool = False
-    """Judge all candidates of a query with the same world-model and value seeds, so score differences come from the actions.
-
-    With per-candidate seeds (the official choice) a small judge's sampling noise can exceed the
-    differences between candidates; the learning proof's judge ranks with shared seeds.
-    """
-    candidate_noise: float = 0.0
-    """Std of a constant per-dimension offset (normalized action units) added to every candidate but the first (0: off).
-
-    Widens the candidates of a policy whose samples barely differ from seed to seed; the first
-    stays the policy's own sample, so ties keep its choice. Used by the learning proof's branching
-    collection and planner (0.1).
-    """
-
-    def __post_init__(self) -> None:
-        if self.num_candidates < 1:
-            raise ConfigError(f"planner.num_candidates: expected >= 1, got {self.num_candidates}")
-        for name in ("future_steps", "value_steps"):
-            steps = list(getattr(self, name))
-            if not steps or any(int(s) < 1 for s in steps):
-                raise ConfigError(f"planner.{name}: expected a non-empty list of step counts >= 1, got {steps}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"planner.aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.value_kind not in VALUE_KINDS:
-            raise ConfigError(f"planner.value_kind: expected one of {VALUE_KINDS}, got {self.value_kind!r}")
-        if self.depth < 1:
-            raise ConfigError(f"planner.depth: expected >= 1, got {self.depth}")
-        if self.depth_value not in ("last", "mean"):
-            raise ConfigError(f"planner.depth_value: expected 'last' or 'mean', got {self.depth_value!r}")
-        if self.max_batch < 1:
-            raise ConfigError(f"planner.max_batch: expected >= 1, got {self.max_batch}")
-        if not self.candidate_noise >= 0:
-            raise ConfigError(f"planner.candidate_noise: expected a std >= 0, got {self.candidate_noise}")
 
 
 class Planner:

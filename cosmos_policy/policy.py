@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from cosmos_policy.codec import NormalizationStats
+from cosmos_policy.config import PolicyConfig
 from cosmos_policy.contracts import ActionChunk, Observation
 from cosmos_policy.data.augment import center_crop_resize, resize
 from cosmos_policy.episode import jpeg_round_trip
@@ -35,43 +35,6 @@ from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.layout import SampleKind
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch, Prediction
 from cosmos_policy.text import TextEmbeddingCache, TextEncoder
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """How the policy queries the model. Defaults are LIBERO's (method 4.2, 4.3)."""
-
-    mode: str = "parallel"
-    """parallel: actions, future state and value in one pass; autoregressive: one after the other (method 4.2)."""
-    action_steps: int = 5
-    """Denoising steps of the action pass (ALOHA: 10)."""
-    future_steps: int = 5
-    """Denoising steps of the future-state pass (autoregressive mode only)."""
-    value_steps: int = 5
-    """Denoising steps of the value pass (autoregressive mode only)."""
-    execute: int | None = None
-    """Actions executed per query; None = the whole chunk."""
-    jpeg_round_trip: bool = True
-    """JPEG q95 round trip of live frames, as training images went through (LIBERO, RoboCasa; not ALOHA's MP4)."""
-    center_crop: bool = True
-    """Centre crop of side sqrt(0.9), for a model trained with the random-crop augmentation (the experiment's default: data.augmentation)."""
-    decode_future_images: bool = False
-    """VAE-decode the predicted future images (costs a decode)."""
-    return_latents: bool = False
-    """Also return the final latents (debugging, analysis)."""
-    prefix_encode: bool = True
-    """Encode the conditioning frames with the constant leading frames' VAE state computed once (8 instead of 13 pixel frames in LIBERO)."""
-    seed: int = 0
-    """Sampling seed of a query that names none."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("parallel", "autoregressive"):
-            raise ConfigError(f"policy.mode: expected 'parallel' or 'autoregressive', got {self.mode!r}")
-        for name in ("action_steps", "future_steps", "value_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"policy.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.execute is not None and self.execute < 1:
-            raise ConfigError(f"policy.execute: expected >= 1 or None, got {self.execute}")
 
 
 _POOL: ThreadPoolExecutor | None = None

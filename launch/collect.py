@@ -45,8 +45,10 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from cosmos_policy.errors import ConfigError  # noqa: E402
+from cosmos_policy.errors import CheckpointError, ConfigError  # noqa: E402
+from cosmos_policy.manifest import read_manifest  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
+from launch.cli import add_debug_flag, guard, keys_epilog  # noqa: E402
 from launch.config import load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import say  # noqa: E402
@@ -250,9 +252,10 @@ def _stop(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its help, and (for the experiment's keys) each key with its default."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Overrides are dotted keys of configs/experiment/*.yaml, e.g. planner.candidate_noise=0.1")
+                                     epilog=keys_epilog("Overrides are key=value pairs of the experiment's keys, e.g. planner.num_candidates=16."))
     parser.add_argument("--config", default="quickstart", help="configs/experiment/<name>.yaml or a YAML path")
     parser.add_argument("--policy", required=True, help="the acting policy's checkpoint")
     parser.add_argument("--planning", default=None, help="the planning model's checkpoint (planning or branching)")
@@ -266,11 +269,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (each with its own simulator)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the cores divided among the workers)")
     parser.add_argument("--out", required=True, help="output directory: <table>/*.hdf5 and collect.jsonl")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the experiment's keys (listed below)")
+    add_debug_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    guard(lambda: collect_episodes(args), argv)
+
+
+def collect_episodes(args: argparse.Namespace) -> None:
+    """Check every argument and checkpoint, then collect; a mistake is one error naming the flag or file."""
     cfg = load_experiment(args.config, args.overrides)
+    trials = parse_trials(args.trials)
+    for flag, path in (("--policy", args.policy), ("--planning", args.planning)):
+        if path:
+            try:
+                read_manifest(path)
+            except CheckpointError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
     signal.signal(signal.SIGTERM, _stop)
-    rows = collect(cfg, args.policy, args.planning, parse_trials(args.trials), Path(args.out), seed=args.seed,
+    rows = collect(cfg, args.policy, args.planning, trials, Path(args.out), seed=args.seed,
                    branch=args.branch_first_query or args.branch_query is not None, workers=args.workers,
                    branch_point=args.branch_point_only, threads=args.threads, branch_query=args.branch_query or 0)
     if rows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,15 @@ def experiment_names() -> list[str]:
 def load_experiment(name_or_path: str | Path = "quickstart", overrides: list[str] | None = None) -> Experiment:
     """``configs/experiment/<name>.yaml`` (or a YAML path) with dotlist overrides (``online.rounds=5``)."""
     layers = _extended(name_or_path, seen=[])
+    for item in overrides or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"the command line: {item!r}: expected key=value (e.g. online.rounds=5)")
     try:
         layers.append(("the command line", OmegaConf.from_dotlist(list(overrides or []))))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"the command line: {exc}") from exc
+    except Exception as exc:  # OmegaConf's own errors, and YAML's for a value it cannot parse
+        if isinstance(exc, OmegaConfBaseException):
+            raise _one_line("the command line", exc) from None
+        raise ConfigError(f"the command line: cannot read the overrides ({' '.join(str(exc).split())})") from None
     plain = OmegaConf.merge(*[layer for _, layer in layers])
     benchmark = OmegaConf.select(plain, "data.benchmark") or OmegaConf.select(plain, "model.layout") or "libero"
     preset = resolve_config_path("data", benchmark) if OmegaConf.select(plain, "data.benchmark") else _data_preset(str(benchmark))
@@ -48,13 +54,25 @@ def load_experiment(name_or_path: str | Path = "quickstart", overrides: list[str
         try:
             merged = OmegaConf.merge(merged, _yaml_quirks(layer))
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+            raise _one_line(source, exc) from None  # the key, where it came from, and what was wrong: no chain
     data = OmegaConf.to_container(merged, resolve=True)
     _job_rules(data, plain)  # type: ignore[arg-type]
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Experiment), data))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(str(exc)) from exc
+        raise _one_line("the experiment", exc) from None
+
+
+def _one_line(source: str, exc: OmegaConfBaseException) -> ConfigError:
+    """OmegaConf's error as one line: where the key came from, the key, what was wrong (and its suggestion)."""
+    first = str(exc).splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    unknown = re.match(r"Key '([^']+)' not in '\w+'\.?\s*(?:Did you mean(?: one of)?:\s*(.+?)\?)?$", first)
+    if unknown:
+        what = "unknown key" + (f" (did you mean {unknown.group(2)}?)" if unknown.group(2) else "")
+    else:
+        what = first
+    return ConfigError(f"{source}: {key}: {what}" if key else f"{source}: {what}")
 
 
 def _extended(name_or_path: str | Path, seen: list[str]) -> list[tuple[str, DictConfig]]:
@@ -64,8 +82,8 @@ def _extended(name_or_path: str | Path, seen: list[str]) -> list[tuple[str, Dict
         raise ConfigError(f"extends: experiments extend each other in a circle ({' -> '.join(seen + [str(path)])})")
     try:
         layer = OmegaConf.load(path)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    except (OmegaConfBaseException, ValueError) as exc:  # YAML syntax errors are ValueErrors
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     base = layer.get("extends") if isinstance(layer, DictConfig) else None
     return (_extended(base, seen + [str(path)]) if base else []) + [(str(path), layer)]
 
@@ -98,11 +116,40 @@ def _job_rules(data: dict[str, Any], given: DictConfig) -> None:
         data["replay"]["root"] = str(Path(data["run_dir"]) / "replay")
     # Replay hands out step windows the sample builder turns into training samples: their length is
     # the layout's action chunk (the future frame sits one chunk ahead), whatever env.execute is.
-    window = load_layout(data["model"]["layout"]).action_chunk
+    try:
+        window = load_layout(data["model"]["layout"]).action_chunk
+    except ConfigError as exc:
+        raise ConfigError(f"model.layout: {exc}") from None
     given_tables = OmegaConf.select(given, "replay.tables")
     for i, table in enumerate(data["replay"]["tables"]):
         if given_tables is None or "window" not in given_tables[i]:
             table["window"] = window
+
+
+# ---- the files an experiment names, checked before anything starts ------------------------------
+def check_inputs(cfg: Experiment) -> None:
+    """Every path the experiment names exists and is what it should be; all problems named in one error."""
+    from cosmos_policy.errors import CheckpointError
+    from cosmos_policy.manifest import read_manifest
+
+    problems = []
+    if cfg.demos.source == "dataset" and cfg.demos.dataset:
+        path = Path(cfg.demos.dataset)
+        if not path.exists():
+            problems.append(f"demos.dataset: {path} does not exist")
+        elif cfg.demos.dataset_format == "episodes" and path.is_dir() and not any(path.rglob("*.hdf5")):
+            problems.append(f"demos.dataset: no episode files (*.hdf5) under {path}")
+    for key in ("checkpoint", "planning_checkpoint"):
+        if getattr(cfg.model, key):
+            try:
+                read_manifest(getattr(cfg.model, key))
+            except CheckpointError as exc:
+                problems.append(f"model.{key}: {exc}")
+    encoder = cfg.model.text_encoder
+    if encoder not in (None, "random") and not (Path(encoder) / "config.json").is_file():
+        problems.append(f"model.text_encoder: {encoder} is not a T5 encoder directory (no config.json there); or use 'random' or null")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 # ---- documentation generated from the schema ------------------------------------------------

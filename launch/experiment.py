@@ -12,13 +12,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.config import ServerConfig
 from actors.env_process import EnvConfig
-from actors.policy_server import ServerConfig
-from cosmos_policy.data.augment import AugmentConfig
+from cosmos_policy.config import PlannerConfig, PolicyConfig, config_names
 from cosmos_policy.data.mixture import MixtureConfig, mixture_preset
 from cosmos_policy.errors import ConfigError
-from cosmos_policy.planner import PlannerConfig
-from cosmos_policy.policy import PolicyConfig
 from learner.config import LearnerConfig
 from replay.config import ReplayConfig
 
@@ -308,6 +306,12 @@ class Experiment:
                 raise ConfigError(f"{name}: expected {expected}, got {got!r}")
         if self.demos.source == "dataset" and not self.demos.dataset:
             raise ConfigError("demos.dataset: source 'dataset' needs a path to the demonstrations")
+        if self.demos.dataset and self.demos.source != "dataset":
+            raise ConfigError(f"demos.dataset: given ({self.demos.dataset}) but demos.source is {self.demos.source!r}; "
+                              "add demos.source=dataset to train on it")
+        known = config_names("model")
+        if self.model.size not in known and not str(self.model.size).endswith((".yaml", ".yml")):
+            raise ConfigError(f"model.size: expected one of {known} (configs/model/) or a YAML path, got {self.model.size!r}")
         if self.demos.source == "expert" and self.env.name != "lift":
             raise ConfigError(f"demos.source: the scripted expert exists for the built-in task 'lift' only, env is {self.env.name!r}")
         if self.demos.source == "none" and not (self.model.checkpoint and self.model.planning_checkpoint):
@@ -321,7 +325,10 @@ class Experiment:
     def env_config(self) -> EnvConfig:
         return EnvConfig(self.env.name, dict(self.env.kwargs))
 
-    def augment_config(self) -> AugmentConfig | None:
+    def augment_config(self) -> Any:
+        """The official augmentation (``cosmos_policy.data.augment.AugmentConfig``) when data.augmentation is on."""
+        from cosmos_policy.data.augment import AugmentConfig  # torch: loaded by the learner, not by reading a config
+
         return AugmentConfig() if self.data.augmentation else None
 
     def mixture(self, which: str) -> MixtureConfig:

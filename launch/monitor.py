@@ -80,6 +80,22 @@ class Monitor:
             self.wandb.log(numeric)
         return record
 
+    def learner(self, phase: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """One record for a chunk of learner steps: the means of the chunk's metrics, and the last step and
+        published version (counters: a mean of versions would be no version at all)."""
+        if not rows:
+            return {}
+        keys = {k for r in rows for k in r}
+        summary: dict[str, Any] = {}
+        for k in sorted(keys):
+            values = [r[k] for r in rows if r.get(k) is not None]
+            if k in ("step", "published_version", "lr"):
+                summary[k] = values[-1] if values else None
+            elif values:
+                summary[k] = sum(values) / len(values)
+        record = {("learner/step" if k == "step" else k): v for k, v in summary.items() if v is not None}
+        return self.log("learner", {"phase": phase, **record, **extra})
+
     def progress(self, phase: str, done: int, total: int, extra: str = "") -> None:
         """A progress line for long phases (stdout: the terminal, or ``ray job logs``)."""
         pct = 100.0 * done / total if total else 100.0
@@ -115,7 +131,11 @@ class Monitor:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        calibrated = [e for e in evals if isinstance(e.get("calibration/value_if_success"), (int, float))
+                      or isinstance(e.get("calibration/value_mean"), (int, float))]
+        fig, axes = plt.subplots(1, 3 if calibrated else 2, figsize=(16 if calibrated else 11, 4))
+        ax, ax_t = axes[0], axes[1]
+        ax_t.sharey(ax)
         for label, key, style in (("with planning", "success_rate", "o-"), ("policy alone", "success_rate_no_plan", "s--")):
             pts = [(e["weight_version"], e["wall_s"], e[key]) for e in evals if isinstance(e.get(key), (int, float))]
             if not pts:
@@ -127,6 +147,10 @@ class Monitor:
             for task in tasks:
                 pts = [(e["weight_version"], e[f"task/{task}"]) for e in evals if f"task/{task}" in e]
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], ".:", alpha=0.6, label=task)
+        from matplotlib.ticker import MaxNLocator
+
+        for axis in (ax, *axes[2:]):
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # weight versions are whole publications
         ax.set_xlabel("weight version of the planning model (learner publications)")
         ax.set_ylabel("success rate (%)")
         ax.set_ylim(-2, 102)
@@ -134,6 +158,19 @@ class Monitor:
         ax.legend(fontsize=8)
         ax_t.set_xlabel("wall time (minutes)")
         ax_t.grid(alpha=0.3)
+        if calibrated:  # what learning shows online before success does: the value separating successes from failures
+            ax_v = axes[2]
+            for label, key, style in (("predicted value, all episodes", "calibration/value_mean", "k.-"),
+                                      ("... of episodes that succeeded", "calibration/value_if_success", "g^-"),
+                                      ("... of episodes that failed", "calibration/value_if_failure", "rv-")):
+                pts = [(e["weight_version"], e[key]) for e in calibrated if isinstance(e.get(key), (int, float))]
+                if pts:
+                    ax_v.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            ax_v.set_xlabel("weight version of the planning model")
+            ax_v.set_ylabel("predicted value (evaluation episodes)")
+            ax_v.set_ylim(-0.02, 1.02)
+            ax_v.grid(alpha=0.3)
+            ax_v.legend(fontsize=8)
         episodes = evals[-1].get("episodes", "?")
         fig.suptitle(f"{self.run_dir.name}: success rate per evaluation ({episodes} episodes each)")
         fig.tight_layout()

@@ -16,3 +16,8 @@ def replay_shards(experiment: str, shards: int) -> list[str]:
 def weight_registry(experiment: str) -> str:
     """The actor that lists an experiment's published weight versions."""
     return f"{experiment}-weights"
+
+
+def policy_servers(experiment: str, servers: int) -> list[str]:
+    """The PolicyServers of an experiment."""
+    return [f"{experiment}-policy-server-{i}" for i in range(servers)]

@@ -17,24 +17,24 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cosmos_policy.codec import NormalizationStats  # noqa: E402
-from cosmos_policy.contracts import Episode, TableName, Target  # noqa: E402
-from cosmos_policy.text import TextEmbeddingCache  # noqa: E402
-from launch.config import load_experiment  # noqa: E402
+from cosmos_policy.contracts import Target  # noqa: E402
+from launch.cli import add_debug_flag, guard, keys_epilog  # noqa: E402
+from launch.config import check_inputs, load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
-from launch.offline import source_kwargs  # noqa: E402
-from launch.phases import demonstrations, offline, statistics_and_text  # noqa: E402
-from launch.rounds import OnlineLearner, Stop, collect, evaluate_round  # noqa: E402
 from launch.run_state import RunState  # noqa: E402
-from launch.services import Services, connect  # noqa: E402
 from launch.signals import StopRequest  # noqa: E402
+
+if TYPE_CHECKING:
+    from cosmos_policy.codec import NormalizationStats
+    from cosmos_policy.contracts import Episode
+    from cosmos_policy.text import TextEmbeddingCache
 
 
 def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
@@ -44,6 +44,11 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     A resumed job serves the newest weights it exported (their versions are in the checkpoints) and
     its learners resume from their own checkpoints.
     """
+    from cosmos_policy.contracts import TableName
+    from launch.offline import source_kwargs
+    from launch.rounds import OnlineLearner, Stop, collect, evaluate_round
+    from launch.services import Services
+
     latest = {t: state.get(f"{t.value}_latest") or checkpoints[t] for t in Target}
     services = Services.start(cfg, latest[Target.POLICY], latest[Target.PLANNING])
     if not state.get("demos_in_replay"):
@@ -92,6 +97,11 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
 
 def run(cfg: Experiment) -> dict[str, Any]:
     """The whole job for one experiment config; returns the last evaluation record."""
+    # Imported here, not at the top: a mistake in the command line is reported before Ray, torch and diffusers load.
+    from launch.phases import demonstrations, offline, statistics_and_text
+    from launch.rounds import Stop
+    from launch.services import connect
+
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir)
@@ -122,14 +132,27 @@ def run(cfg: Experiment) -> dict[str, Any]:
     return evals[-1] if evals else {}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its help, and (for the experiment's keys) each key with its default."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Overrides are dotted keys of configs/experiment/*.yaml (every key is documented in "
-                                            "launch/experiment.py), e.g. online.rounds=5 eval.trials=50")
+                                     epilog=keys_epilog("Overrides are key=value pairs of the experiment's keys (launch/experiment.py), "
+                                                        "e.g. online.rounds=5 eval.trials=50."))
     parser.add_argument("--config", default="quickstart", help="configs/experiment/<name>.yaml or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the experiment's keys (listed below)")
+    add_debug_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    run(load_experiment(args.config, args.overrides))
+
+    def start() -> None:
+        cfg = load_experiment(args.config, args.overrides)
+        check_inputs(cfg)  # every path it names, before Ray or W&B start
+        run(cfg)
+
+    guard(start, argv)
 
 
 if __name__ == "__main__":

@@ -124,22 +124,16 @@ def env_instructions(cfg: Experiment) -> list[str]:
 
 
 # ---- offline training ----------------------------------------------------------------------------
-def learner_group(cfg: Experiment, learner_cfg: LearnerConfig, source: Any, publish: PublishConfig | None = None,
+def learner_group(cfg: Experiment, what: str, learner_cfg: LearnerConfig, source: Any, publish: PublishConfig | None = None,
                   publisher: WeightPublisher | None = None) -> LearnerGroup:
-    """A learner of this experiment: ``learner.world_size`` ranks with its resources."""
-    return LearnerGroup(learner_cfg, source, world_size=cfg.learner.world_size, gpus_per_worker=cfg.learner.gpus_per_worker,
-                        cpus_per_worker=cfg.learner.cpus_per_worker, publish_cfg=publish, publisher=publisher)
-
-
-def log_learner(monitor: Monitor, phase: str, rows: list[dict[str, float]]) -> dict[str, float]:
-    """Average a chunk of learner steps into one record."""
-    if not rows:
-        return {}
-    keys = {k for r in rows for k in r}
-    avg = {k: float(np.nanmean([r[k] for r in rows if k in r and r[k] is not None])) for k in keys}
-    avg["step"] = rows[-1]["step"]
-    monitor.log("learner", {"phase": phase, **{("learner/step" if k == "step" else k): v for k, v in avg.items()}})
-    return avg
+    """The ``what`` learner of this experiment: ``learner.world_size`` ranks with its resources (ready when returned)."""
+    start = time.time()
+    ranks = cfg.learner.world_size
+    say(f"starting the {what} learner ({ranks} rank{'s' if ranks > 1 else ''}: model, DeepSpeed, data; a minute or more on a CPU)")
+    group = LearnerGroup(learner_cfg, source, world_size=ranks, gpus_per_worker=cfg.learner.gpus_per_worker,
+                         cpus_per_worker=cfg.learner.cpus_per_worker, publish_cfg=publish, publisher=publisher)
+    say(f"the {what} learner is ready at step {group.step()} ({time.time() - start:.0f} s)")
+    return group
 
 
 def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
@@ -166,7 +160,8 @@ def train_offline(cfg: Experiment, run_dir: Path, monitor: Monitor, target: str,
     steps = cfg.offline.policy_steps if target == "policy" else max(1, cfg.offline.planning_steps)
     phase, out = f"{target}_offline", run_dir / "checkpoints" / target
     source = EpisodeSource(episodes, mixture=cfg.mixture(target), **source_kwargs(cfg, stats, text, cfg.offline.batch))
-    group = learner_group(cfg, cfg.learner_config(str(run_dir / "learner" / phase), online=False, init_checkpoint=init, steps=steps), source)
+    group = learner_group(cfg, f"offline {target}", cfg.learner_config(str(run_dir / "learner" / phase), online=False, init_checkpoint=init,
+                                                                        steps=steps), source)
     batches = validation_batches(cfg, stats, text, val or [])
 
     def train(n: int) -> list[dict[str, float]]:
@@ -176,7 +171,7 @@ def train_offline(cfg: Experiment, run_dir: Path, monitor: Monitor, target: str,
         return rows
 
     def report(rows: list[dict[str, float]], loss: float | None, stopper: EarlyStopping) -> None:
-        log_learner(monitor, phase, rows)
+        monitor.learner(phase, rows)
         if loss is not None:
             monitor.log("validation", {"phase": phase, "learner/step": group.step(), "val_loss": loss, "best": min(stopper.best, loss)})
 

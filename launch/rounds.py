@@ -20,7 +20,7 @@ from cosmos_policy.contracts import Target
 from cosmos_policy.episode import episode_seed
 from launch.experiment import Experiment
 from launch.monitor import Monitor, say
-from launch.phases import learner_group, log_learner
+from launch.phases import learner_group
 from launch.services import Services
 from learner.group import LearnerGroup, PublishConfig
 from learner.sources import ReplaySource
@@ -47,7 +47,7 @@ class OnlineLearner:
         learner_cfg = cfg.learner_config(str(run_dir / "learner" / f"{target.value}_online"), online=True, init_checkpoint=init,
                                          steps=steps * max(1, cfg.online.rounds), lr=cfg.online.policy_lr if policy else None)
         publish = PublishConfig(every=cfg.online.publish_every, target=target.value)
-        return cls(target, learner_group(cfg, learner_cfg, source, publish, services.weights), steps)
+        return cls(target, learner_group(cfg, f"online {target.value}", learner_cfg, source, publish, services.weights), steps)
 
     def refine(self, round_: int, monitor: Monitor, stopping: Callable[[], bool]) -> int:
         """A round's steps (publishing every ``publish_every``); returns the version the round ends on (published)."""
@@ -55,7 +55,7 @@ class OnlineLearner:
         if self.steps:
             self.group.train(self.steps, chunk=self.group.publish_cfg.every, should_stop=stopping, on_metrics=lambda r: (
                 rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), self.steps)))
-            log_learner(monitor, f"{self.target.value}_online", rows)
+            monitor.learner(f"{self.target.value}_online", rows)
         if stopping():  # the round is not recorded: a restart collects it again from the saved learner
             raise Stop()
         # Every round ends on a published version (the last step may fall between publications).
@@ -111,14 +111,23 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
     """Success on the fixed initial states, with planning and (``eval.also_without_planning``) the policy alone."""
     start = time.time()
     config = EvalConfig(tasks=services.tasks, trials=cfg.eval.trials, seeds=list(cfg.eval.seeds))
-    report = evaluate(services.runners, config, suite=cfg.env.name, plan=cfg.eval.plan, record=False)
+
+    def progress(what: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            if done % len(services.runners) == 0 or done == total:
+                monitor.progress(f"round {round_}: evaluating {what}", done, total)
+        return report
+
+    report = evaluate(services.runners, config, suite=cfg.env.name, plan=cfg.eval.plan, record=False,
+                      on_result=progress("with planning" if cfg.eval.plan else "the policy"))
     results = [EpisodeResult(**{k: v for k, v in row.items() if k in EpisodeResult.__dataclass_fields__}) for row in report["episodes_detail"]]
     record: dict[str, Any] = {"round": round_, "weight_version": versions.get("planning"), "policy_version": versions.get("policy"),
                               "success_rate": report["success_rate"], "episodes": report["episodes"], "planning": cfg.eval.plan,
                               **{f"task/{t}": row["success_rate"] for t, row in report["tasks"].items()},
                               **{f"calibration/{k}": v for k, v in calibration(results).items()}}
     if cfg.eval.also_without_planning and cfg.eval.plan:
-        record["success_rate_no_plan"] = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False)["success_rate"]
+        record["success_rate_no_plan"] = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False,
+                                                  on_result=progress("the policy alone"))["success_rate"]
     record["seconds"] = time.time() - start
     monitor.log("eval", record)
     monitor.plot()

@@ -22,6 +22,7 @@ from actors.policy_server import PolicyServer
 from cosmos_policy.contracts import ReplayClient
 from launch import names
 from launch.experiment import Experiment
+from launch.monitor import say
 from learner.publish import RegistryWeights, WeightRegistry
 from replay.service import make_replay
 
@@ -58,21 +59,29 @@ class Services:
     @classmethod
     def start(cls, cfg: Experiment, policy_checkpoint: str, planning_checkpoint: str) -> Services:
         """Replay, weights, PolicyServers serving the given checkpoints (and what is published after), EnvRunners."""
+        say(f"starting the services: replay ({cfg.replay.backend}, {cfg.replay.shards} shard{'s' if cfg.replay.shards > 1 else ''}), "
+            f"{cfg.online.servers} PolicyServer(s), {cfg.online.runners} EnvRunners")
         replay = make_replay(cfg.replay, names=names.replay_shards(cfg.name, cfg.replay.shards), seed=cfg.seed)
+        restored = {t: int(s.get("episodes", 0)) for t, s in replay.stats().items()}
+        if any(restored.values()):
+            say("replay: restored " + ", ".join(f"{n} {t} episodes" for t, n in restored.items() if n))
         registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True).remote()
         weights = RegistryWeights(registry)
         gpu = 1 if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)) else 0
         spec = PolicySpec(checkpoint=policy_checkpoint, planning_checkpoint=planning_checkpoint, policy=cfg.policy, planner=cfg.planner,
                           device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else None, text_encoder=cfg.model.text_encoder)
-        servers = [PolicyServer.options(num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server, weights)
-                   for _ in range(cfg.online.servers)]
+        server_names = names.policy_servers(cfg.name, cfg.online.servers)
+        servers = [PolicyServer.options(name=n, num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server, weights)
+                   for n in server_names]
         config = RunnerConfig(env=cfg.env_config(), execute=cfg.env.execute, plan=cfg.online.plan, record=True, max_steps=cfg.env.max_steps,
                               plan_queries=cfg.env.plan_queries)
         runners = []
         for i in range(cfg.online.runners):  # runners are dealt to the servers in turn
-            server = servers[i % len(servers)]
-            runners.append(EnvRunner.options(num_cpus=1).remote(config, ServerPolicy(server), ServerPolicy(server, plan=True), replay))
+            server, name = servers[i % len(servers)], server_names[i % len(servers)]
+            runners.append(EnvRunner.options(num_cpus=1).remote(config, ServerPolicy(server, name=name),
+                                                                ServerPolicy(server, plan=True, name=name), replay))
         tasks = list(cfg.env.tasks or ray.get(runners[0].tasks.remote()))
+        ray.get([s.versions.remote() for s in servers])  # every server has built its models
         return cls(replay, weights, servers, runners, tasks)
 
     def versions(self) -> dict[str, int | None]:

@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -38,21 +38,21 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from cosmos_policy.checkpoint import load_checkpoint  # noqa: E402
-from cosmos_policy.codec import NormalizationStats  # noqa: E402
 from cosmos_policy.data.episode_file import read_episode  # noqa: E402
-from cosmos_policy.data.statistics import compute_statistics  # noqa: E402
 from cosmos_policy.episode import Episode, Source  # noqa: E402
-from cosmos_policy.errors import ConfigError  # noqa: E402
+from cosmos_policy.errors import CheckpointError, ConfigError  # noqa: E402
+from cosmos_policy.manifest import read_manifest  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
-from launch.config import load_experiment  # noqa: E402
+from launch.cli import add_debug_flag, guard, keys_epilog  # noqa: E402
+from launch.config import check_inputs, load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
 from launch.signals import StopRequest  # noqa: E402
 from actors.branching import branch_point_only  # noqa: E402
-from launch.offline import source_kwargs, split_validation, text_cache, validation_batches  # noqa: E402
 from learner.fit import EarlyStopping, fit  # noqa: E402
-from learner.sources import EpisodeSource  # noqa: E402
+
+if TYPE_CHECKING:
+    from cosmos_policy.codec import NormalizationStats
 
 TARGETS = ("policy", "planning")
 
@@ -102,6 +102,9 @@ def _all_agree(flag: bool, device: Any) -> bool:
 
 def statistics(init: str | None, episodes: list[Episode]) -> NormalizationStats:
     """The initial checkpoint's statistics (the model was trained in those units), else the demonstrations'."""
+    from cosmos_policy.checkpoint import load_checkpoint
+    from cosmos_policy.data.statistics import compute_statistics
+
     if init:
         stats = load_checkpoint(init).stats
         if stats is not None:
@@ -127,7 +130,10 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
     for choosing among them afterwards on held-out labels (a judge has no held-out loss here: its quality
     is how it ranks held-out states' candidates, research/learning_proof/grade_branches.py).
     """
-    from learner.engine import Learner  # DeepSpeed: imported when training, not for --help
+    # Imported when training, not at the top: a mistake in the arguments is reported before torch, diffusers and DeepSpeed load.
+    from launch.offline import source_kwargs, split_validation, text_cache, validation_batches
+    from learner.engine import Learner
+    from learner.sources import EpisodeSource
 
     if target not in TARGETS:
         raise ConfigError(f"--target: expected one of {TARGETS}, got {target!r}")
@@ -179,12 +185,9 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
         return rows
 
     def report(rows: list[dict[str, float]], loss: float | None, stopper: EarlyStopping) -> None:
-        avg = {k: float(np.nanmean([r[k] for r in rows if r.get(k) is not None])) for k in rows[-1]}
-        avg["step"] = rows[-1]["step"]
-        monitor.log("learner", {"phase": f"{target}_train", **{("learner/step" if k == "step" else k): v for k, v in avg.items()},
-                                "samples_per_s": learner.samples / max(time.time() - start, 1e-9)})
+        record = monitor.learner(f"{target}_train", rows, samples_per_s=learner.samples / max(time.time() - start, 1e-9))
         if rank0:
-            monitor.progress(f"{target} training", learner.step, steps, f"loss {avg['loss']:.3f}")
+            monitor.progress(f"{target} training", learner.step, steps, f"loss {record['loss']:.3f}")
         if loss is not None:
             monitor.log("validation", {"phase": f"{target}_train", "learner/step": learner.step, "val_loss": loss, "best": min(stopper.best, loss)})
 
@@ -201,9 +204,10 @@ def train(cfg: Experiment, target: str, episodes: list[Episode], out: Path, init
     return ckpt
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its help, and (for the experiment's keys) each key with its default."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Overrides are dotted keys of configs/experiment/*.yaml, e.g. model.size=small offline.batch=64")
+                                     epilog=keys_epilog("Overrides are key=value pairs of the experiment's keys, e.g. model.size=small offline.batch=64."))
     parser.add_argument("--config", default="quickstart", help="configs/experiment/<name>.yaml or a YAML path")
     parser.add_argument("--target", required=True, choices=TARGETS, help="which model: the policy or the planning model")
     parser.add_argument("--episodes", nargs="+", required=True, help="episode files: globs (** recursive) or directories")
@@ -217,8 +221,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="end training after S seconds as if its steps were done (export and save)")
     parser.add_argument("--export-every", type=int, default=None, metavar="N",
                         help="also export snapshots <out>/checkpoints/<target>_step<N> every N steps")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the experiment's keys (listed below)")
+    add_debug_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    guard(lambda: train_from_files(args), argv)
+
+
+def train_from_files(args: argparse.Namespace) -> None:
+    """Check every argument and file, then train; a mistake is one error naming the flag or file."""
     if args.export_every is not None and args.export_every < 1:
         raise ConfigError(f"--export-every: expected a positive number of steps, got {args.export_every}")
     if args.steps is not None and args.steps < 1:
@@ -226,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.time_limit is not None and not args.time_limit > 0:
         raise ConfigError(f"--time-limit: expected a positive number of seconds, got {args.time_limit}")
     cfg = load_experiment(args.config, args.overrides)
+    check_inputs(cfg)
+    if args.init:
+        try:
+            read_manifest(args.init)
+        except CheckpointError as exc:
+            raise ConfigError(f"--init: {exc}") from None
     episodes = [read_episode(p) for p in episode_files(args.episodes)]
     try:
         with StopRequest("saving the learner after this step") as stop:

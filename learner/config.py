@@ -1,4 +1,4 @@
-"""The learner's settings (``LearnerConfig``) and the DeepSpeed config made from them."""
+"""The learner's settings (``LearnerConfig``) and the DeepSpeed config made from them (no torch: a config loads fast)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosmos_policy.errors import ConfigError
-from learner.encode import ENCODE_MODES
-from learner.float8 import FLOAT8_RECIPES
 from learner.schedule import ScheduleConfig
+
+ENCODE_MODES = ("full", "needed")  # learner.encode: which frames the VAE encodes for the targets
+FLOAT8_RECIPES = ("off", "auto", "tensorwise", "rowwise", "rowwise_with_gw_hp")  # auto: tensorwise where the GPU has float8
 
 
 @dataclass(frozen=True)

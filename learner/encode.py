@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from cosmos_policy.errors import ConfigError
+from learner.config import ENCODE_MODES
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch
 from cosmos_policy.prefix_encode import PrefixCachedEncoder
 
-ENCODE_MODES = ("full", "needed")
 
 
 class TargetEncoder(PrefixCachedEncoder):

@@ -104,6 +104,8 @@ class Learner:
 
     def __init__(self, config: LearnerConfig, source: BatchSource | Callable[[CosmosPolicyModel, int], BatchSource],
                  model: CosmosPolicyModel | None = None) -> None:
+        if not torch.cuda.is_available():  # say so, or DeepSpeed warns on every rank that it found no GPU to use
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         self.config = config

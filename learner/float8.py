@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from cosmos_policy.errors import ConfigError
+from learner.config import FLOAT8_RECIPES
 
-FLOAT8_RECIPES = ("off", "auto", "tensorwise", "rowwise", "rowwise_with_gw_hp")  # auto: tensorwise where the GPU has float8
 # Linear layers inside a transformer block whose rows are tokens (image/action tokens, or text
 # tokens for the cross-attention keys and values). Everything under norm*/ is modulation.
 _TOKEN_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",

@@ -89,8 +89,21 @@ class RayReplay:
                 raise ConfigError(f"replay: {config.shards} shards need {config.shards} actor names, got {len(names)}")
             shards = [self._shard(config, i, None if names is None else names[i]) for i in range(config.shards)]
         self.shards = list(shards)
+        self.names, self.seed = names, seed
         self._weights: dict[str, np.ndarray] = {}
         self.rng = np.random.default_rng(seed)
+
+    def __reduce__(self) -> tuple:
+        """Named shards travel as their names and are found again where the copy is used.
+
+        An actor handle in an actor's constructor arguments puts those arguments in the object
+        store, and Ray then logs an error for every restartable actor built with them (its restart
+        would need them; ray-project/ray#53727); names need nothing kept alive. Anonymous shards
+        travel as handles.
+        """
+        if self.names is None:
+            return (RayReplay, (self.config, self.shards, None, self.seed))
+        return (_named, (self.config, self.names, self.seed))
 
     @staticmethod
     def _shard(config: ReplayConfig, index: int, name: str | None):
@@ -154,3 +167,10 @@ class RayReplay:
 
     def close(self) -> None:
         self.checkpoint()
+
+
+def _named(config: ReplayConfig, names: list[str], seed: int | None) -> RayReplay:
+    """A client of the named shards (``RayReplay.__reduce__``)."""
+    replay = RayReplay(config, shards=[ray.get_actor(n) for n in names], seed=seed)
+    replay.names = names
+    return replay

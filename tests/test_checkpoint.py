@@ -201,8 +201,15 @@ def test_bad_nvidia_files_are_clear_errors(tmp_path, tiny_config, libero):
     good = tmp_path / "good.pt"
     torch.save(nvidia_state(model.denoiser.net), good)
 
-    with pytest.raises(CheckpointError, match="missing.pt: file not found"):
+    with pytest.raises(CheckpointError, match="weights: .*missing.pt not found"):
         import_nvidia_checkpoint(tmp_path / "missing.pt", vae=vae, config=tiny_config, layout=libero)
+    # Every missing or empty file is named at once, before anything is read.
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"weights: .*empty.pt is empty \(0 bytes\); statistics: .*nope.json not found; "
+                                              r"text_embeddings: .*nope.pkl not found; vae: .*no_vae is not a directory"):
+        import_nvidia_checkpoint(empty, vae=tmp_path / "no_vae", config=tiny_config, layout=libero, statistics=tmp_path / "nope.json",
+                                 text_embeddings=tmp_path / "nope.pkl")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(CheckpointError, match="truncated.pt: not a readable PyTorch checkpoint"):
@@ -230,7 +237,7 @@ def test_bad_nvidia_files_are_clear_errors(tmp_path, tiny_config, libero):
     (wrong_vae / "config.json").write_text(json.dumps({**cfg, "base_dim": 96}))
     with pytest.raises(CheckpointError, match="VAE base_dim is 96"):
         import_nvidia_checkpoint(good, vae=wrong_vae, config=tiny_config, layout=libero)
-    with pytest.raises(CheckpointError, match="expected a diffusers AutoencoderKLWan directory"):
+    with pytest.raises(CheckpointError, match="vae: .*config.json not found"):
         import_nvidia_checkpoint(good, vae=tmp_path, config=tiny_config, layout=libero)
 
 

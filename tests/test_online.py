@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -60,6 +61,26 @@ def _replay_episodes(run_dir: Path, table: str) -> list[dict]:
     return out
 
 
+def _timed_lines(proc: subprocess.Popen, on_line=lambda line: None, timeout_s: float = 1200) -> list[tuple[float, str]]:
+    """Every line a running job prints (stdout and stderr), with when it arrived; ``on_line`` sees each."""
+    lines, deadline = [], time.time() + timeout_s
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append((time.time(), line))
+        on_line(line)
+        assert time.time() < deadline, "the job ran past its time"
+    proc.wait(timeout=120)
+    return lines
+
+
+def _check_the_log_speaks(lines: list[tuple[float, str]]) -> None:
+    """No silent minute (a line at least every 60 s) and no error-level line in a healthy run."""
+    gaps = [(b[0] - a[0], b[1].strip()) for a, b in zip(lines, lines[1:])]
+    assert max(g for g, _ in gaps) < 60, max(gaps)
+    errors = [line for _, line in lines if re.search(r"\bERROR\b|Traceback|\[E\]", line)]
+    assert not errors, errors[:5]
+
+
 def _check_finished_run(run_dir: Path, rounds: int) -> None:
     evals = _records(run_dir, "eval")
     assert [e["round"] for e in evals] == list(range(rounds + 1))  # round 0 before any online training
@@ -75,6 +96,14 @@ def _check_finished_run(run_dir: Path, rounds: int) -> None:
     assert len(collect) == rounds and all(r["env_steps_per_s"] > 0 for r in collect)
     assert (run_dir / "success_rate.png").stat().st_size > 1000
     assert json.loads((run_dir / "state.json").read_text())["finished"]
+    # Every metric the run wrote is documented (launch/metrics.py), and weight versions are whole publications.
+    from launch.metrics import documented
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    undocumented = sorted({(r["kind"], k) for r in records for k in r if not documented(r["kind"], k)})
+    assert not undocumented, undocumented
+    versions = [r[k] for r in records for k in ("weight_version", "policy_version", "published_version") if r.get(k) is not None]
+    assert versions and all(isinstance(v, int) for v in versions), versions
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -306,24 +335,20 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", *SMALL, "online.rounds=2", "online.refine_policy=true",
            "online.policy_refine_steps=2"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    out = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        out.append(line)
-        if "round 1: success" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=600)
-    text = "".join(out) + rest
+    lines = _timed_lines(proc, on_line=lambda line: "round 1: success" in line and proc.send_signal(signal.SIGINT))
+    text = "".join(line for _, line in lines)
     assert proc.returncode == 0, text[-4000:]
+    _check_the_log_speaks(lines)
     assert "saving a final learner checkpoint" in text and "run again with the same run_dir to resume" in text
     state = json.loads((run_dir / "state.json").read_text())
     assert not state.get("finished") and state["round"] in (1, 2)
     assert (run_dir / "learner" / "planning_online" / "latest").is_file()
     assert (run_dir / "learner" / "policy_online" / "latest").is_file()
-    again = subprocess.run(cmd, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "(resuming)" in again.stdout
+    again = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines = _timed_lines(again)
+    assert again.returncode == 0, "".join(line for _, line in lines)[-4000:]
+    assert "(resuming)" in "".join(line for _, line in lines)
+    _check_the_log_speaks(lines)
     _check_finished_run(run_dir, rounds=2)
     # The policy's versions: 0 (offline) at round 0, then one more published version per round, each
     # served before the round's evaluation (else wait_for_version fails the job); the latest exported.
@@ -346,13 +371,25 @@ def test_the_main_job_runs_on_reverb(tmp_path: Path) -> None:
         import reverb  # noqa: F401  (its absence fails the test in the Reverb environment)
     else:
         pytest.importorskip("reverb", reason="dm-reverb is an optional extra (see make test-reverb)")
+    # The offline phase is the quickstart's own (other tests run it): start from tiny checkpoints made here.
+    from cosmos_policy.checkpoint import save_checkpoint
+    from cosmos_policy.codec import NormalizationStats
+    from cosmos_policy.config import load_model_config
+    from cosmos_policy.layout import load_layout
+    from cosmos_policy.model import CosmosPolicyModel
+
+    rng = np.random.default_rng(0)
+    stats = NormalizationStats.compute(rng.uniform(-1, 1, (100, 7)), rng.uniform(-1, 1, (100, 9)))
+    ckpts = {k: save_checkpoint(tmp_path / k, CosmosPolicyModel.build(load_model_config("tiny"), load_layout("libero"), seed=s), stats=stats)
+             for k, s in (("policy", 0), ("planning", 1))}
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", "name=reverbjob", *SMALL, "replay.backend=reverb",
-           "online.rounds=1", "online.episodes_per_round=4", "eval.also_without_planning=false", "eval.trials=1"]
+           f"model.checkpoint={ckpts['policy']}", f"model.planning_checkpoint={ckpts['planning']}", "online.rounds=1",
+           "online.episodes_per_round=4", "eval.also_without_planning=false", "eval.trials=1", "eval.at_start=false"]
     proc = subprocess.run(cmd, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     evals = _records(run_dir, "eval")
-    assert [e["round"] for e in evals] == [0, 1] and evals[1]["weight_version"] >= 1  # a version was published and served
+    assert [e["round"] for e in evals] == [1] and evals[0]["weight_version"] >= 1  # a version was published and served
     replay = _records(run_dir, "replay")[-1]
     assert replay["experience_success/sampled_items"] + replay["experience_failure/sampled_items"] > 0
     runner_of = {}

@@ -89,10 +89,9 @@ def make(request, tmp_path):
 
 
 all_backends = pytest.mark.parametrize("make", BACKENDS, indirect=True)
-with_ray_reverb = pytest.mark.parametrize("make", BACKENDS + ["ray-reverb"], indirect=True)
 
 
-@with_ray_reverb
+@all_backends
 def test_insert_sample_and_step_windows(make):
     replay = make(default_tables(window=4))
     ep = episode(steps=10, seed=1)
@@ -156,7 +155,7 @@ def test_min_size_blocks_sampling_and_times_out_clearly(make):
     assert replay.stats()["t"]["blocked_sample_s"] >= 0.45
 
 
-@with_ray_reverb
+@all_backends
 def test_sample_to_insert_ratio_blocks_the_side_that_runs_ahead(make):
     # diff = inserted items x 1 - sampled items must stay in [1 - 5, 1 + 5]; an episode may enter
     # while the inserter is not yet one item past the upper bound.
@@ -309,7 +308,7 @@ def test_ray_shard_killed_mid_stream_keeps_every_acknowledged_episode(backend, r
             ray.kill(s)
 
 
-@pytest.mark.parametrize("make", ON_RAY, indirect=True)
+@pytest.mark.parametrize("make", ["ray"], indirect=True)  # Reverb shards: tests/test_online.py runs a whole job on them
 def test_a_pickled_client_samples_what_another_inserted(make):
     # An EnvRunner and a learner each get a copy of the client, serialized as Ray hands it to an actor.
     import ray

@@ -80,7 +80,7 @@ import numpy as np
 
 from actors.env import check_action, check_observation
 from actors.envs.libero_sim import CameraGate, ForwardedSim
-from actors.envs.panda import CAMERAS, panda_spec
+from actors.envs.panda import CAMERAS, panda_spec, quiet_robosuite
 from cosmos_policy.contracts import Observation, StepResult
 from cosmos_policy.errors import ConfigError, InputError
 
@@ -88,6 +88,7 @@ from cosmos_policy.errors import ConfigError, InputError
 # (or OSMesa, if the caller set MUJOCO_GL=osmesa). robosuite would default to EGL on Linux too.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+quiet_robosuite()
 try:
     from libero.libero import benchmark as _benchmark
     from libero.libero import get_libero_path as _get_libero_path

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from actors.env import check_action, check_observation
-from actors.envs.panda import CAMERAS, panda_spec
+from actors.envs.panda import CAMERAS, panda_spec, quiet_robosuite
 from cosmos_policy.contracts import Observation, StepResult
 from cosmos_policy.errors import ConfigError, InputError
 
@@ -84,12 +84,13 @@ class LiftEnv:
             raise ConfigError(f"control_hz: expected a rate whose period is a whole number of 2 ms physics steps, got {control_hz}")
         if not isinstance(num_initial_states, int) or num_initial_states < 1:
             raise ConfigError(f"num_initial_states: expected a positive integer, got {num_initial_states!r}")
+        quiet_robosuite()
         try:
             import mujoco
             import robosuite
             from robosuite.utils.binding_utils import MjRenderContextOffscreen
-        except ImportError as exc:  # robosuite comes with the [libero] extra
-            raise ImportError("LiftEnv needs robosuite 1.4 (pip install -e '.[libero]')") from exc
+        except ImportError as exc:  # robosuite comes with the sim extra
+            raise ImportError("LiftEnv needs robosuite 1.4: pip install '.[sim]'") from exc
 
         self.spec = panda_spec(image_size, control_hz)
         self._max_steps = max_steps

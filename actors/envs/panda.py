@@ -24,3 +24,15 @@ def panda_spec(image_size: int, control_hz: float) -> EnvSpec:
     """
     return EnvSpec(cameras=tuple(CAMERAS), image_size=(image_size, image_size), proprio_dim=PROPRIO_DIM, action_dim=ACTION_DIM,
                    action_low=(-1.0,) * ACTION_DIM, action_high=(1.0,) * ACTION_DIM, control_hz=float(control_hz))
+
+
+def quiet_robosuite() -> None:
+    """Keep robosuite's import-time advice out of the job's log (call before importing robosuite).
+
+    robosuite warns on every import in every process that it found no private macro file and
+    suggests making one; its defaults are the settings this project uses, so the advice says
+    nothing to a user of the job and only repeats once per simulator process.
+    """
+    import logging
+
+    logging.getLogger("robosuite_logs").addFilter(lambda record: "macro" not in record.getMessage())

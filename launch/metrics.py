@@ -1,0 +1,84 @@
+"""Every metric the main job writes, in one place: its name, unit and meaning, and when each kind of record is written.
+
+Each line of ``<run_dir>/metrics.jsonl`` is one record: ``kind`` (below), ``time`` (seconds since
+the epoch) and ``wall_s`` (seconds since the run began, continued across resumes), then the
+kind's metrics. W&B gets the same numbers as ``<kind>/<name>``. Weight versions are integers:
+the number of publications of the model's learner (0: trained offline only). A test checks every
+name a run writes against this list.
+"""
+
+from __future__ import annotations
+
+import re
+
+COMMON = {"kind": "what the record is", "time": "s since the epoch", "wall_s": "s since the run began (continued across resumes)"}
+
+WHEN = {
+    "demos": "once, after the demonstrations are made or read",
+    "learner": "after each chunk of learner steps (offline: every validation interval; online: every publication)",
+    "validation": "after each held-out validation of the offline policy",
+    "collect": "after each round's collection",
+    "replay": "at each round's end",
+    "eval": "after each evaluation (round 0 before any online training, then every round)",
+    "round": "at each round's end",
+}
+
+CALIBRATION = {
+    "calibration/value_mean": "mean predicted value of the episodes' queries, [0, 1]",
+    "calibration/value_brier": "mean squared error of that prediction against the outcome (0 or 1)",
+    "calibration/value_if_success": "mean predicted value of the episodes that succeeded",
+    "calibration/value_if_failure": "mean predicted value of the episodes that failed",
+    "calibration/value_success_corr": "correlation of predicted value and outcome",
+}
+
+METRICS: dict[str, dict[str, str]] = {
+    "demos": {"episodes": "demonstrations", "success_rate": "share that succeed", "steps": "steps in all", "seconds": "s to make or read them"},
+    "learner": {
+        "phase": "policy_offline, planning_offline, planning_online, policy_online (or <target>_train in launch/train.py)",
+        "learner/step": "optimizer steps of this learner so far",
+        "loss": "training loss, mean over the chunk",
+        "lr": "learning rate at the chunk's last step",
+        "grad_norm": "gradient norm before clipping, mean over the chunk",
+        "samples_per_s": "training samples per second",
+        "staleness_versions": "mean lag, in weight versions, of the experience in the chunk's batches (a fraction)",
+        "replay_wait_s": "s spent waiting for replay samples",
+        "published_version": "the weight version published in the chunk (an integer)",
+        "publish_s": "s to publish that version",
+    },
+    "validation": {"phase": "policy_offline (or policy_train)", "learner/step": "the policy learner's step", "val_loss": "held-out loss",
+                   "best": "lowest held-out loss so far"},
+    "collect": {
+        "round": "the round", "episodes": "episodes collected", "interrupted": "episodes cut short (not inserted)",
+        "success_rate": "share of the uninterrupted episodes that succeed", "env_steps": "simulator steps",
+        "env_steps_per_s": "simulator steps per second of collection", "episodes_per_s": "episodes per second of collection",
+        "inference_s_per_query": "s per batch the PolicyServers served, since they started", **CALIBRATION,
+    },
+    "eval": {
+        "round": "the round (0: before online training)", "weight_version": "planning model's version evaluated (an integer)",
+        "policy_version": "acting policy's version evaluated (an integer)", "success_rate": "share of the episodes that succeed",
+        "success_rate_no_plan": "the same, the policy alone on the same initial states", "episodes": "episodes per evaluation",
+        "planning": "whether success_rate was measured with planning", "seconds": "s for the evaluation", **CALIBRATION,
+    },
+    "round": {"round": "the round", "weight_version": "planning model's version at the round's end (an integer)",
+              "policy_version": "acting policy's version at the round's end (an integer)", "seconds": "s for the round"},
+    "replay": {"round": "the round"},
+}
+
+# Families of names: per task, per replay table, per sample kind and output.
+REPLAY_STATS = ("items", "episodes", "bytes", "episodes_demo", "episodes_sim", "episodes_robot", "episodes_success", "episodes_failure",
+                "inserted_items", "inserted_episodes", "sampled_items", "insert_items_per_s", "sample_items_per_s", "blocked_insert_s",
+                "blocked_sample_s", "rejected", "evicted_episodes", "staleness_versions", "reverb_items", "discarded_draws")
+PATTERNS: dict[str, list[tuple[str, str]]] = {
+    "learner": [(r"(policy|world_model|value|value_sprime|q_value)/(action|future_image|future_proprio|value)_l1",
+                 "<sample kind>/<output>_l1: mean absolute error of that output in that kind's samples (normalized units)")],
+    "collect": [(r"replay_items/\w+", "replay_items/<table>: items (episode steps) in the table")],
+    "eval": [(r"task/.+", "task/<task>: share of that task's episodes that succeed")],
+    "replay": [(rf"\w+/({'|'.join(REPLAY_STATS)})", "<table>/<statistic>: the replay table's statistics (replay/book.py)")],
+}
+
+
+def documented(kind: str, name: str) -> bool:
+    """Whether ``name`` in a record of ``kind`` is one of the metrics above."""
+    if name in COMMON or name in METRICS.get(kind, {}):
+        return True
+    return any(re.fullmatch(pattern, name) for pattern, _ in PATTERNS.get(kind, []))
