@@ -40,11 +40,11 @@ from learner.sources import EpisodeSource
 
 # ---- demonstrations ----------------------------------------------------------------------------
 @ray.remote(num_cpus=1)
-def _expert_demos(n: int, success_rate: float, seed: int, env_kwargs: dict[str, Any]) -> list[Episode]:
+def _expert_demos(n: int, success_rate: float, seed: int, indices: range, env_kwargs: dict[str, Any]) -> list[Episode]:
     from actors.envs.lift_expert import make_demonstrations
 
     return make_demonstrations(n, success_rate, seed, image_size=int(env_kwargs.get("image_size", 64)),
-                               max_steps=int(env_kwargs.get("max_steps", 100)))
+                               max_steps=int(env_kwargs.get("max_steps", 100)), indices=indices)
 
 
 def demonstrations(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor) -> list[Episode]:
@@ -56,16 +56,18 @@ def demonstrations(cfg: Experiment, run_dir: Path, state: RunState, monitor: Mon
         return []
     start = time.time()
     if cfg.demos.source == "expert":
-        workers = max(1, min(cfg.online.runners, cfg.demos.episodes))
-        # Each worker makes its own share with a distinct seed; the expert's outcomes are exact per share.
-        shares = [cfg.demos.episodes // workers + (i < cfg.demos.episodes % workers) for i in range(workers)]
-        refs = [_expert_demos.remote(n, cfg.demos.expert_success_rate, cfg.demos.seed * 1000 + i, dict(cfg.env.kwargs))
-                for i, n in enumerate(shares) if n]
-        episodes = []
-        while refs:
-            done, refs = ray.wait(refs, num_returns=1)
-            episodes += ray.get(done[0])
-            monitor.progress("demonstrations (scripted expert)", len(episodes), cfg.demos.episodes)
+        # Shares of a few episodes each, spread over the cluster's CPUs as Ray tasks (progress after each); together
+        # they are the episodes one maker would make (the seed, the outcomes), whatever the shares.
+        n = cfg.demos.episodes
+        refs = [_expert_demos.remote(n, cfg.demos.expert_success_rate, cfg.demos.seed, range(i, min(i + 4, n)), dict(cfg.env.kwargs))
+                for i in range(0, n, 4)]
+        shares: dict[Any, list[Episode]] = {}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            shares[done[0]] = ray.get(done[0])
+            monitor.progress("demonstrations (scripted expert)", sum(map(len, shares.values())), n)
+        episodes = [ep for ref in refs for ep in shares[ref]]  # in the episodes' order, whichever share finished first
     else:
         episodes = read_dataset(cfg)
     demo_dir.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ def test_corrupt_truncated_and_missing_files_are_clear_errors(tmp_path, tiny_con
     with pytest.raises(CheckpointError, match="denoiser.safetensors: unreadable safetensors file"):
         load_checkpoint(path, verify=False)
     (path / "vae.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="vae.safetensors: missing"):
+    with pytest.raises(CheckpointError, match="missing vae.safetensors"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="checkpoint directory not found"):
         load_checkpoint(tmp_path / "nowhere")

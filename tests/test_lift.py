@@ -171,6 +171,10 @@ def test_make_demonstrations(env):
     for a in ep.actions:
         result = env.step(a, render=False)
     assert result.done and result.success == ep.success
+    # Shares made apart (the main job's parallel makers) are the same episodes as one call's.
+    shares = make_demonstrations(4, 0.5, seed=0, env=env, indices=range(1, 3)) + make_demonstrations(4, 0.5, seed=0, env=env, indices=range(3, 4))
+    for mine, whole in zip(shares, episodes[1:], strict=True):
+        assert mine.seed == whole.seed and mine.success == whole.success and np.array_equal(mine.actions, whole.actions)
 
 
 def test_env_process(workers):

@@ -187,8 +187,12 @@ def make_demonstrations(
     image_size: int = 64,
     max_steps: int = 100,
     env: LiftEnv | None = None,
+    indices: range | None = None,
 ) -> list[Episode]:
     """``n`` scripted demonstrations, ``round(n * success_rate)`` of them meant to succeed, rendered at every step.
+
+    ``indices``: make only these of the ``n`` (a share for one of several makers working in parallel:
+    together they make exactly the episodes one call makes, whatever the shares).
 
     Each episode starts from a fresh seeded placement (``episode_seed(seed, i)``) whose simulator
     state is recorded as its ``initial_state``, so it replays exactly. Episodes carry their true
@@ -203,8 +207,9 @@ def make_demonstrations(
         raise ConfigError(f"image_size: the given env renders {env.spec.image_size}, expected ({image_size}, {image_size})")
     try:
         episodes = []
-        for i, intended in enumerate(expert_outcomes(n, success_rate, seed)):
-            s = episode_seed(seed, i)
+        outcomes = expert_outcomes(n, success_rate, seed)
+        for i in indices if indices is not None else range(n):
+            intended, s = outcomes[i], episode_seed(seed, i)
             r = env.expert_rollout(TASK, s, bool(intended), render=True)
             assert r.frames is not None
             episodes.append(
