@@ -3,10 +3,11 @@
 Episodes with the same seed and initial state that execute the same candidates at the queries
 before the branch point, and candidate c at it, show what each chunk leads to from one state:
 the contrast a value function needs to rank candidates (the learning proof's judge was trained on
-these; ``launch/collect.py --branch-query``). ``Branching`` is a ``Policy``: give it to a runner
-as its planner with ``plan_queries`` = the number of branched queries, and the runner needs to
-know nothing about branching. ``branch_point_only`` keeps an episode's frames at its branch
-point alone, the frames such a judge trains on.
+these). ``Branching`` is a ``Policy`` wrapping the planner: a runner asked for a branching
+episode (``EpisodeRunner.run(..., branch=[...])``: the main job's ``online.branch_states``,
+``launch/collect.py --branch-query``) plans through it at the branched queries.
+``branch_point_only`` keeps an episode's frames at its branch point alone, the frames such a
+judge trains on.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class Branching:
     def reset(self) -> None:
         self.query = 0
         self.planner.reset()
+
+
+def lead_candidates(state: int, seed: int, queries: int, candidates: int) -> list[int]:
+    """The candidates a state's branching episodes execute at the queries before the branch point:
+    drawn from the state and seed alone, so every branch of the state reaches the same branch point."""
+    return [int(c) for c in np.random.default_rng([state, seed, 7]).integers(candidates, size=queries)]
 
 
 def branch_step(episode: Episode) -> int:

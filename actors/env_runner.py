@@ -18,8 +18,11 @@ carries on with the next episode.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
+
 import numpy as np
 
 try:
@@ -27,6 +30,7 @@ try:
 except ImportError:  # optional where only the Ray-free parts run (e.g. a GPU machine without the Ray wheel)
     ray = None
 
+from actors.branching import Branching, branch_point_only
 from actors.env import check_action, check_observation
 from actors.env_process import EnvConfig, EnvProcess, SimulatorCrashed
 from actors.policies import PolicySpec, local_policies
@@ -47,10 +51,20 @@ class RunnerConfig:
     plan_queries: int | None = None
     record: bool = True  # insert episodes into replay
     max_steps: int | None = None  # overrides the task's step limit (tests, quick runs)
+    # A branching episode's record keeps camera frames at its branch point (and that sample's future
+    # frame, this many steps on: the layout's action chunk) only, the frames a judge trains on
+    # (actors.branching.branch_point_only); None: every rendered frame.
+    branch_point_only: int | None = None
 
     def __post_init__(self) -> None:
         if self.plan_queries is not None and (isinstance(self.plan_queries, bool) or not isinstance(self.plan_queries, int) or self.plan_queries < 1):
             raise ConfigError(f"plan_queries: expected an integer >= 1 or None (every query), got {self.plan_queries!r}")
+
+    def branched(self, queries: int) -> RunnerConfig:
+        """The config of a branching episode whose first ``queries`` queries go through ``Branching``: planned
+        there, and after as this config says (every query, the first ``plan_queries``, or none)."""
+        planned = self.plan_queries if self.plan else queries
+        return dataclasses.replace(self, plan=True, plan_queries=None if planned is None else max(planned, queries))
 
 
 @dataclass
@@ -93,13 +107,23 @@ class EpisodeRunner:
         return self.env.pid
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
-        """One episode; ``plan`` / ``record`` override the runner's config for it (evaluation: no recording)."""
+            plan: bool | None = None, record: bool | None = None, branch: Sequence[int] | None = None) -> EpisodeResult:
+        """One episode; ``plan`` / ``record`` override the runner's config for it (evaluation: no recording).
+
+        ``branch``: a branching episode (``actors.branching``) that executes the planner's candidate
+        ``branch[k]`` at its k-th query; the last index is the branch point.
+        """
         start = time.time()
-        plan = self.config.plan if plan is None else plan
-        if plan and self.planner is None:
+        config, planner = self.config, self.planner
+        if branch is not None:
+            if planner is None:
+                raise ConfigError("branch: this runner has no planner (branching executes the planner's candidates)")
+            config, planner = config.branched(len(branch)), Branching(planner, branch)
+            metadata = {**(metadata or {}), "branch_candidates": [int(c) for c in branch]}
+        plan = config.plan if plan is None else plan
+        if plan and planner is None:
             raise ConfigError("plan: this runner has no planner (no planning checkpoint)")
-        record = self.config.record if record is None else record
+        record = config.record if record is None else record
         recorder = EpisodeRecorder(self.spec.cameras)
         versions: dict[str, int | None] = {"policy": None, "planning": None}
         values: list[float] = []
@@ -108,17 +132,17 @@ class EpisodeRunner:
         instruction = ""
         where = f"env {self.config.env.name}:{task}"
         try:
-            for p in (self.policy, self.planner):
+            for p in (self.policy, planner):
                 if p is not None:
                     p.reset()
             instruction = self.env.instruction(task)
-            limit = self.config.max_steps or self.env.max_steps(task)
+            limit = config.max_steps or self.env.max_steps(task)
             obs = check_observation(self.env.reset(task, seed, initial_state), self.spec, rendered=True, where=where)
             queue: list[np.ndarray] = []
             for t in range(limit):
                 if not queue:
-                    planned = plan and (self.config.plan_queries is None or queries < self.config.plan_queries)
-                    chunk = (self.planner if planned else self.policy).infer(obs, seed + 7919 * queries)  # type: ignore[union-attr]
+                    planned = plan and (config.plan_queries is None or queries < config.plan_queries)
+                    chunk = (planner if planned else self.policy).infer(obs, seed + 7919 * queries)  # type: ignore[union-attr]
                     versions["policy"] = chunk.policy_version
                     versions["planning"] = versions["planning"] if chunk.planning_version is None else chunk.planning_version
                     queries += 1
@@ -126,7 +150,7 @@ class EpisodeRunner:
                     if chunk.planner is not None:
                         chunk.planner.step = t
                         recorder.planner.append(chunk.planner)
-                    queue = list(chunk.actions[: self.config.execute])
+                    queue = list(chunk.actions[: config.execute])
                 action = check_action(queue.pop(0), self.spec, where=where)  # a NaN action never reaches the env
                 recorder.add(obs.images, obs.proprio, action)
                 result = self.env.step(action, render=not queue)
@@ -146,6 +170,8 @@ class EpisodeRunner:
         )
         # An interrupted episode is reported (marked) but never inserted: its outcome is no label.
         if record and self.replay is not None and episode is not None and not interrupted:
+            if branch is not None and config.branch_point_only:
+                episode = branch_point_only(episode, config.branch_point_only)
             self.replay.insert(TableName.of(episode), episode)
         return EpisodeResult(
             episode_id=episode.episode_id if episode is not None else "", task=task, seed=seed, success=success,
@@ -179,8 +205,8 @@ class EnvRunner:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
-        return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record)
+            plan: bool | None = None, record: bool | None = None, branch: Sequence[int] | None = None) -> EpisodeResult:
+        return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record, branch)
 
     def run_trial(self, task: str, seed: int, trial: int, plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
         """The evaluation protocol's trial: the task's ``trial``-th fixed initial state."""

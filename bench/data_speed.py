@@ -39,7 +39,7 @@ from cosmos_policy.data.mixture import MixtureSampler, mixture_preset  # noqa: E
 from cosmos_policy.data.samples import SampleBuilder  # noqa: E402
 from cosmos_policy.data.statistics import compute_statistics  # noqa: E402
 from cosmos_policy.episode import Episode, Source  # noqa: E402
-from cosmos_policy.layout import SampleKind, load_layout  # noqa: E402
+from cosmos_policy.layout import load_layout  # noqa: E402
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache  # noqa: E402
 
 FRAME = (16, 28, 28)

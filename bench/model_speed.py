@@ -144,7 +144,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device, peak: float,
     emit(f"vae_encode_conditioning_s_libero_b1{suffix}", t_vae)
     if device.type == "cuda" and not compiled:
         emit("peak_memory_gb_inference_libero", torch.cuda.max_memory_allocated() / 2**30)
-    del model
+    model = None  # its GPU memory freed before the next configuration (the lambdas above ran already)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

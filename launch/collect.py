@@ -25,7 +25,6 @@ reported.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -42,9 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from actors.branching import lead_candidates  # noqa: E402
 from cosmos_policy.errors import CheckpointError, ConfigError  # noqa: E402
 from cosmos_policy.manifest import read_manifest  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
@@ -52,7 +51,6 @@ from launch.cli import add_debug_flag, guard, keys_epilog  # noqa: E402
 from launch.config import load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import say  # noqa: E402
-from actors.branching import branch_point_only  # noqa: E402
 
 _WORKER: dict[str, Any] = {}  # each worker process's runner, built once by _start
 
@@ -81,12 +79,6 @@ def jobs(trials: list[int], branches: int | None, done: set[tuple[int, int | Non
     """(trial, branch) pairs still to play: every branch of each trial, or the trial once (branch None)."""
     todo = [(t, b) for t in trials for b in (range(branches) if branches else [None])]
     return [j for j in todo if j not in done]
-
-
-def lead_candidates(trial: int, seed: int, queries: int, candidates: int) -> list[int]:
-    """The candidates a trial's branching episodes execute at the queries before the branch point:
-    drawn from the trial and seed alone, so every branch of the trial reaches the same state."""
-    return [int(c) for c in np.random.default_rng([trial, seed, 7]).integers(candidates, size=queries)]
 
 
 def _exit_with_parent(poll_s: float = 1.0) -> None:
@@ -120,25 +112,20 @@ def _start(config_path: str, policy: str, planning: str | None, trials: list[int
     spec = PolicySpec(checkpoint=policy, planning_checkpoint=planning, policy=cfg.policy, planner=cfg.planner,
                       text_encoder=cfg.model.text_encoder)
     acting, planner = local_policies(spec)
+    # --branch-point-only: the runner keeps a branching episode's frames at its branch point (and that sample's
+    # future frame), what launch/train.py --branch-point-only keeps: files about half the size, to ship off a host.
     config = RunnerConfig(env=EnvConfig(cfg.env.name, env_kwargs(cfg, trials)), execute=cfg.env.execute, plan=cfg.online.plan,
-                          plan_queries=cfg.env.plan_queries, max_steps=cfg.env.max_steps)
-    chunk = load_layout(cfg.model.layout).action_chunk if branch_point else None
-    _WORKER["runner"] = EpisodeRunner(config, acting, planner, _Files(Path(config_path).parent, chunk))
-    _WORKER["planner"] = planner
+                          plan_queries=cfg.env.plan_queries, max_steps=cfg.env.max_steps,
+                          branch_point_only=load_layout(cfg.model.layout).action_chunk if branch_point else None)
+    _WORKER["runner"] = EpisodeRunner(config, acting, planner, _Files(Path(config_path).parent))
     _WORKER["task"] = cfg.env.tasks[0] if cfg.env.tasks else _WORKER["runner"].env.tasks()[0]
 
 
 class _Files:
-    """The runner's replay client: each inserted episode becomes a file under ``<out>/<table>/``.
+    """The runner's replay client: each inserted episode becomes a file under ``<out>/<table>/``."""
 
-    ``branch_chunk``: the files keep camera frames at the branch point only (and that sample's
-    future frame), as ``launch/train.py --branch-point-only`` would keep them; a branching run's
-    files are then about half the size, for shipping off a remote host.
-    """
-
-    def __init__(self, out: Path, branch_chunk: int | None = None) -> None:
+    def __init__(self, out: Path) -> None:
         self.out = out
-        self.branch_chunk = branch_chunk
         self.last: str | None = None
 
     def insert(self, table: str, episode: Any, priority: float | list[float] = 1.0, timeout: float | None = None) -> str:
@@ -146,8 +133,6 @@ class _Files:
 
         path = self.out / table / episode_file_name(episode)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if self.branch_chunk:
-            episode = branch_point_only(episode, self.branch_chunk)
         write_episode(path, episode)
         self.last = str(path.relative_to(self.out))
         return episode.episode_id
@@ -156,25 +141,14 @@ class _Files:
 def _play(trial: int, branch: int | None, seed: int, lead: list[int]) -> dict[str, Any]:
     """One episode of ``trial``; with ``branch``, the runner plans through ``Branching`` at the leading queries and
     the branch point (then as the experiment says: planned at every query, or at ``env.plan_queries``, or not)."""
-    from actors.branching import Branching
-
     runner, task = _WORKER["runner"], _WORKER["task"]
     states = runner.env.initial_states(task)
     state = states[trial % len(states)] if states else None
     runner.replay.last = None
     meta: dict[str, Any] = {"trial": trial}
-    base = (runner.planner, runner.config)
     if branch is not None:
-        sequence = [*lead, branch]
-        meta.update(branch_of=trial, candidate=branch, branch_candidates=sequence)
-        planned = runner.config.plan_queries if runner.config.plan else len(sequence)
-        runner.planner = Branching(_WORKER["planner"], sequence)
-        runner.config = dataclasses.replace(runner.config, plan=True,
-                                            plan_queries=None if planned is None else max(planned, len(sequence)))
-    try:
-        result = runner.run(task, seed, state, meta)
-    finally:
-        runner.planner, runner.config = base
+        meta.update(branch_of=trial, candidate=branch)
+    result = runner.run(task, seed, state, meta, branch=None if branch is None else [*lead, branch])
     return {"trial": trial, "branch": branch, "success": result.success, "steps": result.steps, "interrupted": result.interrupted,
             "file": runner.replay.last, "wall_s": round(result.wall_s, 2)}
 
@@ -185,7 +159,7 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
 
     ``branch_query``: with ``branch``, the query that branches (0: the first); the ones before it
     execute ``lead_candidates``.
-    ``branch_point``: the episode files keep camera frames at the branch point only (``_Files``).
+    ``branch_point``: the branching episodes' files keep camera frames at the branch point only.
     ``threads``: torch threads per worker; by default the cores divided among the workers. Give it
     when other jobs share the cores (two collections side by side each take all cores otherwise,
     and oversubscribed torch threads slow every worker several-fold).
@@ -198,6 +172,8 @@ def collect(cfg: Experiment, policy: str, planning: str | None, trials: list[int
         raise ConfigError(f"--branch-query: expected a query index >= 0 (0: the first query), got {branch_query!r}")
     if branch_query and not branch:
         raise ConfigError(f"branch_query: {branch_query} given without branch=True (nothing would branch there)")
+    if branch_point and not branch:
+        raise ConfigError("--branch-point-only: needs --branch-first-query or --branch-query (episodes that branch)")
     if workers < 1:
         raise ConfigError(f"--workers: expected a positive number of processes, got {workers}")
     out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,10 @@ class ModelSection:
     """A policy checkpoint (our format): offline policy training is skipped."""
     planning_checkpoint: str | None = None
     """A planning-model checkpoint: offline planning training is skipped too."""
+    planning_size: str | None = None
+    """The planning model's own size (configs/model/), built fresh and trained on the demonstrations;
+    None: it starts from the policy's weights. A value that must rank candidates may need more capacity
+    than the policy (the learning proof's judge: medium beside a small policy)."""
     text_encoder: str | None = "random"
     """Instruction embeddings: "random" (tiny models), a local T5 encoder directory, or None (the cache only)."""
     device: str = "auto"
@@ -160,6 +164,15 @@ class OnlineSection:
     """PolicyServers (one GPU each where the cluster has GPUs); runners are dealt to them in turn."""
     plan: bool = True
     """Collect with best-of-N planning (else the policy alone)."""
+    branch_states: int = 0
+    """Branching collection: new initial states per round, each played once per planner candidate at
+    online.branch_query (actors/branching.py), besides the round's ordinary episodes; 0: none.
+
+    Branches of one state differ only by the chunk executed there: the contrast the value learns to rank."""
+    branch_query: int = 0
+    """The query where branching episodes branch (0: the first); the queries before it execute candidates drawn per state."""
+    branch_point_only: bool = True
+    """Branching episodes are recorded with camera frames at their branch point only (their samples start there)."""
     refine_steps: int = 300
     """Planning-model learner steps per round."""
     publish_every: int = 100
@@ -290,7 +303,13 @@ class Experiment:
             (self.online.runners >= 1, "online.runners", ">= 1", self.online.runners),
             (integer(self.online.servers) and 1 <= self.online.servers <= max(1, self.online.runners), "online.servers",
              "an integer from 1 to online.runners (a server without EnvRunners would idle)", self.online.servers),
-            (self.online.episodes_per_round >= 1, "online.episodes_per_round", ">= 1", self.online.episodes_per_round),
+            (self.online.episodes_per_round >= 0, "online.episodes_per_round", ">= 0", self.online.episodes_per_round),
+            (integer(self.online.branch_states) and self.online.branch_states >= 0, "online.branch_states", "an integer >= 0",
+             self.online.branch_states),
+            (integer(self.online.branch_query) and self.online.branch_query >= 0, "online.branch_query",
+             "a query index >= 0 (0: the first query)", self.online.branch_query),
+            (self.online.episodes_per_round + self.online.branch_states >= 1, "online.episodes_per_round",
+             ">= 1 (or online.branch_states >= 1): a round collects something", self.online.episodes_per_round),
             (self.online.refine_steps >= 0, "online.refine_steps", ">= 0", self.online.refine_steps),
             (self.online.policy_lr is None or self.online.policy_lr > 0, "online.policy_lr", "a learning rate > 0 or null", self.online.policy_lr),
             (self.online.policy_refine_steps >= 1, "online.policy_refine_steps", ">= 1 (with online.refine_policy)", self.online.policy_refine_steps),
@@ -310,8 +329,9 @@ class Experiment:
             raise ConfigError(f"demos.dataset: given ({self.demos.dataset}) but demos.source is {self.demos.source!r}; "
                               "add demos.source=dataset to train on it")
         known = config_names("model")
-        if self.model.size not in known and not str(self.model.size).endswith((".yaml", ".yml")):
-            raise ConfigError(f"model.size: expected one of {known} (configs/model/) or a YAML path, got {self.model.size!r}")
+        for key, size in (("model.size", self.model.size), ("model.planning_size", self.model.planning_size)):
+            if size is not None and size not in known and not str(size).endswith((".yaml", ".yml")):
+                raise ConfigError(f"{key}: expected one of {known} (configs/model/) or a YAML path, got {size!r}")
         if self.demos.source == "expert" and self.env.name != "lift":
             raise ConfigError(f"demos.source: the scripted expert exists for the built-in task 'lift' only, env is {self.env.name!r}")
         if self.demos.source == "none" and not (self.model.checkpoint and self.model.planning_checkpoint):

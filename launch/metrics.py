@@ -49,7 +49,10 @@ METRICS: dict[str, dict[str, str]] = {
                    "best": "lowest held-out loss so far"},
     "collect": {
         "round": "the round", "episodes": "episodes collected", "interrupted": "episodes cut short (not inserted)",
-        "success_rate": "share of the uninterrupted episodes that succeed", "env_steps": "simulator steps",
+        "success_rate": "share of the uninterrupted ordinary (not branching) episodes that succeed", "env_steps": "simulator steps",
+        "branch_episodes": "branching episodes collected (online.branch_states x planner.num_candidates, uninterrupted)",
+        "branch_success_rate": "share of the branching episodes that succeed",
+        "branch_states_contrasting": "share of the branched states whose branches disagree on the outcome (what the value learns from)",
         "env_steps_per_s": "simulator steps per second of collection", "episodes_per_s": "episodes per second of collection",
         "inference_s_per_query": "s per batch the PolicyServers served, since they started", **CALIBRATION,
     },

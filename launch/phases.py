@@ -133,7 +133,8 @@ def learner_group(cfg: Experiment, what: str, learner_cfg: LearnerConfig, source
     ranks = cfg.learner.world_size
     say(f"starting the {what} learner ({ranks} rank{'s' if ranks > 1 else ''}: model, DeepSpeed, data; a minute or more on a CPU)")
     group = LearnerGroup(learner_cfg, source, world_size=ranks, gpus_per_worker=cfg.learner.gpus_per_worker,
-                         cpus_per_worker=cfg.learner.cpus_per_worker, publish_cfg=publish, publisher=publisher)
+                         cpus_per_worker=cfg.learner.cpus_per_worker, publish_cfg=publish, publisher=publisher,
+                         waiting=lambda s: say(f"still starting the {what} learner ({s:.0f} s)"))
     say(f"the {what} learner is ready at step {group.step()} ({time.time() - start:.0f} s)")
     return group
 
@@ -150,7 +151,11 @@ def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, d
         state.set(policy_checkpoint=policy_ckpt)
     planning_ckpt = cfg.model.planning_checkpoint or state.get("planning_checkpoint")
     if planning_ckpt is None:
-        planning_ckpt = train_offline(cfg, run_dir, monitor, "planning", str(policy_ckpt), demos, stats, text)
+        init = str(policy_ckpt)
+        if cfg.model.planning_size:  # a planning model of its own size, from scratch
+            model = CosmosPolicyModel.build(load_model_config(cfg.model.planning_size), load_layout(cfg.model.layout), seed=cfg.seed + 1)
+            init = str(save_checkpoint(run_dir / "checkpoints" / "planning_init", model, stats=stats, text=text))
+        planning_ckpt = train_offline(cfg, run_dir, monitor, "planning", init, demos, stats, text)
         state.set(planning_checkpoint=planning_ckpt)
     return str(policy_ckpt), str(planning_ckpt)
 
@@ -158,7 +163,8 @@ def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, d
 def train_offline(cfg: Experiment, run_dir: Path, monitor: Monitor, target: str, init: str, episodes: list[Episode],
                   stats: NormalizationStats, text: TextEmbeddingCache, val: list[Episode] | None = None) -> str:
     """The policy on demonstrations alone until the held-out loss stops improving (or its step budget), or the
-    planning model from the policy's weights for its steps on the planning mixture; returns the export."""
+    planning model from ``init`` (the policy's weights, or a fresh model of model.planning_size) for its steps on the
+    planning mixture; returns the export."""
     steps = cfg.offline.policy_steps if target == "policy" else max(1, cfg.offline.planning_steps)
     phase, out = f"{target}_offline", run_dir / "checkpoints" / target
     source = EpisodeSource(episodes, mixture=cfg.mixture(target), **source_kwargs(cfg, stats, text, cfg.offline.batch))

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from actors.branching import lead_candidates
 from actors.dispatch import spread
 from actors.env_runner import EpisodeResult
 from actors.evaluator import EvalConfig, evaluate
@@ -65,31 +66,66 @@ class OnlineLearner:
         return self.group.export(str(run_dir / "checkpoints" / f"{self.target.value}_latest"))
 
 
-def collection_jobs(cfg: Experiment, tasks: list[str], round_: int) -> list[tuple[str, int]]:
-    """A round's episodes as (task, seed): fresh seeds every round, tasks in turn."""
-    return [(tasks[i % len(tasks)], episode_seed(cfg.seed * 7919 + round_, i)) for i in range(cfg.online.episodes_per_round)]
+@dataclass(frozen=True)
+class Job:
+    """One episode of a round: a fresh seeded initial state, played once (``branch`` None) or as one branch."""
+
+    task: str
+    seed: int
+    branch: tuple[int, ...] | None = None  # the candidates executed at the queries up to the branch point
+
+
+def collection_jobs(cfg: Experiment, tasks: list[str], round_: int) -> list[Job]:
+    """A round's episodes: ``episodes_per_round`` ordinary ones, then ``branch_states`` new states played once per
+    planner candidate at ``branch_query``; fresh seeds every round, tasks in turn."""
+    seeds = [(tasks[i % len(tasks)], episode_seed(cfg.seed * 7919 + round_, i))
+             for i in range(cfg.online.episodes_per_round + cfg.online.branch_states)]
+    jobs = [Job(task, seed) for task, seed in seeds[: cfg.online.episodes_per_round]]
+    n = cfg.planner.num_candidates
+    for task, seed in seeds[cfg.online.episodes_per_round:]:
+        lead = lead_candidates(seed, cfg.seed, cfg.online.branch_query, n)
+        jobs += [Job(task, seed, (*lead, c)) for c in range(n)]
+    return jobs
 
 
 def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) -> list[EpisodeResult]:
-    """``episodes_per_round`` episodes, spread over the EnvRunners as they come free; logs the round's collection."""
+    """The round's episodes (``collection_jobs``), spread over the EnvRunners as they come free; logs the collection."""
     start = time.time()
 
     def progress(done: int, total: int) -> None:
         if done % len(services.runners) == 0 or done == total:
             monitor.progress(f"round {round_}: collecting", done, total)
 
-    results = [r for _, r in spread(services.runners, collection_jobs(cfg, services.tasks, round_),
-                                    lambda runner, job: runner.run.remote(job[0], job[1], None, {"round": round_}), progress)]
+    def play(runner: Any, job: Job) -> Any:
+        meta = {"round": round_} if job.branch is None else {"round": round_, "branch_of": job.seed, "candidate": job.branch[-1]}
+        return runner.run.remote(job.task, job.seed, None, meta, None, None, job.branch)
+
+    played = spread(services.runners, collection_jobs(cfg, services.tasks, round_), play, progress)
+    results = [r for _, r in played]
     seconds = max(time.time() - start, 1e-9)
     ok = [r for r in results if not r.interrupted]
+    plain = [r for job, r in played if job.branch is None and not r.interrupted]
     steps = sum(r.steps for r in results)
     monitor.log("collect", {"round": round_, "episodes": len(results), "interrupted": len(results) - len(ok),
-                            "success_rate": float(np.mean([r.success for r in ok])) if ok else 0.0,
+                            "success_rate": float(np.mean([r.success for r in plain])) if plain else 0.0,
+                            **branching_figures([(job, r) for job, r in played if job.branch is not None and not r.interrupted]),
                             "env_steps": steps, "env_steps_per_s": steps / seconds, "episodes_per_s": len(results) / seconds,
                             "inference_s_per_query": services.seconds_per_batch(),
                             **{f"replay_items/{t}": s.get("items", 0) for t, s in services.replay.stats().items()},
                             **{f"calibration/{k}": v for k, v in calibration(ok).items()}})
     return results
+
+
+def branching_figures(played: list[tuple[Job, EpisodeResult]]) -> dict[str, float]:
+    """What a round's branching gave: its episodes, their success, and the share of states whose branches
+    disagree on the outcome (the states that teach the value to rank candidates)."""
+    if not played:
+        return {}
+    outcomes: dict[tuple[str, int], set[bool]] = {}
+    for job, r in played:
+        outcomes.setdefault((job.task, job.seed), set()).add(r.success)
+    return {"branch_episodes": len(played), "branch_success_rate": float(np.mean([r.success for _, r in played])),
+            "branch_states_contrasting": float(np.mean([len(o) == 2 for o in outcomes.values()]))}
 
 
 def calibration(results: list[EpisodeResult]) -> dict[str, float]:

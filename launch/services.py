@@ -20,6 +20,7 @@ from actors.env_runner import EnvRunner, RunnerConfig
 from actors.policies import PolicySpec, ServerPolicy
 from actors.policy_server import PolicyServer
 from cosmos_policy.contracts import ReplayClient
+from cosmos_policy.layout import load_layout
 from launch import names
 from launch.experiment import Experiment
 from launch.monitor import say
@@ -74,7 +75,8 @@ class Services:
         servers = [PolicyServer.options(name=n, num_cpus=0 if gpu else 1, num_gpus=gpu).remote(spec, cfg.server, weights)
                    for n in server_names]
         config = RunnerConfig(env=cfg.env_config(), execute=cfg.env.execute, plan=cfg.online.plan, record=True, max_steps=cfg.env.max_steps,
-                              plan_queries=cfg.env.plan_queries)
+                              plan_queries=cfg.env.plan_queries,
+                              branch_point_only=load_layout(cfg.model.layout).action_chunk if cfg.online.branch_point_only else None)
         runners = []
         for i in range(cfg.online.runners):  # runners are dealt to the servers in turn
             server, name = servers[i % len(servers)], server_names[i % len(servers)]

@@ -93,8 +93,11 @@ class LearnerGroup:
 
     def __init__(self, config: LearnerConfig, source: Callable, world_size: int = 1, gpus_per_worker: float = 0,
                  cpus_per_worker: float = 1, publish_cfg: PublishConfig | None = None, publisher: WeightPublisher | None = None,
-                 max_restarts: int = 3) -> None:
+                 max_restarts: int = 3, waiting: Callable[[float], None] | None = None) -> None:
+        """``waiting(seconds)`` is called every 20 s while the workers start (model, DeepSpeed, a first JIT build of
+        its ops: minutes on a busy CPU), so that a job's log says it is still starting."""
         self.config, self.source, self.world_size = config, source, world_size
+        self.waiting = waiting
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
         self.publish_cfg, self.publisher = publish_cfg or PublishConfig(), publisher
         self.max_restarts = max_restarts
@@ -111,7 +114,13 @@ class LearnerGroup:
             )
             for rank in range(self.world_size)
         ]
-        ray.get([w.progress.remote() for w in self.workers])  # wait until every rank is up (and resumed)
+        start, ready = time.monotonic(), [w.progress.remote() for w in self.workers]
+        pending = list(ready)
+        while pending:  # wait until every rank is up (and resumed)
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=20)
+            if pending and self.waiting is not None:
+                self.waiting(time.monotonic() - start)
+        ray.get(ready)  # a worker that died starting raises here
 
     def stop(self) -> None:
         for w in self.workers:

@@ -31,7 +31,8 @@ from cosmos_policy.errors import ConfigError  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
 from cosmos_policy.model import CosmosPolicyModel  # noqa: E402
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache  # noqa: E402
-from launch.collect import lead_candidates, collect, parse_trials  # noqa: E402
+from actors.branching import lead_candidates  # noqa: E402
+from launch.collect import collect, parse_trials  # noqa: E402
 from launch.config import load_experiment  # noqa: E402
 from actors.branching import branch_step  # noqa: E402
 

@@ -138,7 +138,19 @@ def test_plan_queries_plans_only_the_first_queries(tiny_policy_parts):
     from launch.rounds import collection_jobs
 
     jobs = collection_jobs(load_experiment("quickstart", ["online.episodes_per_round=16"]), ["lift"], round_=1)
-    assert len({s for _, s in jobs}) == 16 and collection_jobs(load_experiment("quickstart", ["online.episodes_per_round=16"]), ["lift"], 2)[0] != jobs[0]
+    assert len({j.seed for j in jobs}) == 16 and collection_jobs(load_experiment("quickstart", ["online.episodes_per_round=16"]), ["lift"], 2)[0] != jobs[0]
+    # Branching: each new state once per candidate, the same lead before the branch point in all of its branches.
+    cfg = load_experiment("quickstart", ["online.episodes_per_round=2", "online.branch_states=3", "online.branch_query=1", "planner.num_candidates=4"])
+    jobs = collection_jobs(cfg, ["lift"], round_=1)
+    branched = [j for j in jobs if j.branch is not None]
+    assert [j.branch for j in jobs[:2]] == [None, None] and len(branched) == 12 and len({j.seed for j in jobs}) == 5
+    for seed in {j.seed for j in branched}:
+        mine = [j.branch for j in branched if j.seed == seed]
+        assert [b[-1] for b in mine] == [0, 1, 2, 3] and len({b[:-1] for b in mine}) == 1 and len(mine[0]) == 2
+    with pytest.raises(ConfigError, match="online.branch_states: expected an integer >= 0"):
+        load_experiment("quickstart", ["online.branch_states=-1"])
+    with pytest.raises(ConfigError, match="online.episodes_per_round: expected >= 1 \\(or online.branch_states >= 1\\)"):
+        load_experiment("quickstart", ["online.episodes_per_round=0"])
     no_planner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True), policy)
     with pytest.raises(ConfigError, match="plan: this runner has no planner"):
         no_planner.run("lift", seed=5)
@@ -155,13 +167,14 @@ def test_branches_execute_each_first_query_candidate(tiny_policy_parts, tmp_path
     planner = Planner(policy, model, PlannerConfig(num_candidates=3, future_steps=[1], value_steps=[1], candidate_noise=0.3))
     replay = LocalReplay(ReplayConfig(root=str(tmp_path / "replay"), tables=default_tables(window=16)))
 
-    def branch(candidates, seed=5):
-        runner.planner = Branching(planner, candidates)
-        result = runner.run("lift", seed=seed, metadata={"branch_candidates": list(candidates)})
+    def stored(result):
         table = "experience_success" if result.success else "experience_failure"
         return read_episode(tmp_path / "replay" / table / f"{result.episode_id}.hdf5")
 
-    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=1), policy, None, replay)
+    def branch(candidates, seed=5):
+        return stored(runner.run("lift", seed=seed, branch=candidates))
+
+    runner = EpisodeRunner(RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=1), policy, planner, replay)
     try:
         eps = [branch([c]) for c in range(3)]
         cands = eps[0].planner[0].candidate_actions
@@ -172,6 +185,12 @@ def test_branches_execute_each_first_query_candidate(tiny_policy_parts, tmp_path
             assert np.array_equal(ep.proprio[0], eps[0].proprio[0]) and ep.metadata["branch_candidates"] == [c]
             assert branch_step(ep) == 0
         assert not np.allclose(eps[1].actions[:16], eps[2].actions[:16])  # the offsets make the branches differ
+        assert all(len(ep.sample_steps(16)) > 1 for ep in eps)  # every rendered frame kept
+        # The job's branching collection records the branch point's frames alone (online.branch_point_only).
+        runner.config = RunnerConfig(env=LIFT, execute=16, plan=True, plan_queries=1, branch_point_only=16)
+        focused = branch([2])
+        assert focused.sample_steps(16).tolist() == [0] and np.array_equal(focused.actions, eps[2].actions)
+        assert len(stored(runner.run("lift", seed=5)).sample_steps(16)) > 1  # an ordinary episode keeps every frame
         with pytest.raises(ConfigError, match=r"branch: expected a candidate index in \[0, 3\), got 3"):
             branch([3])
         # A sequence branches at a later query: candidate 1 at the first, then candidate 2 at the second.

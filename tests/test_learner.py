@@ -107,7 +107,6 @@ def test_ranks_lower_the_loss_and_keep_identical_weights(ray_local, tmp_path, wo
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_path):
     from learner.group import LearnerGroup
 
-    ray = ray_local
     group = LearnerGroup(config(tmp_path, checkpoint_every=2), synthetic_source(2), world_size=2, cpus_per_worker=0.5)
     group.train(4, chunk=2)
     os.kill(group.states()[1]["pid"], signal.SIGKILL)

@@ -142,6 +142,7 @@ def test_every_experiment_config_loads() -> None:
         (["online.branch_first_query=true"], r"the command line: online.branch_first_query: unknown key"),
         (["planner.aggregation=best"], "planner.aggregation"),
         (["learner.zero_stage=5"], "learner.zero_stage"),
+        (["model.planning_size=huge"], "model.planning_size: expected one of"),
         (["learner.grad_accum=5"], r"learner.grad_accum: expected a divisor of offline.batch \(32\), got 5"),
         (["learner.float8=e5m2"], "learner.float8: expected one of"),
         (["data.planning_mixture=planing"], "data.planning_mixture: mixture preset 'planing': expected one of"),
@@ -333,7 +334,7 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     round's evaluation runs on the round's published policy and planning versions."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", *SMALL, "online.rounds=2", "online.refine_policy=true",
-           "online.policy_refine_steps=2"]
+           "online.policy_refine_steps=2", "online.branch_states=1", "model.planning_size=tiny"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines = _timed_lines(proc, on_line=lambda line: "round 1: success" in line and proc.send_signal(signal.SIGINT))
     text = "".join(line for _, line in lines)
@@ -359,6 +360,14 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     state = json.loads((run_dir / "state.json").read_text())
     manifest = json.loads((Path(state["policy_latest"]) / "manifest.json").read_text())
     assert manifest["metadata"]["version"] == policy_versions[-1] and "policy_version" not in state
+    assert (run_dir / "checkpoints" / "planning_init" / "manifest.json").is_file()  # model.planning_size: a planning model of its own
+    # Branching collection: each round one new state played once per candidate (2), recorded with its branch point's frames.
+    assert all(r["branch_episodes"] == 2 for r in _records(run_dir, "collect"))
+    from cosmos_policy.data.episode_file import read_episode
+
+    branches = [e for e in map(read_episode, sorted((run_dir / "replay").rglob("experience_*/*.hdf5"))) if "branch_of" in e.metadata]
+    assert len(branches) >= 2 and {e.metadata["candidate"] for e in branches} == {0, 1}
+    assert all(e.metadata["branch_candidates"] == [e.metadata["candidate"]] and e.sample_steps(16).tolist() == [0] for e in branches)
 
 
 @pytest.mark.slow
