@@ -162,6 +162,9 @@ class OnlineSection:
     """EnvRunners (one simulator process each, one CPU each)."""
     servers: int = 1
     """PolicyServers (one GPU each where the cluster has GPUs); runners are dealt to them in turn."""
+    server_gpus: float = 1.0
+    """The GPU share each PolicyServer takes where the cluster has GPUs: below 1 it shares a GPU with the
+    learner (learner.gpus_per_worker), the layout of a one-GPU host."""
     plan: bool = True
     """Collect with best-of-N planning (else the policy alone)."""
     branch_states: int = 0
@@ -197,6 +200,9 @@ class EvalSection:
 
     trials: int = 20
     """Trials per task and seed, from the task's fixed initial states."""
+    trials_between: int | None = None
+    """Trials per task and seed at the rounds between round 0 and the last (the first of the same states;
+    None: eval.trials): a cheaper curve between two full measurements."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Evaluation seeds (LIBERO's protocol: 195, 196, 197)."""
     plan: bool = True
@@ -303,6 +309,8 @@ class Experiment:
             (self.online.runners >= 1, "online.runners", ">= 1", self.online.runners),
             (integer(self.online.servers) and 1 <= self.online.servers <= max(1, self.online.runners), "online.servers",
              "an integer from 1 to online.runners (a server without EnvRunners would idle)", self.online.servers),
+            (0 < self.online.server_gpus <= 1 or (integer(self.online.server_gpus) and self.online.server_gpus >= 1), "online.server_gpus",
+             "a share of a GPU in (0, 1] or a whole number of GPUs", self.online.server_gpus),
             (self.online.episodes_per_round >= 0, "online.episodes_per_round", ">= 0", self.online.episodes_per_round),
             (integer(self.online.branch_states) and self.online.branch_states >= 0, "online.branch_states", "an integer >= 0",
              self.online.branch_states),
@@ -315,6 +323,8 @@ class Experiment:
             (self.online.policy_refine_steps >= 1, "online.policy_refine_steps", ">= 1 (with online.refine_policy)", self.online.policy_refine_steps),
             (self.online.publish_every >= 1, "online.publish_every", ">= 1", self.online.publish_every),
             (self.eval.trials >= 1, "eval.trials", ">= 1", self.eval.trials),
+            (self.eval.trials_between is None or 1 <= self.eval.trials_between <= self.eval.trials, "eval.trials_between",
+             "null or 1 to eval.trials", self.eval.trials_between),
             (bool(self.eval.seeds), "eval.seeds", "at least one seed", self.eval.seeds),
             (self.offline.batch >= 1 and self.online.batch >= 1, "offline.batch / online.batch", ">= 1", (self.offline.batch, self.online.batch)),
             (self.offline.validate_every >= 1, "offline.validate_every", ">= 1", self.offline.validate_every),

@@ -67,7 +67,10 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
             start = time.time()
             if stop:
                 raise Stop()
-            collect(cfg, services, round_, monitor)
+            if state.get("collected") != round_:  # a round cut after its collection is not collected twice
+                collect(cfg, services, round_, monitor)
+                services.replay.checkpoint()
+                state.set(collected=round_)
             for learner in learners:
                 versions[learner.target.value] = learner.refine(round_, monitor, stop)
             services.wait_for({t.target.value: versions[t.target.value] for t in learners})

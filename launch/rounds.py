@@ -144,9 +144,11 @@ def calibration(results: list[EpisodeResult]) -> dict[str, float]:
 
 
 def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_: int, versions: dict[str, int | None]) -> dict[str, Any]:
-    """Success on the fixed initial states, with planning and (``eval.also_without_planning``) the policy alone."""
+    """Success on the fixed initial states, with planning and (``eval.also_without_planning``) the policy alone
+    (``eval.trials_between`` of them at the rounds between the first and the last)."""
     start = time.time()
-    config = EvalConfig(tasks=services.tasks, trials=cfg.eval.trials, seeds=list(cfg.eval.seeds))
+    between = 0 < round_ < cfg.online.rounds and cfg.eval.trials_between is not None
+    config = EvalConfig(tasks=services.tasks, trials=cfg.eval.trials_between if between else cfg.eval.trials, seeds=list(cfg.eval.seeds))
 
     def progress(what: str) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:

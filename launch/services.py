@@ -68,7 +68,8 @@ class Services:
             say("replay: restored " + ", ".join(f"{n} {t} episodes" for t, n in restored.items() if n))
         registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True).remote()
         weights = RegistryWeights(registry)
-        gpu = 1 if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)) else 0
+        on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+        gpu = cfg.online.server_gpus if on_gpu else 0
         spec = PolicySpec(checkpoint=policy_checkpoint, planning_checkpoint=planning_checkpoint, policy=cfg.policy, planner=cfg.planner,
                           device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else None, text_encoder=cfg.model.text_encoder)
         server_names = names.policy_servers(cfg.name, cfg.online.servers)
