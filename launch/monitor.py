@@ -36,6 +36,7 @@ class Monitor:
         self.path = self.run_dir / "metrics.jsonl"
         self.plot_path = self.run_dir / "success_rate.png"
         self.start = time.time()
+        self._last_progress: dict[str, float] = {}  # phase -> when its last progress line was printed
         # A resumed run continues the wall clock of the first one (its records' wall_s).
         previous = self.records()
         self.offset = max((r.get("wall_s", 0.0) for r in previous), default=0.0)
@@ -96,8 +97,14 @@ class Monitor:
         record = {("learner/step" if k == "step" else k): v for k, v in summary.items() if v is not None}
         return self.log("learner", {"phase": phase, **record, **extra})
 
-    def progress(self, phase: str, done: int, total: int, extra: str = "") -> None:
-        """A progress line for long phases (stdout: the terminal, or ``ray job logs``)."""
+    def progress(self, phase: str, done: int, total: int, extra: str = "", every_s: float = 10.0) -> None:
+        """A progress line for long phases (stdout: the terminal, or ``ray job logs``): the first and the last,
+        and between them at most one per ``every_s`` seconds, so that fast phases do not flood the log and
+        slow ones (a step of seconds on a busy CPU) still speak well within a minute."""
+        now = time.time()
+        if done < total and now - self._last_progress.get(phase, -1e9) < every_s:
+            return
+        self._last_progress[phase] = now
         pct = 100.0 * done / total if total else 100.0
         print(f"[{self.elapsed():7.1f} s] {phase}: {done}/{total} ({pct:3.0f} %){' ' + extra if extra else ''}", flush=True)
 

@@ -113,6 +113,7 @@ def run(cfg: Experiment) -> dict[str, Any]:
     with StopRequest() as stop:
         try:
             connect(cfg)
+            stop.install()  # over Ray's native SIGTERM handler (launch/signals.py)
             say(f"run directory {run_dir}" + (" (resuming)" if state.data else ""))
             demos = demonstrations(cfg, run_dir, state, monitor)
             stats, text = statistics_and_text(cfg, run_dir, demos)

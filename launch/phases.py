@@ -174,7 +174,7 @@ def train_offline(cfg: Experiment, run_dir: Path, monitor: Monitor, target: str,
 
     def train(n: int) -> list[dict[str, float]]:
         rows: list[dict[str, float]] = []
-        group.train(n, chunk=min(n, 50), on_metrics=lambda r: (rows.extend(r), monitor.progress(
+        group.train(n, chunk=min(n, 10), on_metrics=lambda r: (rows.extend(r), monitor.progress(
             f"{target} training", rows[-1]["step"], steps, f"loss {rows[-1]['loss']:.3f}")))
         return rows
 

@@ -54,7 +54,7 @@ class OnlineLearner:
         """A round's steps (publishing every ``publish_every``); returns the version the round ends on (published)."""
         rows: list[dict[str, float]] = []
         if self.steps:
-            self.group.train(self.steps, chunk=self.group.publish_cfg.every, should_stop=stopping, on_metrics=lambda r: (
+            self.group.train(self.steps, chunk=min(10, self.group.publish_cfg.every), should_stop=stopping, on_metrics=lambda r: (
                 rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), self.steps)))
             monitor.learner(f"{self.target.value}_online", rows)
         if stopping():  # the round is not recorded: a restart collects it again from the saved learner

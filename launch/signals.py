@@ -3,6 +3,10 @@
 The first signal sets the request, which the job checks between steps (it then saves a final
 checkpoint); a second one aborts at once (``KeyboardInterrupt``). Used as a context manager, the
 previous handlers come back afterwards.
+
+``ray.init`` installs Ray's native failure-signal handler over SIGTERM: a ``ray job stop`` would then
+print a stack trace at error level and end the driver without its final checkpoint. The job calls
+``install()`` again once Ray is up, so the signal reaches this handler.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
+
+    def install(self) -> None:
+        """Take SIGINT and SIGTERM back (after a library, such as Ray, installed its own handlers)."""
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
 
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
