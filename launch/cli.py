@@ -43,6 +43,12 @@ def guard(main: Callable[[], Any], argv: list[str] | None = None) -> Any:
         sys.exit(EXIT_USER_ERROR)
 
 
+def run_command(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], Any], argv: list[str] | None = None) -> Any:
+    """An entry point's ``main``: parse ``argv``, then ``command(args)`` under ``guard``."""
+    args = parser.parse_args(argv)
+    return guard(lambda: command(args), argv)
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its one line (also COSMOS_DEBUG=1)")
 

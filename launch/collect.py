@@ -47,7 +47,7 @@ from actors.branching import lead_candidates  # noqa: E402
 from cosmos_policy.errors import CheckpointError, ConfigError  # noqa: E402
 from cosmos_policy.manifest import read_manifest  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
-from launch.cli import add_debug_flag, guard, keys_epilog  # noqa: E402
+from launch.cli import add_debug_flag, keys_epilog, run_command  # noqa: E402
 from launch.config import load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import say  # noqa: E402
@@ -250,12 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    guard(lambda: collect_episodes(args), argv)
-
-
 def collect_episodes(args: argparse.Namespace) -> None:
     """Check every argument and checkpoint, then collect; a mistake is one error naming the flag or file."""
     cfg = load_experiment(args.config, args.overrides)
@@ -272,6 +266,10 @@ def collect_episodes(args: argparse.Namespace) -> None:
                    branch_point=args.branch_point_only, threads=args.threads, branch_query=args.branch_query or 0)
     if rows:
         say(f"collected {len(rows)} episodes, success {sum(r['success'] for r in rows) / len(rows):.1%}: {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(build_parser(), collect_episodes, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.cli import add_debug_flag, guard  # noqa: E402
+from launch.cli import add_debug_flag, run_command  # noqa: E402
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 
@@ -125,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    guard(lambda: (check(args), evaluate_checkpoint(args)), argv)
+    run_command(build_parser(), lambda args: (check(args), evaluate_checkpoint(args)), argv)
 
 
 if __name__ == "__main__":

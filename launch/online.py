@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cosmos_policy.contracts import Target  # noqa: E402
-from launch.cli import add_debug_flag, guard, keys_epilog  # noqa: E402
+from launch.cli import add_debug_flag, keys_epilog, run_command  # noqa: E402
 from launch.config import check_inputs, load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
@@ -147,16 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def start(args: argparse.Namespace) -> None:
+    cfg = load_experiment(args.config, args.overrides)
+    check_inputs(cfg)  # every path it names, before Ray or W&B start
+    run(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
-    def start() -> None:
-        cfg = load_experiment(args.config, args.overrides)
-        check_inputs(cfg)  # every path it names, before Ray or W&B start
-        run(cfg)
-
-    guard(start, argv)
+    run_command(build_parser(), start, argv)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from cosmos_policy.episode import Episode, Source  # noqa: E402
 from cosmos_policy.errors import CheckpointError, ConfigError  # noqa: E402
 from cosmos_policy.manifest import read_manifest  # noqa: E402
 from cosmos_policy.layout import load_layout  # noqa: E402
-from launch.cli import add_debug_flag, guard, keys_epilog  # noqa: E402
+from launch.cli import add_debug_flag, keys_epilog, run_command  # noqa: E402
 from launch.config import check_inputs, load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
@@ -226,12 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    guard(lambda: train_from_files(args), argv)
-
-
 def train_from_files(args: argparse.Namespace) -> None:
     """Check every argument and file, then train; a mistake is one error naming the flag or file."""
     if args.export_every is not None and args.export_every < 1:
@@ -258,6 +252,10 @@ def train_from_files(args: argparse.Namespace) -> None:
         sys.exit(130)
     if os.environ.get("RANK", "0") == "0":
         say(f"checkpoint: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(build_parser(), train_from_files, argv)
 
 
 if __name__ == "__main__":
