@@ -63,9 +63,9 @@ def demonstrations(cfg: Experiment, run_dir: Path, state: RunState, monitor: Mon
                 for i in range(0, n, 4)]
         shares: dict[Any, list[Episode]] = {}
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            shares[done[0]] = ray.get(done[0])
+        while pending:  # a line at least every 20 s: the first shares wait for their simulators to start
+            done, pending = ray.wait(pending, num_returns=1, timeout=20)
+            shares.update((ref, ray.get(ref)) for ref in done)
             monitor.progress("demonstrations (scripted expert)", sum(map(len, shares.values())), n)
         episodes = [ep for ref in refs for ep in shares[ref]]  # in the episodes' order, whichever share finished first
     else:
