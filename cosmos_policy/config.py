@@ -44,13 +44,21 @@ class NetworkConfig:
     """Arguments of diffusers' ``CosmosTransformer3DModel`` that differ between sizes."""
 
     num_layers: int = 28
+    """Transformer blocks (the 2B network's 28)."""
     num_attention_heads: int = 16
+    """Attention heads per block."""
     attention_head_dim: int = 128
+    """Width per head: the model width is heads x head dim (2,048 for the 2B network)."""
     mlp_ratio: float = 4.0
+    """Feed-forward width over model width."""
     adaln_lora_dim: int = 256
+    """Rank of the low-rank adaptive-norm modulation from the timestep embedding."""
     max_size: list[int] = field(default_factory=lambda: [128, 240, 240])
+    """Largest latent (frames, height, width) the positional embedding covers."""
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    """Latent patch per token (frames, height, width)."""
     rope_scale: list[float] = field(default_factory=lambda: [1.0, 3.0, 3.0])
+    """Rotary position scaling per axis (frames, height, width)."""
 
 
 @dataclass
