@@ -209,9 +209,12 @@ class EnvRunner:
         return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record, branch)
 
     def run_trial(self, task: str, seed: int, trial: int, plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
-        """The evaluation protocol's trial: the task's ``trial``-th fixed initial state."""
+        """The evaluation protocol's trial: the task's ``trial``-th fixed initial state (an environment without
+        fixed states starts from the seed's placement)."""
         states = self.runner.env.initial_states(task)
-        state = states[trial % len(states)] if states else None
+        if states and not 0 <= trial < len(states):  # never another trial's state under this trial's name
+            raise ConfigError(f"trial {trial}: task {task!r} has {len(states)} fixed initial states (trials 0 to {len(states) - 1})")
+        state = states[trial] if states else None
         return self.runner.run(task, seed, state, {"runner": self.identity, "trial": trial}, plan, record)
 
     def tasks(self) -> list[str]:

@@ -25,10 +25,11 @@ class EvalConfig:
     tasks: list[str] | None = None  # None: every task the runners' environment has
     trials: int = 50
     seeds: list[int] = field(default_factory=lambda: [195, 196, 197])
+    first_trial: int = 0  # trials first_trial .. first_trial + trials - 1 of each task's fixed initial states
 
     def __post_init__(self) -> None:
-        if self.trials < 1 or not self.seeds:
-            raise ConfigError("eval: need trials >= 1 and at least one seed")
+        if self.trials < 1 or not self.seeds or self.first_trial < 0:
+            raise ConfigError("eval: need trials >= 1, at least one seed and first_trial >= 0")
 
 
 def evaluate(runners: list[Any], config: EvalConfig, suite: str = "", plan: bool | None = None, record: bool | None = None,
@@ -41,7 +42,8 @@ def evaluate(runners: list[Any], config: EvalConfig, suite: str = "", plan: bool
     if not runners:
         raise ConfigError("eval: no runners")
     tasks = config.tasks or ray.get(runners[0].tasks.remote())
-    jobs = [(seed, task, trial) for seed in config.seeds for task in tasks for trial in range(config.trials)]
+    trials = range(config.first_trial, config.first_trial + config.trials)
+    jobs = [(seed, task, trial) for seed in config.seeds for task in tasks for trial in trials]
     results = spread(runners, jobs, lambda runner, job: runner.run_trial.remote(job[1], job[0], job[2], plan, record), on_result)
     return report(results, tasks, config, suite)
 

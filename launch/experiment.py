@@ -174,6 +174,9 @@ class OnlineSection:
     Branches of one state differ only by the chunk executed there: the contrast the value learns to rank."""
     branch_query: int = 0
     """The query where branching episodes branch (0: the first); the queries before it execute candidates drawn per state."""
+    branch_candidates: int | None = None
+    """Candidates played per branched state: the first ones of the planner's best-of-N (None: all
+    planner.num_candidates). Fewer per state spread the same episodes over more states, which the value needs most."""
     branch_point_only: bool = True
     """Branching episodes are recorded with camera frames at their branch point only (their samples start there)."""
     refine_steps: int = 300
@@ -186,8 +189,13 @@ class OnlineSection:
     """Policy learner steps per round, with refine_policy."""
     policy_lr: float | None = None
     """The policy's refinement learning rate (None: online.lr)."""
+    refine_beside_collection: bool = False
+    """The learner refines during the round's collection (on what replay holds so far, which grows as it
+    trains) instead of after it: neither waits for the other, and the round ends when both are done."""
     budget_s: float | None = None
-    """Stop after this much wall time (the current round finishes)."""
+    """The run's wall time, its last evaluations included (None: no limit). A round is started only if it
+    and the last evaluations fit, as estimated from the previous round and the round-0 evaluation; the
+    round before the budget runs out is the last (eval.trials, eval.fresh_trials)."""
     lr: float = 5e-4
     """Peak learning rate of online refinement."""
     batch: int = 32
@@ -211,6 +219,12 @@ class EvalSection:
     """Evaluate the policy alone too, on the same initial states."""
     at_start: bool = True
     """Evaluate before the first online round (version 0)."""
+    fresh_trials: int = 0
+    """After the last round, and at round 0, an evaluation with planning and the policy alone on these many
+    initial states used for nothing else (trials eval.fresh_first_trial on; no evaluation or choice saw
+    them), to check the gain free of choices made on the evaluation states; 0: none."""
+    fresh_first_trial: int = 100
+    """The first of the fresh initial states (the task's fixed initial states from this index on)."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +340,14 @@ class Experiment:
             (self.eval.trials_between is None or 1 <= self.eval.trials_between <= self.eval.trials, "eval.trials_between",
              "null or 1 to eval.trials", self.eval.trials_between),
             (bool(self.eval.seeds), "eval.seeds", "at least one seed", self.eval.seeds),
+            (integer(self.eval.fresh_trials) and self.eval.fresh_trials >= 0, "eval.fresh_trials", "an integer >= 0", self.eval.fresh_trials),
+            (integer(self.eval.fresh_first_trial) and self.eval.fresh_first_trial >= self.eval.trials, "eval.fresh_first_trial",
+             f"an integer >= eval.trials ({self.eval.trials}): fresh states are none of the evaluation's", self.eval.fresh_first_trial),
+            (self.online.branch_candidates is None or (integer(self.online.branch_candidates)
+                                                      and 1 <= self.online.branch_candidates <= self.planner.num_candidates),
+             "online.branch_candidates", f"null or an integer from 1 to planner.num_candidates ({self.planner.num_candidates})",
+             self.online.branch_candidates),
+            (self.online.budget_s is None or self.online.budget_s > 0, "online.budget_s", "null or seconds > 0", self.online.budget_s),
             (self.offline.batch >= 1 and self.online.batch >= 1, "offline.batch / online.batch", ">= 1", (self.offline.batch, self.online.batch)),
             (self.offline.validate_every >= 1, "offline.validate_every", ">= 1", self.offline.validate_every),
             (self.model.device in ("auto", "cpu", "cuda"), "model.device", "auto, cpu or cuda", self.model.device),
@@ -353,7 +375,12 @@ class Experiment:
 
     # ---- what the job derives from the sections ---------------------------------------
     def env_config(self) -> EnvConfig:
-        return EnvConfig(self.env.name, dict(self.env.kwargs))
+        """The runners' environment; the built-in task's fixed states are its seeded placements, so it
+        makes as many as the fresh-state evaluation reaches (other environments have the ones they have)."""
+        kwargs = dict(self.env.kwargs)
+        if self.env.name == "lift" and self.eval.fresh_trials:
+            kwargs["num_initial_states"] = max(int(kwargs.get("num_initial_states", 50)), self.eval.fresh_first_trial + self.eval.fresh_trials)
+        return EnvConfig(self.env.name, kwargs)
 
     def augment_config(self) -> Any:
         """The official augmentation (``cosmos_policy.data.augment.AugmentConfig``) when data.augmentation is on."""

@@ -14,12 +14,14 @@ import re
 COMMON = {"kind": "what the record is", "time": "s since the epoch", "wall_s": "s since the run began (continued across resumes)"}
 
 WHEN = {
+    "start": "each time the job starts (the first run and every resume)",
     "demos": "once, after the demonstrations are made or read",
     "learner": "after each chunk of learner steps (offline: every validation interval; online: every publication)",
     "validation": "after each held-out validation of the offline policy",
     "collect": "after each round's collection",
     "replay": "at each round's end",
     "eval": "after each evaluation (round 0 before any online training, then every round)",
+    "eval_fresh": "after the last round's evaluation, on initial states used for nothing else (eval.fresh_trials)",
     "round": "at each round's end",
 }
 
@@ -32,6 +34,7 @@ CALIBRATION = {
 }
 
 METRICS: dict[str, dict[str, str]] = {
+    "start": {"command": "the command line", "resuming": "whether it resumed a run directory", "gpus": "GPUs in the Ray cluster"},
     "demos": {"episodes": "demonstrations", "success_rate": "share that succeed", "steps": "steps in all", "seconds": "s to make or read them"},
     "learner": {
         "phase": "policy_offline, planning_offline, planning_online, policy_online (or <target>_train in launch/train.py)",
@@ -62,6 +65,13 @@ METRICS: dict[str, dict[str, str]] = {
         "success_rate_no_plan": "the same, the policy alone on the same initial states", "episodes": "episodes per evaluation",
         "planning": "whether success_rate was measured with planning", "seconds": "s for the evaluation", **CALIBRATION,
     },
+    "eval_fresh": {
+        "round": "the round (the last)", "weight_version": "planning model's version evaluated (an integer)",
+        "policy_version": "acting policy's version evaluated (an integer)", "first_trial": "the first fresh initial state (trial index)",
+        "success_rate": "share of the episodes that succeed, with planning", "success_rate_no_plan": "the same, the policy alone",
+        "episodes": "episodes per evaluation", "planning": "whether success_rate was measured with planning",
+        "seconds": "s for the evaluation", **CALIBRATION,
+    },
     "round": {"round": "the round", "weight_version": "planning model's version at the round's end (an integer)",
               "policy_version": "acting policy's version at the round's end (an integer)", "seconds": "s for the round"},
     "replay": {"round": "the round"},
@@ -71,11 +81,14 @@ METRICS: dict[str, dict[str, str]] = {
 REPLAY_STATS = ("items", "episodes", "bytes", "episodes_demo", "episodes_sim", "episodes_robot", "episodes_success", "episodes_failure",
                 "inserted_items", "inserted_episodes", "sampled_items", "insert_items_per_s", "sample_items_per_s", "blocked_insert_s",
                 "blocked_sample_s", "rejected", "evicted_episodes", "staleness_versions", "reverb_items", "discarded_draws")
+PAIRED = (r"paired/(only_planned|only_alone|both|neither)",
+          "paired/<outcome>: episodes (same state and seed) that succeed only with planning, only alone, both or neither")
 PATTERNS: dict[str, list[tuple[str, str]]] = {
     "learner": [(r"(policy|world_model|value|value_sprime|q_value)/(action|future_image|future_proprio|value)_l1",
                  "<sample kind>/<output>_l1: mean absolute error of that output in that kind's samples (normalized units)")],
     "collect": [(r"replay_items/\w+", "replay_items/<table>: items (episode steps) in the table")],
-    "eval": [(r"task/.+", "task/<task>: share of that task's episodes that succeed")],
+    "eval": [(r"task/.+", "task/<task>: share of that task's episodes that succeed"), PAIRED],
+    "eval_fresh": [(r"task/.+", "task/<task>: share of that task's episodes that succeed"), PAIRED],
     "replay": [(rf"\w+/({'|'.join(REPLAY_STATS)})", "<table>/<statistic>: the replay table's statistics (replay/book.py)")],
 }
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -40,6 +41,9 @@ class Monitor:
         # A resumed run continues the wall clock of the first one (its records' wall_s).
         previous = self.records()
         self.offset = max((r.get("wall_s", 0.0) for r in previous), default=0.0)
+        # The learner may report from a thread beside the collection's (online.refine_beside_collection): a
+        # record is written, and sent to W&B, whole.
+        self._lock = threading.Lock()
         self._file = self.path.open("a", buffering=1)
         if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
             self._file.write("\n")  # a line cut by a crash stays alone (and is skipped when read)
@@ -73,13 +77,18 @@ class Monitor:
         """One record: ``kind`` says what it is (eval, learner, collect, replay...); returns what was written."""
         record = {"kind": kind, "time": time.time(), "wall_s": round(self.offset + time.time() - self.start, 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
+        with self._lock:
+            self._write(record)
+        return record
+
+    def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
+            kind = record["kind"]
             numeric = {f"{kind}/{k}" if not k.startswith(f"{kind}/") and k not in ("weight_version", "round") else k: v
                        for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"}
             numeric["wall_s"] = record["wall_s"]
             self.wandb.log(numeric)
-        return record
 
     def learner(self, phase: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         """One record for a chunk of learner steps: the means of the chunk's metrics, and the last step and
@@ -149,6 +158,10 @@ class Monitor:
                 continue
             ax.plot([p[0] for p in pts], [100 * p[2] for p in pts], style, label=f"overall, {label}", linewidth=2)
             ax_t.plot([p[1] / 60 for p in pts], [100 * p[2] for p in pts], style, label=f"overall, {label}", linewidth=2)
+        for e in self.records("eval_fresh"):  # the states used for nothing else, at the version they were played
+            for label, key, marker in (("fresh states, with planning", "success_rate", "D"), ("fresh states, policy alone", "success_rate_no_plan", "x")):
+                if isinstance(e.get(key), (int, float)):
+                    ax.plot([e["weight_version"]], [100 * e[key]], marker, markersize=9, label=f"{label} ({e.get('episodes')} episodes)")
         tasks = sorted({k[len("task/"):] for e in evals for k in e if k.startswith("task/")})
         if 1 < len(tasks) <= 12:
             for task in tasks:
@@ -178,8 +191,9 @@ class Monitor:
             ax_v.set_ylim(-0.02, 1.02)
             ax_v.grid(alpha=0.3)
             ax_v.legend(fontsize=8)
-        episodes = evals[-1].get("episodes", "?")
-        fig.suptitle(f"{self.run_dir.name}: success rate per evaluation ({episodes} episodes each)")
+        sizes = sorted({e.get("episodes") for e in evals if isinstance(e.get("episodes"), int)})
+        each = " or ".join(map(str, sizes)) if sizes else "?"
+        fig.suptitle(f"{self.run_dir.name}: success rate per evaluation ({each} episodes each)")
         fig.tight_layout()
         tmp = self.plot_path.with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=110)

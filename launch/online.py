@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,52 +40,51 @@ if TYPE_CHECKING:
 
 def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
            text: TextEmbeddingCache, checkpoints: dict[Target, str], stop: StopRequest) -> None:
-    """The rounds: collect with planning, refine on demonstrations plus experience, publish, evaluate; repeat.
+    """The rounds: collect with planning, refine on demonstrations plus experience (after the collection or
+    beside it), publish, evaluate; repeat until online.rounds or online.budget_s, then the last evaluations.
 
     A resumed job serves the newest weights it exported (their versions are in the checkpoints) and
     its learners resume from their own checkpoints.
     """
-    from cosmos_policy.contracts import TableName
     from launch.offline import source_kwargs
-    from launch.rounds import OnlineLearner, Stop, collect, evaluate_round
+    from launch.rounds import Budget, OnlineLearner, Stop, collect, evaluate_round, refine, save_round
     from launch.services import Services
 
     latest = {t: state.get(f"{t.value}_latest") or checkpoints[t] for t in Target}
     services = Services.start(cfg, latest[Target.POLICY], latest[Target.PLANNING])
     if not state.get("demos_in_replay"):
-        for episode in demos:
-            services.replay.insert(TableName.DEMOS, episode)
-        state.set(demos_in_replay=True)
+        state.set(demos_in_replay=services.insert_demos(demos))
     targets = [Target.PLANNING] + ([Target.POLICY] if cfg.online.refine_policy else [])
     kwargs = source_kwargs(cfg, stats, text, cfg.online.batch)
     learners = [OnlineLearner.start(cfg, run_dir, services, t, checkpoints[t], kwargs) for t in targets]
     versions = services.versions()
+    budget = Budget(cfg, monitor)
     try:
         if state.get("round", 0) == 0 and cfg.eval.at_start and not state.get("eval0_done"):
-            evaluate_round(cfg, services, monitor, 0, versions)
+            evaluate_round(cfg, services, monitor, 0, versions, last=cfg.online.rounds == 0)
             state.set(eval0_done=True)
-        for round_ in range(state.get("round", 0) + 1, cfg.online.rounds + 1):
+        for round_ in range(state.get("round", 0) + 1, 0 if state.get("last_round") else cfg.online.rounds + 1):
             start = time.time()
             if stop:
                 raise Stop()
-            if state.get("collected") != round_:  # a round cut after its collection is not collected twice
+            collecting = state.get("collected") != round_  # a round cut after its collection is not collected twice
+            refined = refine(learners, round_, monitor, stop, beside=collecting and cfg.online.refine_beside_collection)
+            if collecting:
                 collect(cfg, services, round_, monitor)
                 services.replay.checkpoint()
                 state.set(collected=round_)
-            for learner in learners:
-                versions[learner.target.value] = learner.refine(round_, monitor, stop)
+            versions.update(refined())
             services.wait_for({t.target.value: versions[t.target.value] for t in learners})
             exported = {f"{t.target.value}_latest": t.export(run_dir) for t in learners}
-            evaluate_round(cfg, services, monitor, round_, versions)
-            for learner in learners:
-                learner.group.save()
-            services.replay.checkpoint()
-            monitor.log("replay", {"round": round_, **{f"{t}/{k}": v for t, row in services.replay.stats().items() for k, v in row.items()}})
-            state.set(round=round_, **exported)
+            last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
+            evaluate_round(cfg, services, monitor, round_, versions, last=last)
+            if last and cfg.eval.fresh_trials:
+                evaluate_round(cfg, services, monitor, round_, versions, last=True, fresh=True)
+            save_round(services, learners, monitor, round_)
+            state.set(round=round_, last_round=last, **exported)
             monitor.log("round", {"round": round_, "weight_version": versions["planning"], "policy_version": versions["policy"],
                                   "seconds": time.time() - start})
-            if cfg.online.budget_s and monitor.elapsed() > cfg.online.budget_s:
-                say(f"time budget of {cfg.online.budget_s:.0f} s reached after round {round_}")
+            if last:
                 break
     except Stop:
         say("stopping: saving a final learner checkpoint")
@@ -103,7 +103,7 @@ def run(cfg: Experiment) -> dict[str, Any]:
     # Imported here, not at the top: a mistake in the command line is reported before Ray, torch and diffusers load.
     from launch.phases import demonstrations, offline, statistics_and_text
     from launch.rounds import Stop
-    from launch.services import connect
+    from launch.services import cluster_gpus, connect
 
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +114,7 @@ def run(cfg: Experiment) -> dict[str, Any]:
         try:
             connect(cfg)
             stop.install()  # over Ray's native SIGTERM handler (launch/signals.py)
+            monitor.log("start", {"command": shlex.join(["python", *sys.argv]), "resuming": bool(state.data), "gpus": cluster_gpus()})
             say(f"run directory {run_dir}" + (" (resuming)" if state.data else ""))
             demos = demonstrations(cfg, run_dir, state, monitor)
             stats, text = statistics_and_text(cfg, run_dir, demos)

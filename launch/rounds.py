@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +67,61 @@ class OnlineLearner:
         return self.group.export(str(run_dir / "checkpoints" / f"{self.target.value}_latest"))
 
 
+def refine(learners: list[OnlineLearner], round_: int, monitor: Monitor, stopping: Callable[[], bool],
+           beside: bool = False) -> Callable[[], dict[str, int]]:
+    """The round's refinement of every learner; returns a function that gives the versions the round ends on.
+
+    ``beside``: the refinement starts now in a thread of its own and runs while the caller collects (the
+    learner samples what replay holds so far; it grows as the learner trains); the function waits for it and
+    raises what it raised (``Stop`` too). Otherwise the refinement runs when the function is called.
+    """
+    def run() -> dict[str, int]:
+        return {learner.target.value: learner.refine(round_, monitor, stopping) for learner in learners}
+
+    if not beside:
+        return run
+    pool = ThreadPoolExecutor(1, thread_name_prefix=f"refine-round-{round_}")
+    future = pool.submit(run)
+    pool.shutdown(wait=False)  # the thread ends with the refinement
+    return future.result
+
+
+def save_round(services: Services, learners: list[OnlineLearner], monitor: Monitor, round_: int) -> None:
+    """A round's end: the learners' checkpoints, the replay's, and the replay's statistics."""
+    for learner in learners:
+        learner.group.save()
+    services.replay.checkpoint()
+    monitor.log("replay", {"round": round_, **{f"{t}/{k}": v for t, row in services.replay.stats().items() for k, v in row.items()}})
+
+
+@dataclass
+class Budget:
+    """``online.budget_s``: whether another round and the last evaluations still fit in the run's wall time.
+
+    The estimates are measured, not configured: a round takes what the one before took, and an
+    evaluation takes the round-0 evaluation's seconds per trial (with and without planning), for
+    eval.trials_between trials between rounds and eval.trials plus eval.fresh_trials at the end.
+    """
+
+    cfg: Experiment
+    monitor: Monitor
+
+    def fits_another_round(self, round_s: float) -> bool:
+        limit = self.cfg.online.budget_s
+        if not limit:
+            return True
+        first = [e for e in self.monitor.records("eval") if e.get("round") == 0]
+        per_trial = float(first[0]["seconds"]) / self.cfg.eval.trials if first else 0.0
+        between = per_trial * (self.cfg.eval.trials_between or self.cfg.eval.trials)
+        last = per_trial * (self.cfg.eval.trials + self.cfg.eval.fresh_trials)
+        need = self.monitor.elapsed() + between + round_s + last
+        if need <= limit:
+            return True
+        say(f"online.budget_s: another round and the last evaluations would end at about {need:.0f} s of {limit:.0f} s: "
+            "this round is the last")
+        return False
+
+
 @dataclass(frozen=True)
 class Job:
     """One episode of a round: a fresh seeded initial state, played once (``branch`` None) or as one branch."""
@@ -77,14 +133,14 @@ class Job:
 
 def collection_jobs(cfg: Experiment, tasks: list[str], round_: int) -> list[Job]:
     """A round's episodes: ``episodes_per_round`` ordinary ones, then ``branch_states`` new states played once per
-    planner candidate at ``branch_query``; fresh seeds every round, tasks in turn."""
+    branched candidate (``online.branch_candidates``) at ``branch_query``; fresh seeds every round, tasks in turn."""
     seeds = [(tasks[i % len(tasks)], episode_seed(cfg.seed * 7919 + round_, i))
              for i in range(cfg.online.episodes_per_round + cfg.online.branch_states)]
     jobs = [Job(task, seed) for task, seed in seeds[: cfg.online.episodes_per_round]]
     n = cfg.planner.num_candidates
     for task, seed in seeds[cfg.online.episodes_per_round:]:
         lead = lead_candidates(seed, cfg.seed, cfg.online.branch_query, n)
-        jobs += [Job(task, seed, (*lead, c)) for c in range(n)]
+        jobs += [Job(task, seed, (*lead, c)) for c in range(cfg.online.branch_candidates or n)]
     return jobs
 
 
@@ -143,17 +199,21 @@ def calibration(results: list[EpisodeResult]) -> dict[str, float]:
     return out
 
 
-def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_: int, versions: dict[str, int | None]) -> dict[str, Any]:
-    """Success on the fixed initial states, with planning and (``eval.also_without_planning``) the policy alone
-    (``eval.trials_between`` of them at the rounds between the first and the last)."""
+def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_: int, versions: dict[str, int | None],
+                   last: bool = False, fresh: bool = False) -> dict[str, Any]:
+    """Success on the fixed initial states, with planning and (``eval.also_without_planning``) the policy alone:
+    ``eval.trials`` at round 0 and the ``last`` round, ``eval.trials_between`` at the rounds between; ``fresh``:
+    the ``eval.fresh_trials`` states from ``eval.fresh_first_trial`` instead (an ``eval_fresh`` record)."""
     start = time.time()
-    between = 0 < round_ < cfg.online.rounds and cfg.eval.trials_between is not None
-    config = EvalConfig(tasks=services.tasks, trials=cfg.eval.trials_between if between else cfg.eval.trials, seeds=list(cfg.eval.seeds))
+    trials = cfg.eval.trials_between if 0 < round_ and not last and cfg.eval.trials_between is not None else cfg.eval.trials
+    config = EvalConfig(tasks=services.tasks, trials=cfg.eval.fresh_trials if fresh else trials, seeds=list(cfg.eval.seeds),
+                        first_trial=cfg.eval.fresh_first_trial if fresh else 0)
+    where = "fresh states" if fresh else "evaluating"
 
     def progress(what: str) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:
             if done % len(services.runners) == 0 or done == total:
-                monitor.progress(f"round {round_}: evaluating {what}", done, total)
+                monitor.progress(f"round {round_}: {where} {what}", done, total)
         return report
 
     report = evaluate(services.runners, config, suite=cfg.env.name, plan=cfg.eval.plan, record=False,
@@ -161,14 +221,27 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
     results = [EpisodeResult(**{k: v for k, v in row.items() if k in EpisodeResult.__dataclass_fields__}) for row in report["episodes_detail"]]
     record: dict[str, Any] = {"round": round_, "weight_version": versions.get("planning"), "policy_version": versions.get("policy"),
                               "success_rate": report["success_rate"], "episodes": report["episodes"], "planning": cfg.eval.plan,
+                              **({"first_trial": config.first_trial} if fresh else {}),
                               **{f"task/{t}": row["success_rate"] for t, row in report["tasks"].items()},
                               **{f"calibration/{k}": v for k, v in calibration(results).items()}}
     if cfg.eval.also_without_planning and cfg.eval.plan:
-        record["success_rate_no_plan"] = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False,
-                                                  on_result=progress("the policy alone"))["success_rate"]
+        alone = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False, on_result=progress("the policy alone"))
+        record["success_rate_no_plan"] = alone["success_rate"]
+        record.update({f"paired/{k}": v for k, v in paired_outcomes(report, alone).items()})
     record["seconds"] = time.time() - start
-    monitor.log("eval", record)
+    monitor.log("eval_fresh" if fresh else "eval", record)
     monitor.plot()
-    say(f"round {round_}: success {100 * report['success_rate']:.1f} % with planning (weight version {versions.get('planning')})"
+    say(f"round {round_}: {'fresh states: ' if fresh else ''}success {100 * report['success_rate']:.1f} % with planning "
+        f"(weight version {versions.get('planning')})"
         + (f", {100 * record['success_rate_no_plan']:.1f} % policy alone" if "success_rate_no_plan" in record else ""))
     return record
+
+
+def paired_outcomes(planned: dict[str, Any], alone: dict[str, Any]) -> dict[str, int]:
+    """The two evaluations episode by episode (same task, trial and seed): how many succeed only with planning,
+    only alone, or both; the counts of McNemar's test of the difference."""
+    key = lambda row: (row["task"], row["trial"], row["seed"])  # noqa: E731
+    alone_by = {key(row): bool(row["success"]) for row in alone["episodes_detail"]}
+    pairs = [(bool(row["success"]), alone_by[key(row)]) for row in planned["episodes_detail"] if key(row) in alone_by]
+    return {"only_planned": sum(p and not a for p, a in pairs), "only_alone": sum(a and not p for p, a in pairs),
+            "both": sum(p and a for p, a in pairs), "neither": sum(not p and not a for p, a in pairs)}

@@ -19,7 +19,7 @@ import ray
 from actors.env_runner import EnvRunner, RunnerConfig
 from actors.policies import PolicySpec, ServerPolicy
 from actors.policy_server import PolicyServer
-from cosmos_policy.contracts import ReplayClient
+from cosmos_policy.contracts import ReplayClient, TableName
 from cosmos_policy.layout import load_layout
 from launch import names
 from launch.experiment import Experiment
@@ -45,6 +45,11 @@ def connect(cfg: Experiment) -> None:
     # machine (a bare ray.init() would join that one and then refuse num_cpus).
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.ray.num_cpus or need), include_dashboard=False,
              _node_ip_address="127.0.0.1", namespace=cfg.ray.namespace, log_to_driver=True, **extra)
+
+
+def cluster_gpus() -> float:
+    """The GPUs of the cluster the job runs on (what its GPU-minutes are counted in)."""
+    return float(ray.cluster_resources().get("GPU", 0))
 
 
 @dataclass
@@ -86,6 +91,12 @@ class Services:
         tasks = list(cfg.env.tasks or ray.get(runners[0].tasks.remote()))
         ray.get([s.versions.remote() for s in servers])  # every server has built its models
         return cls(replay, weights, servers, runners, tasks)
+
+    def insert_demos(self, demos: list[Any]) -> bool:
+        """The demonstrations into the replay's demonstration table (once per run); returns True when done."""
+        for episode in demos:
+            self.replay.insert(TableName.DEMOS, episode)
+        return True
 
     def versions(self) -> dict[str, int | None]:
         """The weight versions the (first) PolicyServer serves now."""

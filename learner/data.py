@@ -78,14 +78,11 @@ class ReplayBatches:
 
     def batch(self, step: int) -> TrainingBatch:
         rng = _rng(self.seed, self.rank, step)
-        stats = self.replay.stats()
-        pools = [p for p, prob in self.config.pools.items() if prob > 0 and stats.get(POOL_TABLES[p], {}).get("items", 0) > 0]
-        if not pools:
-            raise InputError(f"replay: no items in any of the tables {[POOL_TABLES[p] for p in self.config.pools]}")
+        start = time.perf_counter()
+        pools = self._pools_with_items(start)
         probs = np.array([self.config.pools[p] for p in pools])
         counts = rng.multinomial(self.batch_size, probs / probs.sum())
         samples: list[TrainingSample] = []
-        start = time.perf_counter()
         drawn = {p: self.replay.sample(POOL_TABLES[p], int(c), timeout=self.timeout_s) for p, c in zip(pools, counts) if c > 0}
         self.wait_s += time.perf_counter() - start
         for pool, items in drawn.items():
@@ -95,6 +92,21 @@ class ReplayBatches:
                 samples.append(self.builder.build_window(item.window, kind, rng, pool=pool))
         order = rng.permutation(len(samples))
         return collate([samples[i] for i in order], self.text)
+
+
+    def _pools_with_items(self, start: float) -> list[str]:
+        """The mixture's pools whose tables hold items; while none does (a learner started beside the first
+        collection), waits for the first insert up to ``timeout_s``, then fails naming the tables."""
+        while True:
+            stats = self.replay.stats()
+            pools = [p for p, prob in self.config.pools.items() if prob > 0 and stats.get(POOL_TABLES[p], {}).get("items", 0) > 0]
+            waited = time.perf_counter() - start
+            if pools:
+                return pools
+            if self.timeout_s is not None and waited >= self.timeout_s:
+                raise InputError(f"replay: no items in any of the tables {[POOL_TABLES[p] for p in self.config.pools]} "
+                                 f"after waiting {waited:.0f} s")
+            time.sleep(0.2)
 
 
 class _StepBatches(torch.utils.data.Dataset):

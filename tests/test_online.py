@@ -155,6 +155,10 @@ def test_every_experiment_config_loads() -> None:
         (["data.policy_online_mixture={pools: {failure: 1.0}, kinds: {failure: {polcy: 1.0}}}"],
          "data.policy_online_mixture: mixture.kinds.failure: unknown entry 'polcy'"),
         (["learner.cpus_per_worker=0"], "learner.cpus_per_worker: expected a number > 0"),
+        (["planner.num_candidates=4", "online.branch_candidates=5"], r"online.branch_candidates: expected null or an integer from 1 to "
+         r"planner.num_candidates \(4\), got 5"),
+        (["eval.trials=10", "eval.fresh_first_trial=5"], r"eval.fresh_first_trial: expected an integer >= eval.trials \(10\)"),
+        (["online.budget_s=0"], "online.budget_s: expected null or seconds > 0"),
         (["logging.wandb=sometimes"], None),
     ],
 )
@@ -174,6 +178,23 @@ def test_unknown_experiment_name_lists_the_known_ones() -> None:
 
 
 # ---- monitor -----------------------------------------------------------------------------------
+def test_the_budget_ends_the_rounds_while_the_last_evaluations_still_fit(tmp_path: Path) -> None:
+    """online.budget_s: a round starts only if it, the evaluation between and the last evaluations fit, each
+    estimated from what was measured (the previous round; the round-0 evaluation's seconds per trial)."""
+    from launch.rounds import Budget
+
+    with (tmp_path / "metrics.jsonl").open("w") as f:  # a run 500 s in, whose round-0 evaluation (100 trials) took 100 s
+        f.write(json.dumps({"kind": "eval", "time": 0, "wall_s": 500.0, "round": 0, "seconds": 100.0, "episodes": 200}) + "\n")
+    monitor = Monitor(tmp_path, {}, "disabled")
+    cfg = load_experiment("lift_learning", ["online.budget_s=1000"])  # trials 100, between 20, fresh 100: 20 s + 200 s
+    budget = Budget(cfg, monitor)
+    assert budget.fits_another_round(250.0)  # 500 + 20 + 250 + 200 = 970
+    assert not budget.fits_another_round(300.0)  # 1020
+    assert Budget(load_experiment("lift_learning", ["online.budget_s=null"]), monitor).fits_another_round(1e9)
+    monitor.close()
+
+
+
 def test_monitor_writes_jsonl_wandb_offline_and_the_plot_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -339,7 +360,9 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), "--config", "lift_learning", f"run_dir={run_dir}", *SMALL, "online.rounds=2",
            "online.refine_policy=true", "online.policy_refine_steps=2", "online.branch_states=1", "model.size=tiny", "model.planning_size=tiny",
-           "eval.seeds=[0]", "eval.trials_between=1", "learner.gpus_per_worker=0", "learner.cpus_per_worker=1"]
+           "online.servers=1", "online.budget_s=null", "planner.num_candidates=3", "online.branch_candidates=2",
+           "eval.seeds=[0]", "eval.trials_between=1", "eval.fresh_trials=1", "eval.fresh_first_trial=2",
+           "learner.gpus_per_worker=0", "learner.cpus_per_worker=1"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     sent: list[str] = []  # one signal: a second one aborts at once
 
@@ -373,8 +396,29 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     manifest = json.loads((Path(state["policy_latest"]) / "manifest.json").read_text())
     assert manifest["metadata"]["version"] == policy_versions[-1] and "policy_version" not in state
     assert [e["episodes"] for e in _records(run_dir, "eval")] == [2, 1, 2]  # eval.trials_between at round 1
+    # The last round's evaluation on states used for nothing else (trial 2 of 0..3), with planning and alone, paired.
+    (fresh,) = _records(run_dir, "eval_fresh")
+    assert (fresh["round"], fresh["episodes"], fresh["first_trial"]) == (2, 1, 2) and "success_rate_no_plan" in fresh
+    assert sum(fresh[f"paired/{k}"] for k in ("only_planned", "only_alone", "both", "neither")) == 1
+    # The refinement ran beside the collection (online.refine_beside_collection) in round 1: the learner's
+    # first online record comes before the round's collection record.
+    first_online = next(r["wall_s"] for r in _records(run_dir, "learner") if r["phase"] == "planning_online")
+    assert first_online < _records(run_dir, "collect")[0]["wall_s"]
+    # The figures of the run, written by the committed script from its metrics alone.
+    out = tmp_path / "learning_curve.json"
+    report = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curve_report.py"), str(run_dir), "--out", str(out)],
+                            capture_output=True, text=True, env=_env())
+    assert report.returncode == 0, report.stderr
+    figures = json.loads(out.read_text())
+    evals = _records(run_dir, "eval")
+    assert figures["made_by"] == "launch/online.py" and figures["experiment"] == "lift_learning"
+    assert figures["base_success"] == evals[0]["success_rate_no_plan"] and figures["final_success"] == evals[-1]["success_rate"]
+    assert figures["fresh_states_episodes"] == 1 and figures["evaluation_episodes"] == 2 and len(figures["commands"]) == 2
+    assert figures["experience_episodes"] == sum(r["episodes"] for r in _records(run_dir, "collect"))
+    assert [v["planning_version"] for v in figures["versions"]] == [e["weight_version"] for e in evals]
     assert (run_dir / "checkpoints" / "planning_init" / "manifest.json").is_file()  # model.planning_size: a planning model of its own
-    # Branching collection: each round one new state played once per candidate (2), recorded with its branch point's frames.
+    # Branching collection: each round one new state played once per branched candidate (the first 2 of 3), recorded
+    # with its branch point's frames.
     assert all(r["branch_episodes"] == 2 for r in _records(run_dir, "collect"))
     from cosmos_policy.data.episode_file import read_episode
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -109,10 +112,18 @@ def test_planning_preset_draws_vsprime_value_samples(local, libero):
 
 def test_empty_tables_are_skipped_and_no_items_is_a_clear_error(local, libero):
     source = make_source(local, libero)
-    with pytest.raises(InputError, match="no items in any of the tables"):
+    source.timeout_s = 1.0
+    with pytest.raises(InputError, match=r"no items in any of the tables .* after waiting 1 s"):
         source.batch(0)
-    fill(local, demos=2, successes=0, failures=0)  # no experience yet: everything from the demonstrations
+    # A learner started beside the first collection waits for its first episodes (no experience yet:
+    # everything from the demonstrations).
+    source.timeout_s = 30.0
+    filler = threading.Timer(1.0, lambda: fill(local, demos=2, successes=0, failures=0))
+    filler.start()
+    start = time.time()
     batch = source.batch(0)
+    filler.join()
+    assert time.time() - start >= 0.9 and source.wait_s >= 0.9
     assert set(batch.pools) == {"demo"} and set(batch.model.kinds) == {SampleKind.POLICY}
 
 

@@ -1,0 +1,33 @@
+#!/bin/bash
+# One call of the device tool for the learning run: the job runs in its own session (setsid), so it goes on
+# between calls while the machine stays warm; each call waits for it up to its limit and hands back what
+# the run has written so far. (A machine given back ends the job: the run directory then resumes elsewhere.)
+#
+#   bash research/lift_learning/gpu_call.sh start 560 [overrides]   # the first call: install, start, wait
+#   bash research/lift_learning/gpu_call.sh wait 590                # every later call: wait, hand back
+#
+# Needs .carry/site.tar.xz, .whl/ and .gl/ beside the tree (research/lift_learning/README.md says how).
+set -u
+what=$1; limit=$2; shift 2
+run=runs/lift_learning
+out=${OUT:-/tmp/out}
+mkdir -p "$out" runs
+if [ "$what" = start ]; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  tar -xJf .carry/site.tar.xz -C /tmp/site
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  nproc
+  export PYTHONPATH=/tmp/site MUJOCO_GL=egl PYOPENGL_PLATFORM=egl RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+  setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > runs/gpu.csv 2>&1 < /dev/null &
+  setsid nohup python3 launch/online.py --config lift_learning logging.wandb=disabled "$@" > runs/job.log 2>&1 < /dev/null &
+  echo $! > runs/job.pid
+fi
+pid=$(cat runs/job.pid)
+while [ "$SECONDS" -lt "$limit" ] && kill -0 "$pid" 2>/dev/null; do sleep 5; done
+kill -0 "$pid" 2>/dev/null && echo "job running (pid $pid)" || echo "job ended"
+cp -f runs/job.log runs/gpu.csv "$out"/ 2>/dev/null
+cp -f "$run"/metrics.jsonl "$run"/success_rate.png "$run"/state.json "$out"/ 2>/dev/null
+du -sh "$run" "$run"/* "$run"/learner/* 2>/dev/null > "$out"/sizes.txt
+grep -v "^\[" runs/job.log | tail -40
+tail -5 runs/job.log
