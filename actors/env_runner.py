@@ -81,7 +81,9 @@ class EpisodeResult:
     wall_s: float
     policy_version: int | None = None
     planning_version: int | None = None
-    predicted_values: list[float] = field(default_factory=list)  # the value at each query (planner calibration)
+    # The value at each planned query (at every query when none was planned): the planner's calibration. A
+    # policy's own value output at its unplanned queries is no judge's (the planning model's is what ranks).
+    predicted_values: list[float] = field(default_factory=list)
     final_state: np.ndarray | None = None  # the simulator state at the end (replay checks)
     error: str = ""
 
@@ -127,6 +129,7 @@ class EpisodeRunner:
         recorder = EpisodeRecorder(self.spec.cameras)
         versions: dict[str, int | None] = {"policy": None, "planning": None}
         values: list[float] = []
+        planned_values: list[float] = []
         success, interrupted, error, queries = False, False, "", 0
         final_state = None
         instruction = ""
@@ -147,6 +150,8 @@ class EpisodeRunner:
                     versions["planning"] = versions["planning"] if chunk.planning_version is None else chunk.planning_version
                     queries += 1
                     values.append(float(chunk.value))
+                    if planned:
+                        planned_values.append(float(chunk.value))
                     if chunk.planner is not None:
                         chunk.planner.step = t
                         recorder.planner.append(chunk.planner)
@@ -176,7 +181,7 @@ class EpisodeRunner:
         return EpisodeResult(
             episode_id=episode.episode_id if episode is not None else "", task=task, seed=seed, success=success,
             steps=recorder.steps, queries=queries, interrupted=interrupted, wall_s=time.time() - start,
-            policy_version=versions["policy"], planning_version=versions["planning"], predicted_values=values,
+            policy_version=versions["policy"], planning_version=versions["planning"], predicted_values=planned_values or values,
             final_state=final_state, error=error,
         )
 

@@ -107,8 +107,8 @@ def _paired(e: dict[str, Any]) -> dict[str, Any] | None:
 
 def phases(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Minutes of wall time per phase, from the records' wall clocks: demonstrations, the offline policy and
-    planning model, the round-0 evaluation, the online rounds (collection, refinement, evaluations between),
-    and the last evaluations."""
+    planning model, the services' start and the round-0 evaluation, the online rounds (collection,
+    refinement, evaluations between), and the last evaluations."""
     def wall(pred) -> float | None:
         hits = [r["wall_s"] for r in rows if pred(r)]
         return max(hits) if hits else None
@@ -117,7 +117,7 @@ def phases(rows: list[dict[str, Any]]) -> dict[str, float]:
         "demonstrations": wall(lambda r: r.get("kind") == "demos"),
         "policy_offline": wall(lambda r: r.get("phase") == "policy_offline" or r.get("kind") == "validation"),
         "planning_offline": wall(lambda r: r.get("phase") == "planning_offline"),
-        "evaluation_round_0": wall(lambda r: r.get("kind") == "eval" and r.get("round") == 0),
+        "services_and_round_0_evaluation": wall(lambda r: r.get("kind") == "eval" and r.get("round") == 0),
     }
     evals = [r for r in rows if r.get("kind") == "eval"]
     last_round = evals[-1].get("round") if evals else None

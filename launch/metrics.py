@@ -26,7 +26,7 @@ WHEN = {
 }
 
 CALIBRATION = {
-    "calibration/value_mean": "mean predicted value of the episodes' queries, [0, 1]",
+    "calibration/value_mean": "mean predicted value of the episodes' planned queries (of every query where none was planned), [0, 1]",
     "calibration/value_brier": "mean squared error of that prediction against the outcome (0 or 1)",
     "calibration/value_if_success": "mean predicted value of the episodes that succeeded",
     "calibration/value_if_failure": "mean predicted value of the episodes that failed",
@@ -47,6 +47,7 @@ METRICS: dict[str, dict[str, str]] = {
         "replay_wait_s": "s spent waiting for replay samples",
         "published_version": "the weight version published in the chunk (an integer)",
         "publish_s": "s to publish that version",
+        "seconds": "online: s the round's refinement took (it began seconds before the record)",
     },
     "validation": {"phase": "policy_offline (or policy_train)", "learner/step": "the policy learner's step", "val_loss": "held-out loss",
                    "best": "lowest held-out loss so far"},
@@ -56,6 +57,9 @@ METRICS: dict[str, dict[str, str]] = {
         "branch_episodes": "branching episodes collected (online.branch_states x planner.num_candidates, uninterrupted)",
         "branch_success_rate": "share of the branching episodes that succeed",
         "branch_states_contrasting": "share of the branched states whose branches disagree on the outcome (what the value learns from)",
+        "branch_judge_pair_accuracy": "the serving judge on the round's new branched states: share of (succeeding, failing) candidate "
+                                      "pairs of a state it scored in the right order (0.5: chance)",
+        "branch_judge_pick_success": "share of the branched states where the played candidate the judge scored highest succeeded",
         "env_steps_per_s": "simulator steps per second of collection", "episodes_per_s": "episodes per second of collection",
         "inference_s_per_query": "s per batch the PolicyServers served, since they started", **CALIBRATION,
     },

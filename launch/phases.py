@@ -6,14 +6,16 @@ Each phase records its completion in the run state, so a restarted job skips wha
 2. normalization statistics from them, and the embeddings of every instruction the job will see;
 3. offline training (DeepSpeed learner groups): the policy on the demonstrations until the
    held-out demonstrations' loss stops improving, then the planning model (world model + value)
-   from the policy's weights on the planning mixture.
+   from the policy's weights on the planning mixture (or, of a size of its own, beside the policy).
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -126,6 +128,21 @@ def env_instructions(cfg: Experiment) -> list[str]:
 
 
 # ---- offline training ----------------------------------------------------------------------------
+def in_background(name: str, fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` in a daemon thread (one that never holds up the job's exit after a failure elsewhere);
+    the future gives its result or raises what it raised."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to whoever waits for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future
+
+
 def learner_group(cfg: Experiment, what: str, learner_cfg: LearnerConfig, source: Any, publish: PublishConfig | None = None,
                   publisher: WeightPublisher | None = None) -> LearnerGroup:
     """The ``what`` learner of this experiment: ``learner.world_size`` ranks with its resources (ready when returned)."""
@@ -141,7 +158,17 @@ def learner_group(cfg: Experiment, what: str, learner_cfg: LearnerConfig, source
 
 def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
             text: TextEmbeddingCache) -> tuple[str, str]:
-    """Train (or take) the policy and the planning model; returns their checkpoint directories."""
+    """Train (or take) the policy and the planning model; returns their checkpoint directories.
+
+    A planning model of its own size (model.planning_size) owes nothing to the policy: it trains beside it
+    (two learners on the cluster at once); otherwise it starts from the policy's weights, after it.
+    """
+    planning_ckpt = cfg.model.planning_checkpoint or state.get("planning_checkpoint")
+    planning: Future | None = None
+    if planning_ckpt is None and cfg.model.planning_size:  # a planning model of its own size, from scratch
+        model = CosmosPolicyModel.build(load_model_config(cfg.model.planning_size), load_layout(cfg.model.layout), seed=cfg.seed + 1)
+        init = str(save_checkpoint(run_dir / "checkpoints" / "planning_init", model, stats=stats, text=text))
+        planning = in_background("offline-planning", train_offline, cfg, run_dir, monitor, "planning", init, demos, stats, text)
     policy_ckpt = cfg.model.checkpoint or state.get("policy_checkpoint")
     if policy_ckpt is None:
         model = CosmosPolicyModel.build(load_model_config(cfg.model.size), load_layout(cfg.model.layout), seed=cfg.seed)
@@ -149,13 +176,8 @@ def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, d
         train, val = split_validation(cfg, demos)
         policy_ckpt = train_offline(cfg, run_dir, monitor, "policy", str(init), train, stats, text, val)
         state.set(policy_checkpoint=policy_ckpt)
-    planning_ckpt = cfg.model.planning_checkpoint or state.get("planning_checkpoint")
     if planning_ckpt is None:
-        init = str(policy_ckpt)
-        if cfg.model.planning_size:  # a planning model of its own size, from scratch
-            model = CosmosPolicyModel.build(load_model_config(cfg.model.planning_size), load_layout(cfg.model.layout), seed=cfg.seed + 1)
-            init = str(save_checkpoint(run_dir / "checkpoints" / "planning_init", model, stats=stats, text=text))
-        planning_ckpt = train_offline(cfg, run_dir, monitor, "planning", init, demos, stats, text)
+        planning_ckpt = planning.result() if planning else train_offline(cfg, run_dir, monitor, "planning", str(policy_ckpt), demos, stats, text)
         state.set(planning_checkpoint=planning_ckpt)
     return str(policy_ckpt), str(planning_ckpt)
 

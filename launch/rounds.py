@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +21,7 @@ from cosmos_policy.contracts import Target
 from cosmos_policy.episode import episode_seed
 from launch.experiment import Experiment
 from launch.monitor import Monitor, say
-from launch.phases import learner_group
+from launch.phases import in_background, learner_group
 from launch.services import Services
 from learner.group import LearnerGroup, PublishConfig
 from learner.sources import ReplaySource
@@ -54,10 +53,11 @@ class OnlineLearner:
     def refine(self, round_: int, monitor: Monitor, stopping: Callable[[], bool]) -> int:
         """A round's steps (publishing every ``publish_every``); returns the version the round ends on (published)."""
         rows: list[dict[str, float]] = []
+        start = time.time()
         if self.steps:
             self.group.train(self.steps, chunk=min(10, self.group.publish_cfg.every), should_stop=stopping, on_metrics=lambda r: (
                 rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), self.steps)))
-            monitor.learner(f"{self.target.value}_online", rows)
+            monitor.learner(f"{self.target.value}_online", rows, seconds=time.time() - start)
         if stopping():  # the round is not recorded: a restart collects it again from the saved learner
             raise Stop()
         # Every round ends on a published version (the last step may fall between publications).
@@ -80,10 +80,7 @@ def refine(learners: list[OnlineLearner], round_: int, monitor: Monitor, stoppin
 
     if not beside:
         return run
-    pool = ThreadPoolExecutor(1, thread_name_prefix=f"refine-round-{round_}")
-    future = pool.submit(run)
-    pool.shutdown(wait=False)  # the thread ends with the refinement
-    return future.result
+    return in_background(f"refine-round-{round_}", run).result
 
 
 def save_round(services: Services, learners: list[OnlineLearner], monitor: Monitor, round_: int) -> None:
@@ -156,14 +153,16 @@ def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) 
         meta = {"round": round_} if job.branch is None else {"round": round_, "branch_of": job.seed, "candidate": job.branch[-1]}
         return runner.run.remote(job.task, job.seed, None, meta, None, None, job.branch)
 
-    played = spread(services.runners, collection_jobs(cfg, services.tasks, round_), play, progress)
+    jobs = collection_jobs(cfg, services.tasks, round_)
+    monitor.progress(f"round {round_}: collecting", 0, len(jobs))
+    played = spread(services.runners, jobs, play, progress)
     results = [r for _, r in played]
     seconds = max(time.time() - start, 1e-9)
     ok = [r for r in results if not r.interrupted]
     plain = [r for job, r in played if job.branch is None and not r.interrupted]
     steps = sum(r.steps for r in results)
     monitor.log("collect", {"round": round_, "episodes": len(results), "interrupted": len(results) - len(ok),
-                            "success_rate": float(np.mean([r.success for r in plain])) if plain else 0.0,
+                            **({"success_rate": float(np.mean([r.success for r in plain]))} if plain else {}),
                             **branching_figures([(job, r) for job, r in played if job.branch is not None and not r.interrupted]),
                             "env_steps": steps, "env_steps_per_s": steps / seconds, "episodes_per_s": len(results) / seconds,
                             "inference_s_per_query": services.seconds_per_batch(),
@@ -173,15 +172,46 @@ def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) 
 
 
 def branching_figures(played: list[tuple[Job, EpisodeResult]]) -> dict[str, float]:
-    """What a round's branching gave: its episodes, their success, and the share of states whose branches
-    disagree on the outcome (the states that teach the value to rank candidates)."""
+    """What a round's branching gave: its episodes, their success, the share of states whose branches
+    disagree on the outcome (the states that teach the value to rank candidates), and how the serving
+    judge ranked the candidates of those new states before learning from them (``judge_figures``)."""
     if not played:
         return {}
     outcomes: dict[tuple[str, int], set[bool]] = {}
     for job, r in played:
         outcomes.setdefault((job.task, job.seed), set()).add(r.success)
     return {"branch_episodes": len(played), "branch_success_rate": float(np.mean([r.success for _, r in played])),
-            "branch_states_contrasting": float(np.mean([len(o) == 2 for o in outcomes.values()]))}
+            "branch_states_contrasting": float(np.mean([len(o) == 2 for o in outcomes.values()])), **judge_figures(played)}
+
+
+def judge_figures(played: list[tuple[Job, EpisodeResult]]) -> dict[str, float]:
+    """The judge graded on the round's branching episodes, states it has not trained on, at no extra cost.
+
+    Every branch of a state makes the same planning query at its branch point, so each knows the judge's
+    score of the candidate it then played, and how that candidate ended. Per state (and judge version):
+    over pairs of a succeeding and a failing candidate, how often the judge scores the succeeding one
+    higher (``branch_judge_pair_accuracy``; 0.5 is chance, ties count half), and how often the played
+    candidate the judge scores highest succeeds (``branch_judge_pick_success``; against
+    ``branch_success_rate``, what a random pick gives).
+    """
+    states: dict[tuple[str, int, int | None], list[tuple[float, bool]]] = {}
+    for job, r in played:
+        k = len(job.branch or ()) - 1  # the branch point's query: its value is the played candidate's score
+        if 0 <= k < len(r.predicted_values):
+            states.setdefault((job.task, job.seed, r.planning_version), []).append((r.predicted_values[k], r.success))
+    wins = pairs = 0.0
+    picks = []
+    for branches in states.values():
+        if len(branches) < 2:
+            continue
+        picks.append(max(branches, key=lambda b: b[0])[1])
+        for v_s, ok_s in branches:
+            for v_f, ok_f in branches:
+                if ok_s and not ok_f:
+                    pairs += 1
+                    wins += 1.0 if v_s > v_f else 0.5 if v_s == v_f else 0.0
+    out = {"branch_judge_pick_success": float(np.mean(picks))} if picks else {}
+    return {**out, "branch_judge_pair_accuracy": wins / pairs} if pairs else out
 
 
 def calibration(results: list[EpisodeResult]) -> dict[str, float]:

@@ -122,9 +122,11 @@ def test_plan_queries_plans_only_the_first_queries(tiny_policy_parts):
     try:
         result = runner.run("lift", seed=0, initial_state=runner.env.initial_states("lift")[0])
         assert result.queries == 3 and flags == [True, False, False]
+        assert len(result.predicted_values) == 1  # the planner's value alone is its calibration, not the policy's own
         flags.clear()
-        runner.run("lift", seed=0, initial_state=runner.env.initial_states("lift")[0], plan=False)
+        alone = runner.run("lift", seed=0, initial_state=runner.env.initial_states("lift")[0], plan=False)
         assert flags == [False, False, False]  # never plans when planning is off
+        assert len(alone.predicted_values) == 3  # no planned query: every query's value
     finally:
         runner.close()
     for bad in (0, -2, True, 1.5):

@@ -177,6 +177,25 @@ def test_unknown_experiment_name_lists_the_known_ones() -> None:
         load_experiment("quickstrat")
 
 
+def test_the_judge_is_graded_on_each_rounds_new_branched_states() -> None:
+    """Each branch records the judge's score of the candidate it played at the branch point: per state,
+    (succeeding, failing) pairs in the right order, and the outcome of the judge's pick among the played."""
+    from actors.env_runner import EpisodeResult
+    from launch.rounds import Job, judge_figures
+
+    def played(seed: int, candidate: int, value: float, success: bool, version: int = 1) -> tuple[Job, EpisodeResult]:
+        return Job("lift", seed, (candidate,)), EpisodeResult(episode_id="", task="lift", seed=seed, success=success, steps=1, queries=1,
+                                                              interrupted=False, wall_s=0.0,
+                                                              planning_version=version, predicted_values=[value])
+
+    rows = [played(5, 0, 0.9, True), played(5, 1, 0.2, False), played(5, 2, 0.5, True),  # both pairs right, the pick succeeds
+            played(6, 0, 0.1, True), played(6, 1, 0.8, False),  # the one pair wrong, the pick fails
+            played(7, 0, 0.4, True), played(7, 1, 0.4, False),  # a tie counts half
+            played(8, 0, 0.3, True, version=2)]  # alone under its judge version: no pair
+    assert judge_figures(rows) == pytest.approx({"branch_judge_pair_accuracy": 2.5 / 4, "branch_judge_pick_success": 2 / 3})
+    assert judge_figures(rows[-1:]) == {}
+
+
 # ---- monitor -----------------------------------------------------------------------------------
 def test_the_budget_ends_the_rounds_while_the_last_evaluations_still_fit(tmp_path: Path) -> None:
     """online.budget_s: a round starts only if it, the evaluation between and the last evaluations fit, each
@@ -360,7 +379,7 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), "--config", "lift_learning", f"run_dir={run_dir}", *SMALL, "online.rounds=2",
            "online.refine_policy=true", "online.policy_refine_steps=2", "online.branch_states=1", "model.size=tiny", "model.planning_size=tiny",
-           "online.servers=1", "online.budget_s=null", "planner.num_candidates=3", "online.branch_candidates=2",
+           "online.servers=1", "online.budget_s=null", "online.episodes_per_round=0", "planner.num_candidates=3", "online.branch_candidates=2",
            "eval.seeds=[0]", "eval.trials_between=1", "eval.fresh_trials=1", "eval.fresh_first_trial=2",
            "learner.gpus_per_worker=0", "learner.cpus_per_worker=1"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
@@ -400,10 +419,12 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     (fresh,) = _records(run_dir, "eval_fresh")
     assert (fresh["round"], fresh["episodes"], fresh["first_trial"]) == (2, 1, 2) and "success_rate_no_plan" in fresh
     assert sum(fresh[f"paired/{k}"] for k in ("only_planned", "only_alone", "both", "neither")) == 1
-    # The refinement ran beside the collection (online.refine_beside_collection) in round 1: the learner's
-    # first online record comes before the round's collection record.
-    first_online = next(r["wall_s"] for r in _records(run_dir, "learner") if r["phase"] == "planning_online")
-    assert first_online < _records(run_dir, "collect")[0]["wall_s"]
+    # The refinement ran beside the collection (online.refine_beside_collection) in round 1: it began before
+    # the collection did (a refinement after it would begin after the collection's end).
+    refined = next(r for r in _records(run_dir, "learner") if r["phase"] == "planning_online")
+    collected = _records(run_dir, "collect")[0]
+    collect_start = collected["wall_s"] - collected["episodes"] / collected["episodes_per_s"]
+    assert refined["wall_s"] - refined["seconds"] < collect_start + 0.5, (refined, collected)
     # The figures of the run, written by the committed script from its metrics alone.
     out = tmp_path / "learning_curve.json"
     report = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curve_report.py"), str(run_dir), "--out", str(out)],

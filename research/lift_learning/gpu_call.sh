@@ -28,6 +28,6 @@ while [ "$SECONDS" -lt "$limit" ] && kill -0 "$pid" 2>/dev/null; do sleep 5; don
 kill -0 "$pid" 2>/dev/null && echo "job running (pid $pid)" || echo "job ended"
 cp -f runs/job.log runs/gpu.csv "$out"/ 2>/dev/null
 cp -f "$run"/metrics.jsonl "$run"/success_rate.png "$run"/state.json "$out"/ 2>/dev/null
-du -sh "$run" "$run"/* "$run"/learner/* 2>/dev/null > "$out"/sizes.txt
+for d in "$run" "$run"/* "$run"/learner/* "$run"/replay/*; do du -sh "$d"; done 2>/dev/null > "$out"/sizes.txt  # what a resume needs
 grep -v "^\[" runs/job.log | tail -40
 tail -5 runs/job.log
