@@ -438,6 +438,9 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert figures["experience_episodes"] == sum(r["episodes"] for r in _records(run_dir, "collect"))
     assert [v["planning_version"] for v in figures["versions"]] == [e["weight_version"] for e in evals]
     assert (run_dir / "checkpoints" / "planning_init" / "manifest.json").is_file()  # model.planning_size: a planning model of its own
+    # The offline phases' learner checkpoints go once their exports are recorded: a resume needs the exports only.
+    assert not (run_dir / "learner" / "policy_offline").exists() and not (run_dir / "learner" / "planning_offline").exists()
+    assert (run_dir / "checkpoints" / "policy" / "manifest.json").is_file() and (run_dir / "checkpoints" / "planning" / "manifest.json").is_file()
     # Branching collection: each round one new state played once per branched candidate (the first 2 of 3), recorded
     # with its branch point's frames.
     assert all(r["branch_episodes"] == 2 for r in _records(run_dir, "collect"))
