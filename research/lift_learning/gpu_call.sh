@@ -20,13 +20,14 @@ if [ "$what" = start ]; then
   nproc
   export PYTHONPATH=/tmp/site MUJOCO_GL=egl PYOPENGL_PLATFORM=egl RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
   setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > runs/gpu.csv 2>&1 < /dev/null &
+  setsid nohup bash -c 'while sleep 5; do echo "$(date +%s) $(cat /proc/loadavg)"; done' > runs/load.txt 2>&1 < /dev/null &
   setsid nohup python3 launch/online.py --config lift_learning logging.wandb=disabled "$@" > runs/job.log 2>&1 < /dev/null &
   echo $! > runs/job.pid
 fi
 pid=$(cat runs/job.pid)
 while [ "$SECONDS" -lt "$limit" ] && kill -0 "$pid" 2>/dev/null; do sleep 5; done
 kill -0 "$pid" 2>/dev/null && echo "job running (pid $pid)" || echo "job ended"
-cp -f runs/job.log runs/gpu.csv "$out"/ 2>/dev/null
+cp -f runs/job.log runs/gpu.csv runs/load.txt "$out"/ 2>/dev/null
 cp -f "$run"/metrics.jsonl "$run"/success_rate.png "$run"/state.json "$out"/ 2>/dev/null
 for d in "$run" "$run"/* "$run"/learner/* "$run"/replay/*; do du -sh "$d"; done 2>/dev/null > "$out"/sizes.txt  # what a resume needs
 grep -v "^\[" runs/job.log | tail -40
