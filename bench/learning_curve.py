@@ -54,6 +54,7 @@ from actors.policies import PolicySpec, ServerPolicy  # noqa: E402
 from actors.policy_server import PolicyServer  # noqa: E402
 from launch.config import load_experiment  # noqa: E402
 from launch.online import run  # noqa: E402
+from launch.run_state import RunState  # noqa: E402
 
 
 def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str, initial_states: int, seeds: list[int], plan: bool) -> dict:
@@ -105,11 +106,11 @@ def main() -> None:
     start = time.time()
     run(cfg)
     train_s = time.time() - start
-    state = json.loads((Path(cfg.run_dir) / "state.json").read_text())
+    state = RunState(Path(cfg.run_dir))
     seeds = [int(s) for s in args.seeds.split(",")]
-    policy, planning_offline = state["policy_checkpoint"], state["planning_checkpoint"]
-    planning_final = str(Path(args.planning).resolve()) if args.planning else state.get("planning_latest", planning_offline)
-    policy_final = state.get("policy_latest") or policy  # the refined policy, with online.refine_policy
+    policy, planning_offline = state.get_path("policy_checkpoint"), state.get_path("planning_checkpoint")
+    planning_final = str(Path(args.planning).resolve()) if args.planning else state.get_path("planning_latest") or planning_offline
+    policy_final = state.get_path("policy_latest") or policy  # the refined policy, with online.refine_policy
     figures: dict = {
         "eval_seeds": seeds,
         "initial_states": args.initial_states,

@@ -259,7 +259,8 @@ class LearnerSection(LearnerConfig):
 
 
 # Fields of LearnerConfig the job sets from its other sections: naming them in an experiment is an error.
-LEARNER_DERIVED = {"model": "model.size", "layout": "model.layout", "init_checkpoint": "model.checkpoint", "lr": "offline.lr / online.lr",
+LEARNER_DERIVED = {"model": "model.size", "layout": "model.layout", "init_checkpoint": "model.checkpoint",
+                   "init_counts": "the run's latest export", "lr": "offline.lr / online.lr",
                    "micro_batch": "offline.batch / online.batch and learner.grad_accum", "checkpoint_dir": "run_dir", "seed": "seed"}
 
 
@@ -400,7 +401,7 @@ class Experiment:
             raise ConfigError(f"data.{field_name}: {exc}") from exc
 
     def learner_config(self, checkpoint_dir: str, online: bool, init_checkpoint: str | None = None, steps: int | None = None,
-                       lr: float | None = None) -> LearnerConfig:
+                       lr: float | None = None, init_counts: bool = False) -> LearnerConfig:
         """One learner's config: the ``learner`` section plus what the phase sets (model, steps, lr, batch, where to save)."""
         section = self.online if online else self.offline
         total = steps or (self.online.refine_steps * max(1, self.online.rounds) if online else self.offline.policy_steps)
@@ -411,7 +412,8 @@ class Experiment:
             raise ConfigError(f"learner.grad_accum: expected a divisor of {'online' if online else 'offline'}.batch ({section.batch}), got {accum}")
         engine = {f.name for f in dataclasses.fields(LearnerConfig)}
         values = {k: v for k, v in dataclasses.asdict(self.learner).items() if k in engine}
-        values.update(model=self.model.size, layout=self.model.layout, init_checkpoint=init_checkpoint, lr=lr or section.lr,
+        values.update(model=self.model.size, layout=self.model.layout, init_checkpoint=init_checkpoint, init_counts=init_counts,
+                      lr=lr or section.lr,
                       micro_batch=section.batch // accum, checkpoint_dir=checkpoint_dir, checkpoint_every=0, seed=self.seed,
                       schedule=schedule, betas=tuple(self.learner.betas))
         return LearnerConfig(**values)

@@ -48,6 +48,7 @@ METRICS: dict[str, dict[str, str]] = {
         "published_version": "the weight version published in the chunk (an integer)",
         "publish_s": "s to publish that version",
         "seconds": "online: s the round's refinement took (it began seconds before the record)",
+        "round": "online: the round whose refinement this was",
     },
     "validation": {"phase": "policy_offline (or policy_train)", "learner/step": "the policy learner's step", "val_loss": "held-out loss",
                    "best": "lowest held-out loss so far"},

@@ -44,19 +44,21 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     beside it), publish, evaluate; repeat until online.rounds or online.budget_s, then the last evaluations.
 
     A resumed job serves the newest weights it exported (their versions are in the checkpoints) and
-    its learners resume from their own checkpoints.
+    its learners resume from their own checkpoints, or, where a run was moved without them, from those
+    exports (same step, version and schedule; a fresh optimizer state).
     """
     from launch.offline import source_kwargs
     from launch.rounds import Budget, OnlineLearner, Stop, collect, evaluate_round, refine, save_round
     from launch.services import Services
 
-    latest = {t: state.get(f"{t.value}_latest") or checkpoints[t] for t in Target}
+    latest = {t: state.get_path(f"{t.value}_latest") or checkpoints[t] for t in Target}
     services = Services.start(cfg, latest[Target.POLICY], latest[Target.PLANNING])
     if not state.get("demos_in_replay"):
         state.set(demos_in_replay=services.insert_demos(demos))
     targets = [Target.PLANNING] + ([Target.POLICY] if cfg.online.refine_policy else [])
     kwargs = source_kwargs(cfg, stats, text, cfg.online.batch)
-    learners = [OnlineLearner.start(cfg, run_dir, services, t, checkpoints[t], kwargs) for t in targets]
+    learners = [OnlineLearner.start(cfg, run_dir, services, t, latest[t], kwargs, exported=bool(state.get(f"{t.value}_latest")))
+                for t in targets]
     versions = services.versions()
     budget = Budget(cfg, monitor)
     try:
@@ -75,7 +77,7 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
                 state.set(collected=round_)
             versions.update(refined())
             services.wait_for({t.target.value: versions[t.target.value] for t in learners})
-            exported = {f"{t.target.value}_latest": t.export(run_dir) for t in learners}
+            exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}
             last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
             evaluate_round(cfg, services, monitor, round_, versions, last=last)
             if last and cfg.eval.fresh_trials:

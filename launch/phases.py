@@ -164,23 +164,23 @@ def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, d
     A planning model of its own size (model.planning_size) owes nothing to the policy: it trains beside it
     (two learners on the cluster at once); otherwise it starts from the policy's weights, after it.
     """
-    planning_ckpt = cfg.model.planning_checkpoint or state.get("planning_checkpoint")
+    planning_ckpt = cfg.model.planning_checkpoint or state.get_path("planning_checkpoint")
     planning: Future | None = None
     if planning_ckpt is None and cfg.model.planning_size:  # a planning model of its own size, from scratch
         model = CosmosPolicyModel.build(load_model_config(cfg.model.planning_size), load_layout(cfg.model.layout), seed=cfg.seed + 1)
         init = str(save_checkpoint(run_dir / "checkpoints" / "planning_init", model, stats=stats, text=text))
         planning = in_background("offline-planning", train_offline, cfg, run_dir, monitor, "planning", init, demos, stats, text)
-    policy_ckpt = cfg.model.checkpoint or state.get("policy_checkpoint")
+    policy_ckpt = cfg.model.checkpoint or state.get_path("policy_checkpoint")
     if policy_ckpt is None:
         model = CosmosPolicyModel.build(load_model_config(cfg.model.size), load_layout(cfg.model.layout), seed=cfg.seed)
         init = save_checkpoint(run_dir / "checkpoints" / "init", model, stats=stats, text=text)
         train, val = split_validation(cfg, demos)
         policy_ckpt = train_offline(cfg, run_dir, monitor, "policy", str(init), train, stats, text, val)
-        state.set(policy_checkpoint=policy_ckpt)
+        state.set(policy_checkpoint=state.inside(policy_ckpt))
         done_with_learner(run_dir, "policy_offline")
     if planning_ckpt is None:
         planning_ckpt = planning.result() if planning else train_offline(cfg, run_dir, monitor, "planning", str(policy_ckpt), demos, stats, text)
-        state.set(planning_checkpoint=planning_ckpt)
+        state.set(planning_checkpoint=state.inside(planning_ckpt))
         done_with_learner(run_dir, "planning_offline")
     return str(policy_ckpt), str(planning_ckpt)
 

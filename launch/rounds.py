@@ -40,13 +40,18 @@ class OnlineLearner:
     steps: int  # learner steps per round
 
     @classmethod
-    def start(cls, cfg: Experiment, run_dir: Path, services: Services, target: Target, init: str, source_kwargs: dict[str, Any]) -> OnlineLearner:
-        """From ``init``'s weights, or from its own checkpoint under run_dir when the job resumes; publishes ``target``."""
+    def start(cls, cfg: Experiment, run_dir: Path, services: Services, target: Target, init: str, source_kwargs: dict[str, Any],
+              exported: bool = False) -> OnlineLearner:
+        """From ``init``'s weights, or from its own checkpoint under run_dir when the job resumes; publishes ``target``.
+
+        ``exported``: ``init`` is this learner's own latest export, whose step and version it continues
+        when its checkpoint is gone (a run moved without ``learner/``)."""
         policy = target is Target.POLICY
         steps = cfg.online.policy_refine_steps if policy else cfg.online.refine_steps
         source = ReplaySource(services.replay, mixture=cfg.mixture("policy_online" if policy else "planning"), **source_kwargs)
         learner_cfg = cfg.learner_config(str(run_dir / "learner" / f"{target.value}_online"), online=True, init_checkpoint=init,
-                                         steps=steps * max(1, cfg.online.rounds), lr=cfg.online.policy_lr if policy else None)
+                                         steps=steps * max(1, cfg.online.rounds), lr=cfg.online.policy_lr if policy else None,
+                                         init_counts=exported)
         publish = PublishConfig(every=cfg.online.publish_every, target=target.value)
         return cls(target, learner_group(cfg, f"online {target.value}", learner_cfg, source, publish, services.weights), steps)
 
@@ -57,7 +62,7 @@ class OnlineLearner:
         if self.steps:
             self.group.train(self.steps, chunk=min(10, self.group.publish_cfg.every), should_stop=stopping, on_metrics=lambda r: (
                 rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), self.steps)))
-            monitor.learner(f"{self.target.value}_online", rows, seconds=time.time() - start)
+            monitor.learner(f"{self.target.value}_online", rows, round=round_, seconds=time.time() - start)
         if stopping():  # the round is not recorded: a restart collects it again from the saved learner
             raise Stop()
         # Every round ends on a published version (the last step may fall between publications).

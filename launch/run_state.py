@@ -1,7 +1,8 @@
 """``<run_dir>/state.json``: which phases of a run are done and where their outputs are.
 
 A restarted job with the same run directory reads it and skips what is done. It records phases
-and paths only: weight versions belong to the learner (its checkpoints, and the metadata of every
+and paths only (paths inside the run directory relative to it, so the directory can move between
+machines or folders): weight versions belong to the learner (its checkpoints, and the metadata of every
 checkpoint it exports), so there is one owner of a version number.
 """
 
@@ -28,3 +29,13 @@ class RunState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
+
+    def inside(self, path: str | Path) -> str:
+        """``path`` as recorded: relative to the run directory where it lies inside it, else absolute."""
+        root, path = self.path.parent.resolve(), Path(path).resolve()
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+    def get_path(self, key: str) -> str | None:
+        """A recorded path (``inside``; older runs recorded absolute ones), resolved against the run directory."""
+        value = self.data.get(key)
+        return None if value is None else str(self.path.parent.resolve() / value)

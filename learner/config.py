@@ -24,6 +24,11 @@ class LearnerConfig:
     """Latent layout (configs/layout) of a model built from scratch (the job: model.layout)."""
     init_checkpoint: str | None = None
     """The weights to refine, a checkpoint in our format (the job: the phase's starting checkpoint)."""
+    init_counts: bool = False
+    """Continue the step and weight-version counts recorded in ``init_checkpoint`` (its export metadata),
+    when ``checkpoint_dir`` holds no checkpoint of its own: a run moved without its learner checkpoints
+    resumes from its latest export on the same schedule and version numbers, with a fresh optimizer state
+    (the job: set when an online learner restarts from the run's latest export)."""
     lr: float = 1e-4
     """Peak learning rate (the job: offline.lr or online.lr)."""
     betas: tuple[float, float] = (0.9, 0.99)

@@ -36,6 +36,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
@@ -128,6 +129,7 @@ class Learner:
         self.stats: NormalizationStats | None = None
         self.text: TextEmbeddingCache | None = None
         self._packer = Packer(torch.bfloat16)  # publication buffers, reused version after version
+        self._init_metadata: dict[str, Any] = {}  # the init checkpoint's export metadata (step, version)
         self.model = model if model is not None else self._initial_model()
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.cuda)
         self._vae_export_dtype = self.model.tokenizer.dtype
@@ -163,6 +165,8 @@ class Learner:
         self.step = 0
         self.version = 0
         self.samples = 0
+        if config.init_counts and self._init_metadata:  # resume() below still prefers a checkpoint of its own
+            self._continue_counts(self._init_metadata)
         # GPUs: a host thread prepares the next micro-batch (source, checks, pinning) during this one.
         self.prepare_ahead = config.prepare_ahead if config.prepare_ahead is not None else self.cuda
         self._ahead: tuple[int, Future] | None = None
@@ -171,13 +175,22 @@ class Learner:
         cfg = self.config
         if cfg.init_checkpoint:
             ckpt = load_checkpoint(cfg.init_checkpoint)
-            self.stats, self.text = ckpt.stats, ckpt.text
+            self.stats, self.text, self._init_metadata = ckpt.stats, ckpt.text, ckpt.metadata
             model = ckpt.model
             model.denoiser.train()
             for p in model.denoiser.parameters():
                 p.requires_grad_(True)
             return model
         return CosmosPolicyModel.build(load_model_config(cfg.model), load_layout(cfg.layout), seed=cfg.seed)
+
+    def _continue_counts(self, metadata: dict[str, Any]) -> None:
+        """Step, weight version and samples from an export's metadata, and the schedule moved to that step."""
+        self.step, self.version = int(metadata.get("step", 0)), int(metadata.get("version", 0))
+        self.samples = int(metadata.get("samples", 0))
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no step is taken here
+            warnings.simplefilter("ignore")
+            self.scheduler.last_epoch = self.step - 1
+            self.scheduler.step()
 
     # ---- training ----------------------------------------------------------------------
     def generator(self, micro: int, step: int | None = None) -> torch.Generator:
@@ -328,7 +341,8 @@ class Learner:
         with torch.device("cpu"):
             out = CosmosPolicyModel(cfg, self.model.layout, vae=vae)
         out.denoiser.net.load_state_dict(state)
-        return save_checkpoint(path, out, stats=self.stats, text=self.text, metadata={"step": self.step, "version": self.version})
+        return save_checkpoint(path, out, stats=self.stats, text=self.text,
+                               metadata={"step": self.step, "version": self.version, "samples": self.samples})
 
     def packed_weights(self) -> Packed:
         """The denoiser weights packed for publication (bf16), into arrays reused from the last publication."""

@@ -53,6 +53,25 @@ def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tmp_path):
     torch.use_deterministic_algorithms(False)
 
 
+def test_a_learner_without_its_checkpoints_continues_from_its_export(tmp_path):
+    """learner.init_counts: a run moved without its learner checkpoints restarts from the latest export on the
+    same step, weight version and learning rate (a fresh optimizer state); without it, the counts start at 0."""
+    os.environ.update(MASTER_PORT="29635")
+    schedule = ScheduleConfig(warmup_steps=0, cycle_steps=10, end_of_cycle=0.5)
+    first = Learner(config(tmp_path / "a", schedule=schedule), synthetic_source(2))
+    for _ in range(3):
+        first.train_step()
+    first.version = 2  # two publications (the group's publish counts them)
+    export = first.export(tmp_path / "export")
+    moved = Learner(config(tmp_path / "b", schedule=schedule, init_checkpoint=str(export), init_counts=True), synthetic_source(2))
+    assert not moved.resume()  # nothing of its own under checkpoint_dir
+    assert (moved.step, moved.version, moved.samples) == (3, 2, first.samples)
+    assert moved.scheduler.get_last_lr() == pytest.approx(first.scheduler.get_last_lr())  # 2e-3 * (1 - 0.5 * 3 / 10)
+    assert moved.train_step()["lr"] == pytest.approx(first.train_step()["lr"])
+    fresh = Learner(config(tmp_path / "c", schedule=schedule, init_checkpoint=str(export)), synthetic_source(2))
+    assert (fresh.step, fresh.version) == (0, 0)
+
+
 def test_bad_configs_and_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="learner.zero_stage"):
         LearnerConfig(zero_stage=4)

@@ -370,19 +370,21 @@ def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
 def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     """The learning experiment (lift_learning) scaled down, stopped by SIGTERM (``ray job stop``; Ctrl-C's SIGINT
     takes the same path) in the middle of round 2: a final learner checkpoint, exit 0, no error line (Ray's
-    own SIGTERM handler would print a stack trace and lose the checkpoint); the same command again finishes
-    the remaining rounds.
+    own SIGTERM handler would print a stack trace and lose the checkpoint); the same command again, on the
+    run directory moved to another folder without the planning learner's checkpoints (what a move between
+    machines needs leaves them out), finishes the remaining rounds.
 
     Branching collection, a planning model of its own size, smaller evaluations between the first and the
     last; with the policy refined too (online.refine_policy): both learners checkpoint and resume, and every
     round's evaluation runs on the round's published policy and planning versions."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), "--config", "lift_learning", f"run_dir={run_dir}", *SMALL, "online.rounds=2",
+    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), "--config", "lift_learning", *SMALL, "online.rounds=2",
            "online.refine_policy=true", "online.policy_refine_steps=2", "online.branch_states=1", "model.size=tiny", "model.planning_size=tiny",
            "online.servers=1", "online.budget_s=null", "online.episodes_per_round=0", "planner.num_candidates=3", "online.branch_candidates=2",
            "eval.seeds=[0]", "eval.trials_between=1", "eval.fresh_trials=1", "eval.fresh_first_trial=2",
            "learner.gpus_per_worker=0", "learner.cpus_per_worker=1"]
-    proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = subprocess.Popen([*cmd, f"run_dir={run_dir}"], env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
     sent: list[str] = []  # one signal: a second one aborts at once
 
     def stop_once(line: str) -> None:
@@ -399,12 +401,24 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert not state.get("finished") and state["round"] == 1  # round 2 was cut: the restart plays it again
     assert (run_dir / "learner" / "planning_online" / "latest").is_file()
     assert (run_dir / "learner" / "policy_online" / "latest").is_file()
-    again = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    round1_step = max(r["learner/step"] for r in _records(run_dir, "learner") if r["phase"] == "planning_online" and r["round"] == 1)
+    # Moved: another folder, and without the planning learner's checkpoints (Adam's state: most of a run directory).
+    # It continues from its latest export (round 1's), on the same step and version counts; the policy's learner
+    # resumes from its own checkpoint (saved at the stop, in round 2).
+    run_dir = run_dir.rename(tmp_path / "moved")
+    shutil.rmtree(run_dir / "learner" / "planning_online")
+    again = subprocess.Popen([*cmd, f"run_dir={run_dir}"], env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=tmp_path)
     lines = _timed_lines(again)
     assert again.returncode == 0, "".join(line for _, line in lines)[-4000:]
     assert "(resuming)" in "".join(line for _, line in lines)
     _check_the_log_speaks(lines)
     _check_finished_run(run_dir, rounds=2)
+    restarted = _records(run_dir, "start")[-1]["time"]
+    refined = [r for r in _records(run_dir, "learner") if r["phase"] == "planning_online" and r["time"] > restarted]
+    assert refined and min(r["learner/step"] for r in refined) > round1_step, (round1_step, refined)
+    planning_versions = [e["weight_version"] for e in _records(run_dir, "eval")]
+    assert planning_versions == sorted(set(planning_versions)), planning_versions
     # The policy's versions: 0 (offline) at round 0, then one more published version per round, each
     # served before the round's evaluation (else wait_for_version fails the job); the latest exported.
     policy_versions = [e["policy_version"] for e in _records(run_dir, "eval")]
@@ -412,7 +426,8 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert {r["phase"] for r in _records(run_dir, "learner")} >= {"policy_online"}
     # The version's one owner is the learner: the exported checkpoint carries it (state.json only names the checkpoint).
     state = json.loads((run_dir / "state.json").read_text())
-    manifest = json.loads((Path(state["policy_latest"]) / "manifest.json").read_text())
+    assert not Path(state["policy_latest"]).is_absolute()  # paths inside the run directory: relative to it, the directory can move
+    manifest = json.loads((run_dir / state["policy_latest"] / "manifest.json").read_text())
     assert manifest["metadata"]["version"] == policy_versions[-1] and "policy_version" not in state
     assert [e["episodes"] for e in _records(run_dir, "eval")] == [2, 1, 2]  # eval.trials_between at round 1
     # The last round's evaluation on states used for nothing else (trial 2 of 0..3), with planning and alone, paired.
