@@ -27,7 +27,7 @@ DEMO_ARGS ?=
 
 .PHONY: demo test test-reverb install install-reverb system-packages clean
 
-# The main job on its built-in default (the quickstart): a local Ray cluster on 127.0.0.1, the tiny
+# The main job on its built-in default (the quickstart): a local Ray cluster on 127.0.0.1, the small
 # model, the built-in Lift task; W&B offline unless WANDB_API_KEY is set. Prints where the plot is.
 demo: $(STAMP)
 	MUJOCO_GL=egl RAY_USAGE_STATS_ENABLED=0 $(PY) launch/online.py $(DEMO_ARGS)

@@ -177,19 +177,21 @@ def offline(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, d
         train, val = split_validation(cfg, demos)
         policy_ckpt = train_offline(cfg, run_dir, monitor, "policy", str(init), train, stats, text, val)
         state.set(policy_checkpoint=state.inside(policy_ckpt))
-        done_with_learner(run_dir, "policy_offline")
+        done_with_learner(run_dir, "policy_offline", "init")
     if planning_ckpt is None:
         planning_ckpt = planning.result() if planning else train_offline(cfg, run_dir, monitor, "planning", str(policy_ckpt), demos, stats, text)
         state.set(planning_checkpoint=state.inside(planning_ckpt))
-        done_with_learner(run_dir, "planning_offline")
+        done_with_learner(run_dir, "planning_offline", "planning_init")
     return str(policy_ckpt), str(planning_ckpt)
 
 
-def done_with_learner(run_dir: Path, phase: str) -> None:
+def done_with_learner(run_dir: Path, phase: str, init: str) -> None:
     """Drop a finished offline phase's learner checkpoints (optimizer state included: most of a run
-    directory): its export holds the weights, and a resumed job never goes back into a phase that
-    the run state records as done. What a run needs to move between machines stays small."""
+    directory) and the fresh weights it started from (``checkpoints/<init>``): its export holds the
+    weights, and a resumed job never goes back into a phase that the run state records as done.
+    What a run needs to move between machines stays small."""
     shutil.rmtree(run_dir / "learner" / phase, ignore_errors=True)
+    shutil.rmtree(run_dir / "checkpoints" / init, ignore_errors=True)
 
 
 def train_offline(cfg: Experiment, run_dir: Path, monitor: Monitor, target: str, init: str, episodes: list[Episode],

@@ -31,7 +31,7 @@ SMALL = [
     "demos.episodes=6", "offline.policy_steps=8", "offline.validate_every=4", "offline.planning_steps=4", "offline.batch=4",
     "online.rounds=2", "online.episodes_per_round=4", "online.runners=2", "online.refine_steps=4", "online.publish_every=2",
     "online.batch=4", "eval.trials=2", "env.kwargs.max_steps=34", "env.kwargs.num_initial_states=4", "planner.num_candidates=2",
-    "planner.value_steps=[1]", "policy.action_steps=2", "logging.wandb=offline",
+    "planner.value_steps=[1]", "policy.action_steps=2", "logging.wandb=offline", "model.size=tiny", "learner.cpus_per_worker=1",
 ]
 
 
@@ -452,9 +452,10 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert figures["fresh_states_episodes"] == 1 and figures["evaluation_episodes"] == 2 and len(figures["commands"]) == 2
     assert figures["experience_episodes"] == sum(r["episodes"] for r in _records(run_dir, "collect"))
     assert [v["planning_version"] for v in figures["versions"]] == [e["weight_version"] for e in evals]
-    assert (run_dir / "checkpoints" / "planning_init" / "manifest.json").is_file()  # model.planning_size: a planning model of its own
-    # The offline phases' learner checkpoints go once their exports are recorded: a resume needs the exports only.
+    # The offline phases' learner checkpoints, and the fresh weights they began from (the planning model's of its own
+    # size: model.planning_size), go once their exports are recorded: a resume needs the exports only.
     assert not (run_dir / "learner" / "policy_offline").exists() and not (run_dir / "learner" / "planning_offline").exists()
+    assert not (run_dir / "checkpoints" / "init").exists() and not (run_dir / "checkpoints" / "planning_init").exists()
     assert (run_dir / "checkpoints" / "policy" / "manifest.json").is_file() and (run_dir / "checkpoints" / "planning" / "manifest.json").is_file()
     # Branching collection: each round one new state played once per branched candidate (the first 2 of 3), recorded
     # with its branch point's frames.

@@ -29,7 +29,8 @@ from cosmos_policy.errors import ConfigError  # noqa: E402
 from launch.train import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["offline.batch=4", "demos.validation_fraction=0.4", "offline.validate_every=2", "offline.warmup_steps=1", "logging.wandb=disabled", "env.kwargs.image_size=32"]
+SMALL = ["offline.batch=4", "demos.validation_fraction=0.4", "offline.validate_every=2", "offline.warmup_steps=1", "logging.wandb=disabled",
+         "env.kwargs.image_size=32", "model.size=tiny", "learner.cpus_per_worker=1"]
 
 
 @pytest.fixture(scope="module")
