@@ -107,16 +107,18 @@ def _paired(e: dict[str, Any]) -> dict[str, Any] | None:
 
 def phases(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Minutes of wall time per phase, from the records' wall clocks: demonstrations, the offline policy and
-    planning model, the services' start and the round-0 evaluation, the online rounds (collection,
+    planning model (trained at once), the services' start and the round-0 evaluation, the online rounds (collection,
     refinement, evaluations between), and the last evaluations."""
     def wall(pred) -> float | None:
         hits = [r["wall_s"] for r in rows if pred(r)]
         return max(hits) if hits else None
 
+    # The policy and the planning model train side by side offline: one span, ended by the later of the two.
+    offline = [x for x in (wall(lambda r: r.get("phase") == "policy_offline" or r.get("kind") == "validation"),
+                           wall(lambda r: r.get("phase") == "planning_offline")) if x is not None]
     marks = {
         "demonstrations": wall(lambda r: r.get("kind") == "demos"),
-        "policy_offline": wall(lambda r: r.get("phase") == "policy_offline" or r.get("kind") == "validation"),
-        "planning_offline": wall(lambda r: r.get("phase") == "planning_offline"),
+        "offline_policy_and_planning_model": max(offline) if offline else None,
         "services_and_round_0_evaluation": wall(lambda r: r.get("kind") == "eval" and r.get("round") == 0),
     }
     evals = [r for r in rows if r.get("kind") == "eval"]

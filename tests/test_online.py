@@ -452,6 +452,7 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert figures["fresh_states_episodes"] == 1 and figures["evaluation_episodes"] == 2 and len(figures["commands"]) == 2
     assert figures["experience_episodes"] == sum(r["episodes"] for r in _records(run_dir, "collect"))
     assert [v["planning_version"] for v in figures["versions"]] == [e["weight_version"] for e in evals]
+    assert all(minutes >= 0 for minutes in figures["minutes_by_phase"].values()), figures["minutes_by_phase"]
     # The offline phases' learner checkpoints, and the fresh weights they began from (the planning model's of its own
     # size: model.planning_size), go once their exports are recorded: a resume needs the exports only.
     assert not (run_dir / "learner" / "policy_offline").exists() and not (run_dir / "learner" / "planning_offline").exists()

@@ -4,6 +4,8 @@
 # the run has written so far. (A machine given back ends the job: the run directory then resumes elsewhere.)
 #
 #   bash research/lift_learning/gpu_call.sh start 560 [overrides]   # the first call: install, start, wait
+#     (overrides: online.budget_s=<the device budget left before this call, less about 200 s>: the machine's
+#     start, the install and the last call's return; run 2 used 1,350 s and left 358 s of 1,800 unused)
 #   bash research/lift_learning/gpu_call.sh wait 590                # every later call: wait, hand back
 #
 # Needs .carry/site.tar.xz, .whl/ and .gl/ beside the tree (research/lift_learning/README.md says how).
