@@ -58,7 +58,7 @@ def _serve(config: EnvConfig, conn: Connection) -> None:
     while True:
         try:
             name, args, kwargs = conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionError):  # the owner closed the pipe, or died (kill -9): nothing left to serve
             break
         if name == "__close__":
             env.close()

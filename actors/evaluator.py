@@ -33,19 +33,29 @@ class EvalConfig:
 
 
 def evaluate(runners: list[Any], config: EvalConfig, suite: str = "", plan: bool | None = None, record: bool | None = None,
-             on_result: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             on_result: Callable[[int, int], None] | None = None,
+             on_lost: Callable[[Any, BaseException], None] | None = None) -> dict[str, Any]:
     """Run every (seed, task, trial) on the runners; returns the report (JSON-ready).
 
     ``plan`` / ``record`` override the runners' own settings for these episodes (the main job
     evaluates with and without planning on the same runners, and never records evaluations).
+    An episode whose runner dies is played again (``actors.dispatch.spread``; ``on_lost`` hears of
+    it), so the report always covers the same episodes; ``episodes_lost`` counts the replays.
     """
     if not runners:
         raise ConfigError("eval: no runners")
     tasks = config.tasks or ray.get(runners[0].tasks.remote())
     trials = range(config.first_trial, config.first_trial + config.trials)
     jobs = [(seed, task, trial) for seed in config.seeds for task in tasks for trial in trials]
-    results = spread(runners, jobs, lambda runner, job: runner.run_trial.remote(job[1], job[0], job[2], plan, record), on_result)
-    return report(results, tasks, config, suite)
+    lost: list[Any] = []
+
+    def lose(job: Any, exc: BaseException) -> None:
+        lost.append(job)
+        if on_lost is not None:
+            on_lost(job, exc)
+
+    results = spread(runners, jobs, lambda runner, job: runner.run_trial.remote(job[1], job[0], job[2], plan, record), on_result, lose)
+    return {**report(results, tasks, config, suite), "episodes_lost": len(lost)}
 
 
 def report(results: list[tuple[tuple, EpisodeResult]], tasks: list[str], config: EvalConfig, suite: str) -> dict[str, Any]:

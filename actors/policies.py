@@ -13,6 +13,8 @@ the learner's export; 0 for a checkpoint without one), then from each version lo
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +103,8 @@ class ServerPolicy:
     ``replay.ray_backend.RayReplay.__reduce__``).
     """
 
+    restart_wait_s = 300.0  # how long a call waits for its server to come back (Ray restarts it and it reloads its model)
+
     def __init__(self, server: Any, plan: bool = False, name: str | None = None) -> None:
         self.server, self.plan, self.name = server, plan, name
 
@@ -110,10 +114,22 @@ class ServerPolicy:
         return (_named_server_policy, (self.name, self.plan))
 
     def infer(self, observation: Observation, seed: int | None = None) -> ActionChunk:
+        """The server's reply. A server that dies (kill -9, out of memory) is restarted by Ray with the newest
+        published weights; the call is made again until it answers (the episode pauses, it is not lost), for
+        up to ``restart_wait_s``. A request is a pure function of the observation, the seed and the weights,
+        so asking again is safe."""
         import ray
+        from ray.exceptions import RayActorError
 
-        call = self.server.plan if self.plan else self.server.act
-        return ray.get(call.remote(observation, seed))
+        deadline = time.monotonic() + self.restart_wait_s
+        while True:
+            call = self.server.plan if self.plan else self.server.act
+            try:
+                return ray.get(call.remote(observation, seed))
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def reset(self) -> None:
         """Nothing to do: the server swaps new weights in between its batches."""

@@ -159,6 +159,13 @@ class PolicyServer:
         self.server = BatchingServer(policy, planner, config)
         self.weights = weights
         self._poller: asyncio.Task | None = None
+        # Restarted by Ray after a crash (max_restarts), the server is built from its first checkpoint again: the
+        # newest published weights go in before its first batch, so no request is served with older ones.
+        if weights is not None:
+            for target in [Target.POLICY] + ([Target.PLANNING] if planner is not None else []):
+                got = weights.latest(target.value, self.server.versions[target.value])
+                if got is not None:
+                    self.server.set_weights(got[0].version, got[1], target.value)
 
     async def _poll_weights(self) -> None:
         """Stage every newly published version; the batching loop swaps it in between batches."""
@@ -200,4 +207,4 @@ class PolicyServer:
 
 
 if ray is not None:  # the Ray actor; without Ray, BatchingServer and PolicySpec serve in-process
-    PolicyServer = ray.remote(PolicyServer)
+    PolicyServer = ray.remote(max_restarts=-1)(PolicyServer)  # a crashed server comes back (ServerPolicy's calls wait for it)

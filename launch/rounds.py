@@ -56,17 +56,28 @@ class OnlineLearner:
         return cls(target, learner_group(cfg, f"online {target.value}", learner_cfg, source, publish, services.weights), steps)
 
     def refine(self, round_: int, monitor: Monitor, stopping: Callable[[], bool]) -> int:
-        """A round's steps (publishing every ``publish_every``); returns the version the round ends on (published)."""
+        """The round's steps, up to ``round_`` x steps per round in all (publishing every ``publish_every``);
+        returns the version the round ends on (published).
+
+        Counting to the round's total step, not ``steps`` more: a round cut by a stop and played again from the
+        saved learner trains only what it had left, so a resumed run ends on the same step and versions as one
+        never stopped."""
         rows: list[dict[str, float]] = []
         start = time.time()
-        if self.steps:
-            self.group.train(self.steps, chunk=min(10, self.group.publish_cfg.every), should_stop=stopping, on_metrics=lambda r: (
-                rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), self.steps)))
+        every = self.group.publish_cfg.every
+        todo = max(0, round_ * self.steps - self.group.step())
+        if todo:
+            self.group.train(todo, chunk=min(10, every), should_stop=stopping, on_metrics=lambda r: (
+                rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), todo)))
             monitor.learner(f"{self.target.value}_online", rows, round=round_, seconds=time.time() - start)
-        if stopping():  # the round is not recorded: a restart collects it again from the saved learner
+        if stopping():  # the round is not recorded: a restart plays it again from the saved learner
             raise Stop()
-        # Every round ends on a published version (the last step may fall between publications).
-        return int(rows[-1]["published_version"]) if rows and "published_version" in rows[-1] else self.group.publish()
+        if rows and "published_version" in rows[-1]:
+            return int(rows[-1]["published_version"])
+        # Every round ends on a published version (the last step may fall between publications). With nothing
+        # trained now (the round's steps were done before a stop), the weights at a publication step were
+        # published then, under the version they have: this job's servers get them again, unchanged.
+        return self.group.publish(bump=bool(rows) or not every or self.group.step() % every != 0)
 
     def export(self, run_dir: Path) -> str:
         return self.group.export(str(run_dir / "checkpoints" / f"{self.target.value}_latest"))
@@ -160,13 +171,14 @@ def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) 
 
     jobs = collection_jobs(cfg, services.tasks, round_)
     monitor.progress(f"round {round_}: collecting", 0, len(jobs))
-    played = spread(services.runners, jobs, play, progress)
+    lost = LostEpisodes(f"round {round_}: collecting")
+    played = spread(services.runners, jobs, play, progress, lost)
     results = [r for _, r in played]
     seconds = max(time.time() - start, 1e-9)
     ok = [r for r in results if not r.interrupted]
     plain = [r for job, r in played if job.branch is None and not r.interrupted]
     steps = sum(r.steps for r in results)
-    monitor.log("collect", {"round": round_, "episodes": len(results), "interrupted": len(results) - len(ok),
+    monitor.log("collect", {"round": round_, "episodes": len(results), "interrupted": len(results) - len(ok), "episodes_lost": len(lost.jobs),
                             **({"success_rate": float(np.mean([r.success for r in plain]))} if plain else {}),
                             **branching_figures([(job, r) for job, r in played if job.branch is not None and not r.interrupted]),
                             "env_steps": steps, "env_steps_per_s": steps / seconds, "episodes_per_s": len(results) / seconds,
@@ -174,6 +186,20 @@ def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) 
                             **{f"replay_items/{t}": s.get("items", 0) for t, s in services.replay.stats().items()},
                             **{f"calibration/{k}": v for k, v in calibration(ok).items()}})
     return results
+
+
+class LostEpisodes:
+    """``spread``'s ``on_lost``: one warning line per episode whose actor died (it is played again), and their count."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.jobs: list[Any] = []
+
+    def __call__(self, job: Any, exc: BaseException) -> None:
+        self.jobs.append(job)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        say(f"warning: {self.what}: an actor died during an episode ({type(exc).__name__}: {first[:160]}); "
+            "Ray restarts it and the episode is played again")
 
 
 def branching_figures(played: list[tuple[Job, EpisodeResult]]) -> dict[str, float]:
@@ -251,8 +277,9 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
                 monitor.progress(f"round {round_}: {where} {what}", done, total)
         return report
 
+    lost = LostEpisodes(f"round {round_}: {where}")
     report = evaluate(services.runners, config, suite=cfg.env.name, plan=cfg.eval.plan, record=False,
-                      on_result=progress("with planning" if cfg.eval.plan else "the policy"))
+                      on_result=progress("with planning" if cfg.eval.plan else "the policy"), on_lost=lost)
     results = [EpisodeResult(**{k: v for k, v in row.items() if k in EpisodeResult.__dataclass_fields__}) for row in report["episodes_detail"]]
     record: dict[str, Any] = {"round": round_, "weight_version": versions.get("planning"), "policy_version": versions.get("policy"),
                               "success_rate": report["success_rate"], "episodes": report["episodes"], "planning": cfg.eval.plan,
@@ -260,10 +287,12 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
                               **{f"task/{t}": row["success_rate"] for t, row in report["tasks"].items()},
                               **{f"calibration/{k}": v for k, v in calibration(results).items()}}
     if cfg.eval.also_without_planning and cfg.eval.plan:
-        alone = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False, on_result=progress("the policy alone"))
+        alone = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False, on_result=progress("the policy alone"),
+                         on_lost=lost)
         record["success_rate_no_plan"] = alone["success_rate"]
         record.update({f"paired/{k}": v for k, v in paired_outcomes(report, alone).items()})
     record["seconds"] = time.time() - start
+    record["episodes_lost"] = len(lost.jobs)
     monitor.log("eval_fresh" if fresh else "eval", record)
     monitor.plot()
     say(f"round {round_}: {'fresh states: ' if fresh else ''}success {100 * report['success_rate']:.1f} % with planning "

@@ -55,10 +55,13 @@ class LearnerWorker:
             out.append(metrics)
         return out
 
-    def publish(self) -> dict[str, float]:
-        """Rank 0 puts the weights into the object store once; the others only help gather (ZeRO-3)."""
+    def publish(self, bump: bool = True) -> dict[str, float]:
+        """Rank 0 puts the weights into the object store once; the others only help gather (ZeRO-3).
+
+        ``bump``: as a new version (the next integer); without it, as the version they already are (a
+        resumed job's servers get the weights its learner published before the stop)."""
         packed = self.learner.packed_weights()
-        self.learner.version += 1
+        self.learner.version += int(bump)
         if self.learner.rank != 0 or self.publisher is None:
             return {}
         start = time.perf_counter()
@@ -155,9 +158,10 @@ class LearnerGroup:
                 on_metrics(results[0])
         return self.step()
 
-    def publish(self) -> int:
-        """Publish the current weights now (every rank takes part: ZeRO-3 gathers); returns the new version."""
-        ray.get([w.publish.remote() for w in self.workers])
+    def publish(self, bump: bool = True) -> int:
+        """Publish the current weights now (every rank takes part: ZeRO-3 gathers); returns their version
+        (a new one, or with ``bump`` false the one they have)."""
+        ray.get([w.publish.remote(bump) for w in self.workers])
         return ray.get(self.workers[0].progress.remote())["version"]
 
     def step(self) -> int:

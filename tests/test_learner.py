@@ -182,6 +182,18 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     assert all(r.policy_version == 1 for r in replies)
     for b, a in zip(before, replies):
         assert not np.allclose(a.actions, b.actions)
+    # kill -9 a server: Ray restarts it from its checkpoint (version 0), it takes the newest published weights
+    # before its first batch, and a client's call waits for it instead of failing the episode.
+    import os
+    import signal
+
+    from actors.policies import ServerPolicy
+
+    pid = ray.get(servers[0].__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    reply = ServerPolicy(servers[0]).infer(obs, 0)
+    assert reply.policy_version == 1 and np.allclose(reply.actions, replies[0].actions)
+    assert ray.get(servers[0].__ray_call__.remote(lambda actor: os.getpid())) != pid
     group.stop()
     for s in servers:
         ray.kill(s)

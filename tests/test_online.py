@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +80,29 @@ def _check_the_log_speaks(lines: list[tuple[float, str]]) -> None:
     assert max(g for g, _ in gaps) < 60, max(gaps)
     errors = [line for _, line in lines if re.search(r"\bERROR\b|Traceback|\[E\]", line)]
     assert not errors, errors[:5]
+
+
+def _kill_actor_at_work(title: str, timeout_s: float = 60) -> int:
+    """kill -9 the first process whose title (Ray's ``ray::<Actor>.<method>`` while it runs a call) is ``title``;
+    waits up to ``timeout_s`` for one to appear; returns its pid."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                name = cmdline.read_bytes().split(b"\0")[0].strip()
+            except OSError:
+                continue
+            if name == title.encode():
+                pid = int(cmdline.parent.name)
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no process {title!r} within {timeout_s} s")
+
+
+def _reports_the_kill(line: str) -> bool:
+    """Ray's own line about a worker killed on purpose (a test's kill -9), which a healthy run would not print."""
+    return "A worker died or was killed while executing a task" in line
 
 
 def _check_finished_run(run_dir: Path, rounds: int) -> None:
@@ -387,7 +411,19 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
                             text=True, cwd=tmp_path)
     sent: list[str] = []  # one signal: a second one aborts at once
 
+    killed: dict[str, int] = {}
+    killers: list[threading.Thread] = []
+
+    def kill_at_work(trigger: str, title: str) -> None:
+        killed[trigger] = 0
+        killers.append(threading.Thread(target=lambda: killed.__setitem__(trigger, _kill_actor_at_work(title)), daemon=True))
+        killers[-1].start()
+
     def stop_once(line: str) -> None:
+        # kill -9 an EnvRunner playing an episode of round 1's collection: Ray restarts it, the episode is played
+        # again, the job goes on (and a second one later, during an evaluation of the restarted job).
+        if "round 1: collecting" in line and not killed:
+            kill_at_work("round 1: collecting", "ray::EnvRunner.run")
         if "round 2: collecting" in line and not sent:
             sent.append(line)
             proc.send_signal(signal.SIGTERM)
@@ -395,7 +431,11 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     lines = _timed_lines(proc, on_line=stop_once)
     text = "".join(line for _, line in lines)
     assert proc.returncode == 0, text[-4000:]
-    _check_the_log_speaks(lines)
+    killers[0].join(timeout=90)
+    assert killed["round 1: collecting"], killed
+    _check_the_log_speaks([(t, line) for t, line in lines if not _reports_the_kill(line)])
+    (collected,) = [r for r in _records(run_dir, "collect") if r["round"] == 1]
+    assert collected["episodes_lost"] >= 1 and collected["episodes"] == 2, collected
     assert "saving a final learner checkpoint" in text and "run again with the same run_dir to resume" in text
     state = json.loads((run_dir / "state.json").read_text())
     assert not state.get("finished") and state["round"] == 1  # round 2 was cut: the restart plays it again
@@ -409,20 +449,40 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     shutil.rmtree(run_dir / "learner" / "planning_online")
     again = subprocess.Popen([*cmd, f"run_dir={run_dir}"], env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, cwd=tmp_path)
-    lines = _timed_lines(again)
-    assert again.returncode == 0, "".join(line for _, line in lines)[-4000:]
-    assert "(resuming)" in "".join(line for _, line in lines)
-    _check_the_log_speaks(lines)
+    # kill -9 an EnvRunner while it plays an episode of the policy-alone evaluation (round 2's collection was done
+    # before the stop): Ray restarts it, the episode is played again, the evaluation covers the same episodes.
+
+    def kill_evaluating(line: str) -> None:
+        if "round 2: evaluating with planning: 2/2" in line and "round 2: evaluating" not in killed:
+            kill_at_work("round 2: evaluating", "ray::EnvRunner.run_trial")
+
+    lines = _timed_lines(again, on_line=kill_evaluating)
+    text = "".join(line for _, line in lines)
+    assert again.returncode == 0, text[-4000:]
+    assert "(resuming)" in text
+    killers[-1].join(timeout=90)
+    assert killed.get("round 2: evaluating"), killed
+    _check_the_log_speaks([(t, line) for t, line in lines if not _reports_the_kill(line)])
     _check_finished_run(run_dir, rounds=2)
+    evaluated = _records(run_dir, "eval")[-1]
+    assert evaluated["round"] == 2 and evaluated["episodes_lost"] >= 1 and evaluated["episodes"] == 2, evaluated
+    restarted = _records(run_dir, "start")[-1]["time"]
+    lost = sum(r.get("episodes_lost", 0) for kind in ("collect", "eval", "eval_fresh") for r in _records(run_dir, kind) if r["time"] > restarted)
+    assert text.count("an actor died during an episode") == lost, (lost, [line for line in text.splitlines() if "died" in line])
     restarted = _records(run_dir, "start")[-1]["time"]
     refined = [r for r in _records(run_dir, "learner") if r["phase"] == "planning_online" and r["time"] > restarted]
     assert refined and min(r["learner/step"] for r in refined) > round1_step, (round1_step, refined)
+    # The same steps and versions as a run never stopped: round 2 played again trains only what it had left
+    # (2 rounds x 4 planning steps, 2 x 2 policy steps; a publication every 2 steps).
     planning_versions = [e["weight_version"] for e in _records(run_dir, "eval")]
-    assert planning_versions == sorted(set(planning_versions)), planning_versions
+    assert planning_versions == [0, 2, 4], planning_versions
+    last_step = {phase: max(r["learner/step"] for r in _records(run_dir, "learner") if r["phase"] == phase)
+                 for phase in ("planning_online", "policy_online")}
+    assert last_step == {"planning_online": 8, "policy_online": 4}, last_step
     # The policy's versions: 0 (offline) at round 0, then one more published version per round, each
     # served before the round's evaluation (else wait_for_version fails the job); the latest exported.
     policy_versions = [e["policy_version"] for e in _records(run_dir, "eval")]
-    assert policy_versions[0] == 0 and policy_versions[1:] == sorted(set(policy_versions[1:])) and policy_versions[1] >= 1, policy_versions
+    assert policy_versions == [0, 1, 2], policy_versions
     assert {r["phase"] for r in _records(run_dir, "learner")} >= {"policy_online"}
     # The version's one owner is the learner: the exported checkpoint carries it (state.json only names the checkpoint).
     state = json.loads((run_dir / "state.json").read_text())
