@@ -414,7 +414,7 @@ class Experiment:
         values = {k: v for k, v in dataclasses.asdict(self.learner).items() if k in engine}
         values.update(model=self.model.size, layout=self.model.layout, init_checkpoint=init_checkpoint, init_counts=init_counts,
                       lr=lr or section.lr,
-                      micro_batch=section.batch // accum, checkpoint_dir=checkpoint_dir, checkpoint_every=0, seed=self.seed,
+                      micro_batch=section.batch // accum, checkpoint_dir=checkpoint_dir, seed=self.seed,
                       schedule=schedule, betas=tuple(self.learner.betas))
         return LearnerConfig(**values)
 

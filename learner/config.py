@@ -53,6 +53,9 @@ class LearnerConfig:
     """Where DeepSpeed checkpoints go (the job: under run_dir/learner)."""
     checkpoint_every: int = 1000
     """Steps between checkpoints; 0: only when asked (and on shutdown)."""
+    checkpoint_every_s: float = 600.0
+    """Seconds between checkpoints besides the steps (a learner killed loses at most this much of its work);
+    counted by the learner group between chunks of steps, every rank saving at once; 0: by steps only."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the oldest are deleted)."""
     seed: int = 0
@@ -96,6 +99,8 @@ class LearnerConfig:
             raise ConfigError(f"learner.lr: expected > 0, got {self.lr}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"learner.checkpoint_every: expected >= 0, got {self.checkpoint_every}")
+        if not (isinstance(self.checkpoint_every_s, (int, float)) and self.checkpoint_every_s >= 0):
+            raise ConfigError(f"learner.checkpoint_every_s: expected a number of seconds >= 0, got {self.checkpoint_every_s!r}")
         if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
             raise ConfigError(f"learner.checkpoint_blocks: expected None or >= 0, got {self.checkpoint_blocks}")
         if self.vae_encode not in ENCODE_MODES:

@@ -106,6 +106,7 @@ class LearnerGroup:
         self.max_restarts = max_restarts
         self.restarts = 0
         self.workers: list[Any] = []
+        self.saved_at = time.monotonic()  # the last checkpoint (config.checkpoint_every_s counts from it)
         self.start()
 
     def start(self) -> None:
@@ -156,6 +157,8 @@ class LearnerGroup:
                 continue
             if on_metrics is not None:
                 on_metrics(results[0])
+            if self.config.checkpoint_every_s and time.monotonic() - self.saved_at >= self.config.checkpoint_every_s:
+                self.save()
         return self.step()
 
     def publish(self, bump: bool = True) -> int:
@@ -171,7 +174,10 @@ class LearnerGroup:
         return ray.get([w.state.remote() for w in self.workers])
 
     def save(self) -> str:
-        return ray.get([w.save.remote() for w in self.workers])[0]
+        """A checkpoint of every rank at once; returns rank 0's path."""
+        path = ray.get([w.save.remote() for w in self.workers])[0]
+        self.saved_at = time.monotonic()
+        return path
 
     def export(self, path: str) -> str:
         return ray.get([w.export.remote(path) for w in self.workers])[0]

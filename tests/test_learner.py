@@ -140,6 +140,20 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_local, tmp_pa
     group.stop()
 
 
+def test_a_learner_checkpoints_by_time_between_chunks(ray_local, tmp_path):
+    """learner.checkpoint_every_s: with no step interval, a learner killed after 3 steps comes back at step 3, not 0."""
+    from learner.group import LearnerGroup
+
+    with pytest.raises(ConfigError, match="learner.checkpoint_every_s: expected a number of seconds >= 0"):
+        config(tmp_path, checkpoint_every_s=-1)
+    group = LearnerGroup(config(tmp_path, checkpoint_every=0, checkpoint_every_s=1e-3), synthetic_source(2), world_size=1, cpus_per_worker=0.5)
+    assert group.train(3, chunk=1) == 3
+    os.kill(group.states()[0]["pid"], signal.SIGKILL)
+    group.restart()
+    assert group.step() == 3 and group.states()[0]["resumed"]
+    group.stop()
+
+
 def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     from actors.policies import PolicySpec
     from actors.policy_server import PolicyServer, ServerConfig
