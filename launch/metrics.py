@@ -33,6 +33,15 @@ CALIBRATION = {
     "calibration/value_success_corr": "correlation of predicted value and outcome",
 }
 
+EVALUATION = {
+    "round": "the round (0: before online training)", "weight_version": "planning model's version evaluated (an integer)",
+    "policy_version": "acting policy's version evaluated (an integer)", "success_rate": "share of the episodes that succeed",
+    "success_rate_no_plan": "the same, the policy alone on the same initial states", "episodes": "episodes per evaluation",
+    "planning": "whether success_rate was measured with planning", "seconds": "s for the evaluation",
+    "episodes_lost": "episodes whose EnvRunner (or the actor it called) died mid-episode; each was played again (both evaluations)",
+    **CALIBRATION,
+}
+
 METRICS: dict[str, dict[str, str]] = {
     "start": {"command": "the command line", "resuming": "whether it resumed a run directory", "gpus": "GPUs in the Ray cluster"},
     "demos": {"episodes": "demonstrations", "success_rate": "share that succeed", "steps": "steps in all", "seconds": "s to make or read them"},
@@ -65,21 +74,9 @@ METRICS: dict[str, dict[str, str]] = {
         "env_steps_per_s": "simulator steps per second of collection", "episodes_per_s": "episodes per second of collection",
         "inference_s_per_query": "s per batch the PolicyServers served, since they started", **CALIBRATION,
     },
-    "eval": {
-        "round": "the round (0: before online training)", "weight_version": "planning model's version evaluated (an integer)",
-        "policy_version": "acting policy's version evaluated (an integer)", "success_rate": "share of the episodes that succeed",
-        "success_rate_no_plan": "the same, the policy alone on the same initial states", "episodes": "episodes per evaluation",
-        "planning": "whether success_rate was measured with planning", "seconds": "s for the evaluation",
-        "episodes_lost": "episodes whose EnvRunner (or the actor it called) died mid-episode; each was played again (both evaluations)", **CALIBRATION,
-    },
-    "eval_fresh": {
-        "round": "the round (the last)", "weight_version": "planning model's version evaluated (an integer)",
-        "policy_version": "acting policy's version evaluated (an integer)", "first_trial": "the first fresh initial state (trial index)",
-        "success_rate": "share of the episodes that succeed, with planning", "success_rate_no_plan": "the same, the policy alone",
-        "episodes": "episodes per evaluation", "planning": "whether success_rate was measured with planning",
-        "seconds": "s for the evaluation", "episodes_lost": "episodes whose EnvRunner (or the actor it called) died mid-episode; each was played again (both evaluations)",
-        **CALIBRATION,
-    },
+    "eval": EVALUATION,
+    "eval_fresh": {**EVALUATION, "round": "the round (the last)", "first_trial": "the first fresh initial state (trial index)",
+                   "success_rate": "share of the episodes that succeed, with planning", "success_rate_no_plan": "the same, the policy alone"},
     "round": {"round": "the round", "weight_version": "planning model's version at the round's end (an integer)",
               "policy_version": "acting policy's version at the round's end (an integer)", "seconds": "s for the round"},
     "replay": {"round": "the round"},

@@ -88,7 +88,10 @@ class Monitor:
             numeric = {f"{kind}/{k}" if not k.startswith(f"{kind}/") and k not in ("weight_version", "round") else k: v
                        for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"}
             numeric["wall_s"] = record["wall_s"]
-            self.wandb.log(numeric)
+            try:
+                self.wandb.log(numeric)
+            except Exception as exc:  # noqa: BLE001 (W&B's process gone: the metrics file goes on, the run does too)
+                self._lost_wandb(exc)
 
     def learner(self, phase: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         """One record for a chunk of learner steps: the means of the chunk's metrics, and the last step and
@@ -204,8 +207,26 @@ class Monitor:
     def close(self) -> None:
         self._file.close()
         if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+            try:
+                self.wandb.finish()
+                self.wandb = None
+            except Exception as exc:  # noqa: BLE001
+                self._lost_wandb(exc)
+
+    def _lost_wandb(self, exc: BaseException) -> None:
+        """W&B's service process died under the job (``ray job stop`` signals the job's whole process tree):
+        one warning, W&B off for the rest of the run; metrics.jsonl keeps every record, and what W&B had
+        written stays in its directory for ``wandb sync``."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        say(f"warning: W&B stopped answering ({type(exc).__name__}: {first[:120]}); metrics go on to {self.path} only, "
+            f"and `wandb sync {self.wandb_dir / 'wandb'}/offline-run-*` (or the online run's directory) uploads what W&B wrote")
+        self.wandb = None
+        try:
+            import wandb
+
+            wandb.teardown()  # its exit hook would print the same failure again as a traceback
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _plain(value: Any) -> Any:

@@ -72,7 +72,7 @@ class Services:
         if any(restored.values()):
             say("replay: restored " + ", ".join(f"{n} {t} episodes" for t, n in restored.items() if n))
         registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True).remote()
-        weights = RegistryWeights(registry)
+        weights = RegistryWeights(registry, name=names.weight_registry(cfg.name))
         on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
         gpu = cfg.online.server_gpus if on_gpu else 0
         spec = PolicySpec(checkpoint=policy_checkpoint, planning_checkpoint=planning_checkpoint, policy=cfg.policy, planner=cfg.planner,

@@ -49,9 +49,18 @@ class RegistryWeights:
     readers share few cores).
     """
 
-    def __init__(self, registry: Any, verify_threads: int | None = None) -> None:
-        self.registry, self.verify_threads = registry, verify_threads
+    def __init__(self, registry: Any, verify_threads: int | None = None, name: str | None = None) -> None:
+        """``name``: the registry's actor name, if it has one; a copy then travels as the name (``__reduce__``)."""
+        self.registry, self.verify_threads, self.name = registry, verify_threads, name
         self.publish_s: list[float] = []  # seconds per publication (copy into the object store, checksum, register)
+
+    def __reduce__(self) -> tuple:
+        """A named registry travels as its name and is found again where the copy is used: an actor handle in a
+        restartable actor's constructor arguments (a PolicyServer's) makes Ray keep them in the object store and
+        log an error about its restart (as ``replay.ray_backend.RayReplay.__reduce__``)."""
+        if self.name is None:
+            return (RegistryWeights, (self.registry, self.verify_threads))
+        return (_named_registry, (self.name, self.verify_threads))
 
     def publish(self, packed: Packed, version: int, step: int, target: str) -> WeightVersion:
         start = time.perf_counter()
@@ -74,3 +83,8 @@ class RegistryWeights:
         packed = ray.get(ref)
         verify(packed, record, self.verify_threads)
         return record, unpack(packed, copy=False)
+
+
+def _named_registry(name: str, verify_threads: int | None) -> RegistryWeights:
+    """A client of the named registry (``RegistryWeights.__reduce__``)."""
+    return RegistryWeights(ray.get_actor(name), verify_threads, name)
