@@ -27,7 +27,8 @@ class LostTooOften(RuntimeError):
 def spread(actors: Sequence[Any], jobs: Sequence[Job], submit: Callable[[Any, Job], Any],
            on_result: Callable[[int, int], None] | None = None,
            on_lost: Callable[[Job, BaseException], None] | None = None, attempts: int = ATTEMPTS,
-           restart_s: float = RESTART_S) -> list[tuple[Job, Any]]:
+           restart_s: float = RESTART_S, on_done: Callable[[Job, Any], None] | None = None,
+           stop: Callable[[], bool] | None = None) -> list[tuple[Job, Any]]:
     """Run every job, each on the next free actor (``submit(actor, job)`` returns the call's object ref).
 
     Returns (job, result) pairs in the order they finished; ``on_result(done, total)`` after each.
@@ -37,6 +38,9 @@ def spread(actors: Sequence[Any], jobs: Sequence[Job], submit: Callable[[Any, Jo
     one that cannot be restarted, or does not answer within ``restart_s``, leaves it, and with no actor
     left the spread fails. After ``attempts`` such failures of one job, ``LostTooOften`` names it. Any
     other error of a job is the job's own and ends the spread.
+
+    ``on_done(job, result)`` hears of each result as it comes. Once ``stop()`` is true no job is started;
+    the spread returns when the episodes being played have ended (what they recorded is kept).
     """
     queue: list[tuple[int, Job]] = list(enumerate(jobs))
     pending: dict[Any, tuple[Any, int, Job]] = {}
@@ -45,6 +49,10 @@ def spread(actors: Sequence[Any], jobs: Sequence[Job], submit: Callable[[Any, Jo
     failures = [0] * len(jobs)
     results: list[tuple[Job, Any]] = []
     while queue or pending or probes:  # the probes too: the next spread starts with its actors back, not restarting
+        if stop is not None and stop():
+            if not pending:
+                break
+            queue.clear()
         while free and queue:
             actor, (i, job) = free.pop(), queue.pop(0)
             pending[submit(actor, job)] = (actor, i, job)
@@ -78,6 +86,8 @@ def spread(actors: Sequence[Any], jobs: Sequence[Job], submit: Callable[[Any, Jo
             continue
         free.append(actor)
         results.append((job, value))
+        if on_done is not None:
+            on_done(job, value)
         if on_result is not None:
             on_result(len(results), len(jobs))
     return results

@@ -109,11 +109,14 @@ class EpisodeRunner:
         return self.env.pid
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None, branch: Sequence[int] | None = None) -> EpisodeResult:
+            plan: bool | None = None, record: bool | None = None, branch: Sequence[int] | None = None,
+            episode_id: str | None = None) -> EpisodeResult:
         """One episode; ``plan`` / ``record`` override the runner's config for it (evaluation: no recording).
 
         ``branch``: a branching episode (``actors.branching``) that executes the planner's candidate
-        ``branch[k]`` at its k-th query; the last index is the branch point.
+        ``branch[k]`` at its k-th query; the last index is the branch point. ``episode_id``: the id the
+        episode is recorded under (a fresh one if None); the job names a round's episodes by what they
+        play, so a round played again after a stop skips the episodes replay already holds.
         """
         start = time.time()
         config, planner = self.config, self.planner
@@ -172,6 +175,7 @@ class EpisodeRunner:
             instruction=instruction or task, success=success, task=task, seed=seed, initial_state=initial_state, source=Source.SIM,
             policy_version=versions["policy"], planning_version=versions["planning"], interrupted=interrupted,
             metadata={**(metadata or {}), "env": self.config.env.name, **({"error": error} if error else {})},
+            **({"episode_id": episode_id} if episode_id else {}),
         )
         # An interrupted episode is reported (marked) but never inserted: its outcome is no label.
         if record and self.replay is not None and episode is not None and not interrupted:
@@ -210,8 +214,9 @@ class EnvRunner:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, task: str, seed: int, initial_state: np.ndarray | None = None, metadata: dict | None = None,
-            plan: bool | None = None, record: bool | None = None, branch: Sequence[int] | None = None) -> EpisodeResult:
-        return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record, branch)
+            plan: bool | None = None, record: bool | None = None, branch: Sequence[int] | None = None,
+            episode_id: str | None = None) -> EpisodeResult:
+        return self.runner.run(task, seed, initial_state, {"runner": self.identity, **(metadata or {})}, plan, record, branch, episode_id)
 
     def run_trial(self, task: str, seed: int, trial: int, plan: bool | None = None, record: bool | None = None) -> EpisodeResult:
         """The evaluation protocol's trial: the task's ``trial``-th fixed initial state (an environment without

@@ -189,9 +189,15 @@ class OnlineSection:
     """Policy learner steps per round, with refine_policy."""
     policy_lr: float | None = None
     """The policy's refinement learning rate (None: online.lr)."""
-    refine_beside_collection: bool = False
-    """The learner refines during the round's collection (on what replay holds so far, which grows as it
-    trains) instead of after it: neither waits for the other, and the round ends when both are done."""
+    loop: str = "asynchronous"
+    """asynchronous: the EnvRunners collect round after round in a thread of their own while the learner refines
+    on what replay holds (publishing every publish_every steps, the runners acting on the newest version) and
+    the job evaluates each round's last version (the learner holds its next publication until that evaluation
+    ends); rounds are the reporting unit. synchronous: each round collects, then refines, then evaluates."""
+    collect_ahead: int = 1
+    """asynchronous loop: rounds the collection may run ahead of the learner (round c starts once the learner
+    finished round c - 1 - collect_ahead; the learner starts round r once round r - collect_ahead is collected): the
+    bound on how old, in rounds of versions, the experience the learner samples is."""
     budget_s: float | None = None
     """The run's wall time, its last evaluations included (None: no limit). A round is started only if it
     and the last evaluations fit, as estimated from the previous round and the round-0 evaluation; the
@@ -237,6 +243,8 @@ class LoggingSection:
     """W&B project."""
     entity: str | None = None
     """W&B entity (None: the API key's default)."""
+    rates_every_s: float = 10.0
+    """Seconds between ``rates`` records of the online rounds (env steps and learner samples per second); 0: none."""
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,10 @@ class Experiment:
             (self.online.policy_lr is None or self.online.policy_lr > 0, "online.policy_lr", "a learning rate > 0 or null", self.online.policy_lr),
             (self.online.policy_refine_steps >= 1, "online.policy_refine_steps", ">= 1 (with online.refine_policy)", self.online.policy_refine_steps),
             (self.online.publish_every >= 1, "online.publish_every", ">= 1", self.online.publish_every),
+            (self.online.loop in ("asynchronous", "synchronous"), "online.loop", "asynchronous or synchronous", self.online.loop),
+            (integer(self.online.collect_ahead) and self.online.collect_ahead >= 1, "online.collect_ahead", "an integer >= 1",
+             self.online.collect_ahead),
+            (self.logging.rates_every_s >= 0, "logging.rates_every_s", "seconds >= 0 (0: no rates records)", self.logging.rates_every_s),
             (self.eval.trials >= 1, "eval.trials", ">= 1", self.eval.trials),
             (self.eval.trials_between is None or 1 <= self.eval.trials_between <= self.eval.trials, "eval.trials_between",
              "null or 1 to eval.trials", self.eval.trials_between),

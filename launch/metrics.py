@@ -23,6 +23,7 @@ WHEN = {
     "eval": "after each evaluation (round 0 before any online training, then every round)",
     "eval_fresh": "after the last round's evaluation, on initial states used for nothing else (eval.fresh_trials)",
     "round": "at each round's end",
+    "rates": "every logging.rates_every_s during the online rounds (the actors' and the learner's work per interval)",
 }
 
 CALIBRATION = {
@@ -72,6 +73,8 @@ METRICS: dict[str, dict[str, str]] = {
                                       "pairs of a state it scored in the right order (0.5: chance)",
         "branch_judge_pick_success": "share of the branched states where the played candidate the judge scored highest succeeded",
         "env_steps_per_s": "simulator steps per second of collection", "episodes_per_s": "episodes per second of collection",
+        "episodes_kept": "the round's episodes replay held already (played before a stop; not played again)",
+        "stopped": "whether a stop cut the collection (the round is played again, without the episodes kept, on resume)",
         "inference_s_per_query": "s per batch the PolicyServers served, since they started", **CALIBRATION,
     },
     "eval": EVALUATION,
@@ -80,6 +83,9 @@ METRICS: dict[str, dict[str, str]] = {
     "round": {"round": "the round", "weight_version": "planning model's version at the round's end (an integer)",
               "policy_version": "acting policy's version at the round's end (an integer)", "seconds": "s for the round"},
     "replay": {"round": "the round"},
+    "rates": {"interval_s": "s the record covers", "env_steps": "simulator steps of collection episodes that ended in the interval",
+              "learner_samples": "training samples of the online learners' steps in the interval",
+              "env_steps_per_s": "env_steps / interval_s", "learner_samples_per_s": "learner_samples / interval_s"},
 }
 
 # Families of names: per task, per replay table, per sample kind and output.

@@ -41,7 +41,7 @@ class Monitor:
         # A resumed run continues the wall clock of the first one (its records' wall_s).
         previous = self.records()
         self.offset = max((r.get("wall_s", 0.0) for r in previous), default=0.0)
-        # The learner may report from a thread beside the collection's (online.refine_beside_collection): a
+        # The learner and the collection report from threads of their own (online.loop: asynchronous): a
         # record is written, and sent to W&B, whole.
         self._lock = threading.Lock()
         self._file = self.path.open("a", buffering=1)

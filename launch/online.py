@@ -16,6 +16,7 @@ import argparse
 import json
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,19 +37,22 @@ if TYPE_CHECKING:
     from cosmos_policy.codec import NormalizationStats
     from cosmos_policy.contracts import Episode
     from cosmos_policy.text import TextEmbeddingCache
+    from launch.rounds import OnlineLearner, Rates
+    from launch.services import Services
 
 
 def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, demos: list[Episode], stats: NormalizationStats,
            text: TextEmbeddingCache, checkpoints: dict[Target, str], stop: StopRequest) -> None:
-    """The rounds: collect with planning, refine on demonstrations plus experience (after the collection or
-    beside it), publish, evaluate; repeat until online.rounds or online.budget_s, then the last evaluations.
+    """The rounds: collect with planning, refine on demonstrations plus experience, publish, evaluate; until
+    online.rounds or online.budget_s, then the last evaluations. ``online.loop`` says whether collection and
+    refinement run at once (asynchronous, ``asynchronous_rounds``) or take turns (``synchronous_rounds``).
 
     A resumed job serves the newest weights it exported (their versions are in the checkpoints) and
     its learners resume from their own checkpoints, or, where a run was moved without them, from those
     exports (same step, version and schedule; a fresh optimizer state).
     """
     from launch.offline import source_kwargs
-    from launch.rounds import Budget, OnlineLearner, Stop, collect, evaluate_round, refine, save_round
+    from launch.rounds import OnlineLearner, Rates, Stop, evaluate_round
     from launch.services import Services
 
     latest = {t: state.get_path(f"{t.value}_latest") or checkpoints[t] for t in Target}
@@ -60,34 +64,14 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     learners = [OnlineLearner.start(cfg, run_dir, services, t, latest[t], kwargs, exported=bool(state.get(f"{t.value}_latest")))
                 for t in targets]
     versions = services.versions()
-    budget = Budget(cfg, monitor)
+    rates = Rates(monitor, cfg.logging.rates_every_s)
     try:
         if state.get("round", 0) == 0 and cfg.eval.at_start and not state.get("eval0_done"):
             evaluate_round(cfg, services, monitor, 0, versions, last=cfg.online.rounds == 0)
             state.set(eval0_done=True)
-        for round_ in range(state.get("round", 0) + 1, 0 if state.get("last_round") else cfg.online.rounds + 1):
-            start = time.time()
-            if stop:
-                raise Stop()
-            collecting = state.get("collected") != round_  # a round cut after its collection is not collected twice
-            refined = refine(learners, round_, monitor, stop, beside=collecting and cfg.online.refine_beside_collection)
-            if collecting:
-                collect(cfg, services, round_, monitor)
-                services.replay.checkpoint()
-                state.set(collected=round_)
-            versions.update(refined())
-            services.wait_for({t.target.value: versions[t.target.value] for t in learners})
-            exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}
-            last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
-            evaluate_round(cfg, services, monitor, round_, versions, last=last)
-            if last and cfg.eval.fresh_trials:
-                evaluate_round(cfg, services, monitor, round_, versions, last=True, fresh=True)
-            save_round(services, learners, monitor, round_)
-            state.set(round=round_, last_round=last, **exported)
-            monitor.log("round", {"round": round_, "weight_version": versions["planning"], "policy_version": versions["policy"],
-                                  "seconds": time.time() - start})
-            if last:
-                break
+        if not state.get("last_round"):
+            rounds = asynchronous_rounds if cfg.online.loop == "asynchronous" else synchronous_rounds
+            rounds(cfg, run_dir, state, monitor, services, learners, versions, rates, stop)
     except Stop:
         say("stopping: saving a final learner checkpoint")
         for learner in learners:
@@ -95,9 +79,115 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
         services.replay.checkpoint()
         raise
     finally:
+        rates.close()
         services.stop()
         for learner in learners:
             learner.group.stop()
+
+
+def end_round(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, services: Services, learners: list[OnlineLearner],
+              round_: int, versions: dict[str, int | None], exported: dict[str, str], last: bool, seconds: float) -> None:
+    """A round's end in either loop: its evaluations (the fresh states' too after the last), checkpoints, the record."""
+    from launch.rounds import evaluate_round, save_round
+
+    evaluate_round(cfg, services, monitor, round_, versions, last=last)
+    if last and cfg.eval.fresh_trials:
+        evaluate_round(cfg, services, monitor, round_, versions, last=True, fresh=True)
+    save_round(services, learners, monitor, round_)
+    state.set(round=round_, last_round=last, **exported)
+    monitor.log("round", {"round": round_, "weight_version": versions["planning"], "policy_version": versions["policy"], "seconds": seconds})
+
+
+def synchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, services: Services,
+                       learners: list[OnlineLearner], versions: dict[str, int | None], rates: Rates, stop: StopRequest) -> None:
+    """Each round collects, then refines and publishes, then evaluates: the actors and the learner take turns."""
+    from launch.rounds import Budget, Stop, collect
+
+    budget = Budget(cfg, monitor)
+    for round_ in range(state.get("round", 0) + 1, cfg.online.rounds + 1):
+        start = time.time()
+        if stop:
+            raise Stop()
+        if state.get("collected", 0) < round_:  # a round cut after its collection is not collected twice
+            if not collect(cfg, services, round_, monitor, stop=lambda: bool(stop), rates=rates):
+                raise Stop()
+            services.replay.checkpoint()
+            state.set(collected=round_)
+        for learner in learners:
+            versions[learner.target.value] = learner.refine(round_, monitor, stop, rates)
+        services.wait_for({t.target.value: versions[t.target.value] for t in learners})
+        exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}
+        last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
+        end_round(cfg, run_dir, state, monitor, services, learners, round_, versions, exported, last, time.time() - start)
+        if last:
+            return
+
+
+def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, services: Services,
+                        learners: list[OnlineLearner], versions: dict[str, int | None], rates: Rates, stop: StopRequest) -> None:
+    """The EnvRunners collect round after round (``Collector``) while a thread refines round after round; this
+    thread evaluates each round's last version as the learner hands it over.
+
+    The learner holds its next publication while a round is evaluated (so the evaluation sees one version
+    throughout), and goes on training up to it. The round the budget makes the last halts the collection and the
+    learner before the last evaluations, which then have the runners to themselves.
+    """
+    import queue
+
+    from launch.phases import in_background
+    from launch.rounds import Budget, Collector, Stop
+
+    budget = Budget(cfg, monitor)
+    first = state.get("round", 0) + 1
+    halt, evaluating = threading.Event(), threading.Event()
+    handed: queue.Queue = queue.Queue()
+    stopping = lambda: bool(stop) or halt.is_set()  # noqa: E731
+    collector = Collector(cfg, services, monitor, max(first, state.get("collected", 0) + 1), first - 1, lambda: bool(stop), rates,
+                          lambda round_: state.set(collected=max(round_, state.get("collected", 0))))
+
+    def learn() -> None:
+        for round_ in range(first, cfg.online.rounds + 1):
+            collector.wait_collected(round_ - cfg.online.collect_ahead, stopping)
+            done = {t.target.value: t.refine(round_, monitor, stopping, rates, hold=evaluating.is_set) for t in learners}
+            exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}
+            evaluating.set()  # before the next publication can come: the evaluation of this round's version
+            handed.put((round_, done, exported))
+            collector.finished_learning(round_)
+
+    learning = in_background("learner", learn)
+    start = time.time()
+    try:
+        for round_ in range(first, cfg.online.rounds + 1):
+            while True:  # the learner's round, or its error, or a stop
+                collector.check()
+                if stop:
+                    raise Stop()
+                try:
+                    _, done, exported = handed.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    if learning.done():
+                        learning.result()  # raises what the learner raised
+                        raise RuntimeError(f"the learner ended before round {round_}")
+            versions.update(done)
+            services.wait_for(done)
+            last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
+            if last:  # the last evaluations have the runners and the GPU to themselves
+                halt.set()
+                collector.halt()
+            end_round(cfg, run_dir, state, monitor, services, learners, round_, versions, exported, last, time.time() - start)
+            start = time.time()
+            evaluating.clear()
+            if last:
+                break
+    finally:
+        halt.set()
+        evaluating.clear()
+        collector.halt()
+        failed = learning.exception(timeout=600)  # the learner stops at its next chunk
+    if failed is not None and not isinstance(failed, Stop):
+        raise failed
+    collector.check()
 
 
 def run(cfg: Experiment) -> dict[str, Any]:

@@ -152,7 +152,9 @@ def learner_group(cfg: Experiment, what: str, learner_cfg: LearnerConfig, source
     say(f"starting the {what} learner ({ranks} rank{'s' if ranks > 1 else ''}: model, DeepSpeed, data; a minute or more on a CPU)")
     group = LearnerGroup(learner_cfg, source, world_size=ranks, gpus_per_worker=cfg.learner.gpus_per_worker,
                          cpus_per_worker=cfg.learner.cpus_per_worker, publish_cfg=publish, publisher=publisher,
-                         waiting=lambda s: say(f"still starting the {what} learner ({s:.0f} s)"))
+                         waiting=lambda s: say(f"still starting the {what} learner ({s:.0f} s)"),
+                         on_restart=lambda exc: say(f"warning: the {what} learner lost a rank ({type(exc).__name__}); "
+                                                    "restarting it from its last checkpoint (the actors go on acting)"))
     say(f"the {what} learner is ready at step {group.step()} ({time.time() - start:.0f} s)")
     return group
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from cosmos_policy.contracts import Target
 from cosmos_policy.episode import episode_seed
 from launch.experiment import Experiment
 from launch.monitor import Monitor, say
-from launch.phases import in_background, learner_group
+from launch.phases import learner_group
 from launch.services import Services
 from learner.group import LearnerGroup, PublishConfig
 from learner.sources import ReplaySource
@@ -55,20 +56,28 @@ class OnlineLearner:
         publish = PublishConfig(every=cfg.online.publish_every, target=target.value)
         return cls(target, learner_group(cfg, f"online {target.value}", learner_cfg, source, publish, services.weights), steps)
 
-    def refine(self, round_: int, monitor: Monitor, stopping: Callable[[], bool]) -> int:
+    def refine(self, round_: int, monitor: Monitor, stopping: Callable[[], bool], rates: Rates | None = None,
+               hold: Callable[[], bool] | None = None) -> int:
         """The round's steps, up to ``round_`` x steps per round in all (publishing every ``publish_every``);
         returns the version the round ends on (published).
 
         Counting to the round's total step, not ``steps`` more: a round cut by a stop and played again from the
         saved learner trains only what it had left, so a resumed run ends on the same step and versions as one
-        never stopped."""
+        never stopped. ``rates`` counts the samples; ``hold``: ``LearnerGroup.train``'s."""
         rows: list[dict[str, float]] = []
         start = time.time()
         every = self.group.publish_cfg.every
         todo = max(0, round_ * self.steps - self.group.step())
         if todo:
-            self.group.train(todo, chunk=min(10, every), should_stop=stopping, on_metrics=lambda r: (
-                rows.extend(r), monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), todo)))
+            batch = self.group.config.micro_batch * self.group.config.grad_accum * self.group.world_size
+
+            def got(new: list[dict[str, float]]) -> None:
+                rows.extend(new)
+                if rates is not None:
+                    rates.add(samples=batch * len(new))
+                monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), todo)
+
+            self.group.train(todo, chunk=min(10, every or 10), should_stop=stopping, on_metrics=got, hold=hold)
             monitor.learner(f"{self.target.value}_online", rows, round=round_, seconds=time.time() - start)
         if stopping():  # the round is not recorded: a restart plays it again from the saved learner
             raise Stop()
@@ -83,28 +92,128 @@ class OnlineLearner:
         return self.group.export(str(run_dir / "checkpoints" / f"{self.target.value}_latest"))
 
 
-def refine(learners: list[OnlineLearner], round_: int, monitor: Monitor, stopping: Callable[[], bool],
-           beside: bool = False) -> Callable[[], dict[str, int]]:
-    """The round's refinement of every learner; returns a function that gives the versions the round ends on.
-
-    ``beside``: the refinement starts now in a thread of its own and runs while the caller collects (the
-    learner samples what replay holds so far; it grows as the learner trains); the function waits for it and
-    raises what it raised (``Stop`` too). Otherwise the refinement runs when the function is called.
-    """
-    def run() -> dict[str, int]:
-        return {learner.target.value: learner.refine(round_, monitor, stopping) for learner in learners}
-
-    if not beside:
-        return run
-    return in_background(f"refine-round-{round_}", run).result
-
-
 def save_round(services: Services, learners: list[OnlineLearner], monitor: Monitor, round_: int) -> None:
     """A round's end: the learners' checkpoints, the replay's, and the replay's statistics."""
     for learner in learners:
         learner.group.save()
     services.replay.checkpoint()
     monitor.log("replay", {"round": round_, **{f"{t}/{k}": v for t, row in services.replay.stats().items() for k, v in row.items()}})
+
+
+class Rates:
+    """Env steps and learner samples per interval: a ``rates`` record every ``every_s`` seconds of the rounds.
+
+    The evidence that the actors and the learner work at once (both rates above zero in the same intervals)
+    and that the actors go on while a learner restarts."""
+
+    def __init__(self, monitor: Monitor, every_s: float) -> None:
+        self.monitor, self.every_s = monitor, every_s
+        self._lock = threading.Lock()
+        self._counts = {"env_steps": 0, "learner_samples": 0}
+        self._since = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="rates", daemon=True) if every_s > 0 else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def add(self, env_steps: int = 0, samples: int = 0) -> None:
+        with self._lock:
+            self._counts["env_steps"] += env_steps
+            self._counts["learner_samples"] += samples
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {"env_steps": 0, "learner_samples": 0}
+            now = time.monotonic()
+            seconds, self._since = max(now - self._since, 1e-9), now
+        self.monitor.log("rates", {"interval_s": seconds, **counts, "env_steps_per_s": counts["env_steps"] / seconds,
+                                   "learner_samples_per_s": counts["learner_samples"] / seconds})
+
+    def _tick(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.flush()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._done.set()
+            self._thread.join()
+            self.flush()
+
+
+class Collector:
+    """The asynchronous loop's collection (``online.loop: asynchronous``): the rounds' episodes in a thread of its
+    own, round after round, while the learner refines and the job evaluates.
+
+    Collection may run ``online.collect_ahead`` rounds ahead of the learner: round c starts once the learner has
+    finished round c - 1 - collect_ahead, and the learner starts round r once round r - collect_ahead is
+    collected. So the experience the learner samples is never more than that many rounds of versions old, and
+    neither side waits for the other otherwise. Each round it completes is recorded (``collected`` in the run
+    state); a round cut by a stop is played again on resume without the episodes replay already holds.
+    """
+
+    def __init__(self, cfg: Experiment, services: Services, monitor: Monitor, first: int, learned: int,
+                 stop: Callable[[], bool], rates: Rates | None, done: Callable[[int], None]) -> None:
+        self.cfg, self.services, self.monitor, self.stop, self.rates, self.done = cfg, services, monitor, stop, rates, done
+        self.collected, self.learned = first - 1, learned  # the last round collected; the last the learner finished
+        self._halt = threading.Event()
+        self._cond = threading.Condition()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(first,), name="collector", daemon=True)
+        self._thread.start()
+
+    def _stopping(self) -> bool:
+        return self._halt.is_set() or bool(self.stop())
+
+    def _run(self, first: int) -> None:
+        ahead = self.cfg.online.collect_ahead
+        try:
+            for round_ in range(first, self.cfg.online.rounds + 1):
+                with self._cond:
+                    while self.learned < round_ - 1 - ahead and not self._stopping():
+                        self._cond.wait(0.5)
+                if self._stopping():
+                    return
+                complete = collect(self.cfg, self.services, round_, self.monitor, stop=self._stopping, rates=self.rates)
+                self.services.replay.checkpoint()
+                if not complete:
+                    return  # cut by a stop: not recorded as collected
+                self.done(round_)
+                with self._cond:
+                    self.collected = round_
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the job's thread, which waits on the collector
+            self.error = exc
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def finished_learning(self, round_: int) -> None:
+        with self._cond:
+            self.learned = max(self.learned, round_)
+            self._cond.notify_all()
+
+    def wait_collected(self, round_: int, stopping: Callable[[], bool]) -> None:
+        """Until round ``round_`` is collected; raises the collector's error, or ``Stop`` when stopping."""
+        with self._cond:
+            while self.collected < round_:
+                if self.error is not None:
+                    raise self.error
+                if stopping():
+                    raise Stop()
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"the collector ended before round {round_} was collected")
+                self._cond.wait(0.5)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def halt(self) -> None:
+        """Start no more episodes; returns when the ones being played have ended."""
+        self._halt.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join()
 
 
 @dataclass
@@ -143,6 +252,11 @@ class Job:
     seed: int
     branch: tuple[int, ...] | None = None  # the candidates executed at the queries up to the branch point
 
+    def episode_id(self, experiment: str, round_: int) -> str:
+        """The id its episode is recorded under: what it plays, so replay tells which of a round's jobs are done."""
+        played = "plain" if self.branch is None else "b" + "-".join(map(str, self.branch))
+        return f"{experiment}-r{round_}-{self.task}-{self.seed}-{played}"
+
 
 def collection_jobs(cfg: Experiment, tasks: list[str], round_: int) -> list[Job]:
     """A round's episodes: ``episodes_per_round`` ordinary ones, then ``branch_states`` new states played once per
@@ -157,8 +271,13 @@ def collection_jobs(cfg: Experiment, tasks: list[str], round_: int) -> list[Job]
     return jobs
 
 
-def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) -> list[EpisodeResult]:
-    """The round's episodes (``collection_jobs``), spread over the EnvRunners as they come free; logs the collection."""
+def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor, stop: Callable[[], bool] | None = None,
+            rates: Rates | None = None) -> bool:
+    """The round's episodes (``collection_jobs``), spread over the EnvRunners as they come free; logs the collection.
+
+    A round played again after a stop plays only the episodes replay does not hold (``Job.episode_id``): what was
+    acknowledged before the stop is kept once. ``stop``: start no more episodes (the record says ``stopped``).
+    Returns whether every episode of the round was played."""
     start = time.time()
 
     def progress(done: int, total: int) -> None:
@@ -167,25 +286,29 @@ def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor) 
 
     def play(runner: Any, job: Job) -> Any:
         meta = {"round": round_} if job.branch is None else {"round": round_, "branch_of": job.seed, "candidate": job.branch[-1]}
-        return runner.run.remote(job.task, job.seed, None, meta, None, None, job.branch)
+        return runner.run.remote(job.task, job.seed, None, meta, None, None, job.branch, job.episode_id(cfg.name, round_))
 
-    jobs = collection_jobs(cfg, services.tasks, round_)
+    held = {eid for table in services.replay.stats() for eid in services.replay.episode_ids(table)}
+    every = collection_jobs(cfg, services.tasks, round_)
+    jobs = [job for job in every if job.episode_id(cfg.name, round_) not in held]
     monitor.progress(f"round {round_}: collecting", 0, len(jobs))
     lost = LostEpisodes(f"round {round_}: collecting")
-    played = spread(services.runners, jobs, play, progress, lost)
+    played = spread(services.runners, jobs, play, progress, lost, stop=stop,
+                    on_done=None if rates is None else lambda _, r: rates.add(env_steps=r.steps))
     results = [r for _, r in played]
     seconds = max(time.time() - start, 1e-9)
     ok = [r for r in results if not r.interrupted]
     plain = [r for job, r in played if job.branch is None and not r.interrupted]
     steps = sum(r.steps for r in results)
     monitor.log("collect", {"round": round_, "episodes": len(results), "interrupted": len(results) - len(ok), "episodes_lost": len(lost.jobs),
+                            "episodes_kept": len(every) - len(jobs), "stopped": len(results) < len(jobs),
                             **({"success_rate": float(np.mean([r.success for r in plain]))} if plain else {}),
                             **branching_figures([(job, r) for job, r in played if job.branch is not None and not r.interrupted]),
                             "env_steps": steps, "env_steps_per_s": steps / seconds, "episodes_per_s": len(results) / seconds,
                             "inference_s_per_query": services.seconds_per_batch(),
                             **{f"replay_items/{t}": s.get("items", 0) for t, s in services.replay.stats().items()},
                             **{f"calibration/{k}": v for k, v in calibration(ok).items()}})
-    return results
+    return len(results) == len(jobs)
 
 
 class LostEpisodes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,17 @@ class RunState:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "state.json"
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self._lock = threading.Lock()  # the asynchronous loop's collector records its rounds from a thread of its own
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 
     def set(self, **values: Any) -> None:
-        self.data.update(values)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        with self._lock:
+            self.data.update(values)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
 
     def inside(self, path: str | Path) -> str:
         """``path`` as recorded: relative to the run directory where it lies inside it, else absolute."""

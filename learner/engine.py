@@ -198,8 +198,11 @@ class Learner:
         step = self.step if step is None else step
         return torch.Generator().manual_seed(hash((self.config.seed, self.rank, step, micro)) & 0x7FFF_FFFF_FFFF)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (this rank's)."""
+    def train_step(self, save: bool = True) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (this rank's).
+
+        ``save``: the checkpoint every ``checkpoint_every`` steps is taken here (without: by the caller, as the
+        worker does after the step's publication, so that the checkpoint holds the version it published)."""
         cfg = self.config
         start = time.perf_counter()
         wait_before = getattr(self.source, "wait_s", 0.0)
@@ -236,9 +239,12 @@ class Learner:
             "staleness_versions": float(self.version - np.mean(versions)) if versions else 0.0,
             "replay_wait_s": getattr(self.source, "wait_s", 0.0) - wait_before,
         })
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+        if save and self.checkpoint_due():
             self.save()
         return metrics
+
+    def checkpoint_due(self) -> bool:
+        return bool(self.config.checkpoint_every) and self.step % self.config.checkpoint_every == 0
 
     def evaluate(self, batch: Any, seed: int = 0) -> float:
         """The loss on ``batch`` (a Batch or a ModelBatch) with fixed noise, without training: held-out

@@ -48,10 +48,12 @@ class LearnerWorker:
     def train(self, steps: int) -> list[dict[str, float]]:
         out = []
         for _ in range(steps):
-            metrics = self.learner.train_step()
+            metrics = self.learner.train_step(save=False)
             every = self.publish_cfg.every
             if every and self.learner.step % every == 0:
                 metrics.update(self.publish())
+            if self.learner.checkpoint_due():  # after the publication: a rank restarted from it goes on from that version
+                self.learner.save()
             out.append(metrics)
         return out
 
@@ -96,11 +98,13 @@ class LearnerGroup:
 
     def __init__(self, config: LearnerConfig, source: Callable, world_size: int = 1, gpus_per_worker: float = 0,
                  cpus_per_worker: float = 1, publish_cfg: PublishConfig | None = None, publisher: WeightPublisher | None = None,
-                 max_restarts: int = 3, waiting: Callable[[float], None] | None = None) -> None:
+                 max_restarts: int = 3, waiting: Callable[[float], None] | None = None,
+                 on_restart: Callable[[BaseException], None] | None = None) -> None:
         """``waiting(seconds)`` is called every 20 s while the workers start (model, DeepSpeed, a first JIT build of
-        its ops: minutes on a busy CPU), so that a job's log says it is still starting."""
+        its ops: minutes on a busy CPU), so that a job's log says it is still starting; ``on_restart(error)`` when a
+        rank died and the group starts a fresh set (the job reports it; actors keep acting meanwhile)."""
         self.config, self.source, self.world_size = config, source, world_size
-        self.waiting = waiting
+        self.waiting, self.on_restart = waiting, on_restart
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
         self.publish_cfg, self.publisher = publish_cfg or PublishConfig(), publisher
         self.max_restarts = max_restarts
@@ -138,21 +142,31 @@ class LearnerGroup:
         self.start()
 
     def train(self, steps: int, chunk: int = 1, on_metrics: Callable[[list[dict]], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> int:
+              should_stop: Callable[[], bool] | None = None, hold: Callable[[], bool] | None = None) -> int:
         """Train until the group's step reaches its current step + ``steps``; returns the final step.
 
         ``should_stop`` is asked between chunks: a job being stopped (Ctrl-C) then waits for one
-        chunk, not for the whole phase (minutes on a CPU)."""
+        chunk, not for the whole phase (minutes on a CPU). ``hold``: while it is true, no chunk that
+        would reach a publication starts (the learner trains up to it and waits): an evaluation of the
+        version being served keeps that version to its end."""
         target = self.step() + steps
-        while self.step() < target:
+        every = self.publish_cfg.every
+        while (step := self.step()) < target:
             if should_stop is not None and should_stop():
                 break
-            n = min(chunk, target - self.step())
+            n = min(chunk, target - step)
+            if every and hold is not None and (step + n) // every > step // every and hold():
+                n = (step // every + 1) * every - 1 - step  # the steps before the publication
+                if n <= 0:
+                    time.sleep(0.2)
+                    continue
             try:
                 results = ray.get([w.train.remote(n) for w in self.workers])
-            except (RayActorError, ActorDiedError):
+            except (RayActorError, ActorDiedError) as exc:
                 if self.restarts >= self.max_restarts:
                     raise
+                if self.on_restart is not None:
+                    self.on_restart(exc)
                 self.restart()  # the fresh workers resume from the last checkpoint
                 continue
             if on_metrics is not None:

@@ -116,8 +116,8 @@ def _check_finished_run(run_dir: Path, rounds: int) -> None:
     validation = _records(run_dir, "validation")  # the held-out demonstration (1 of 6) is validated on
     assert validation and all(np.isfinite(r["val_loss"]) for r in validation)
     assert all(np.isfinite(r["loss"]) for r in learner)
-    collect = _records(run_dir, "collect")
-    assert len(collect) == rounds and all(r["env_steps_per_s"] > 0 for r in collect)
+    collect = [r for r in _records(run_dir, "collect") if not r["stopped"]]  # a round cut by a stop is finished on resume
+    assert sorted(r["round"] for r in collect) == list(range(1, rounds + 1)) and all(r["env_steps_per_s"] > 0 for r in collect)
     assert (run_dir / "success_rate.png").stat().st_size > 1000
     assert json.loads((run_dir / "state.json").read_text())["finished"]
     # Every metric the run wrote is documented (launch/metrics.py), and weight versions are whole publications.
@@ -420,8 +420,8 @@ def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
-    """The learning experiment (lift_learning) scaled down, stopped by SIGTERM (``ray job stop``; Ctrl-C's SIGINT
-    takes the same path) in the middle of round 2: a final learner checkpoint, exit 0, no error line (Ray's
+    """The learning experiment (lift_learning) scaled down, asynchronous, stopped by SIGTERM (``ray job stop``; Ctrl-C's
+    SIGINT takes the same path) in the middle of round 2: a final learner checkpoint, exit 0, no error line (Ray's
     own SIGTERM handler would print a stack trace and lose the checkpoint); the same command again, on the
     run directory moved to another folder without the planning learner's checkpoints (what a move between
     machines needs leaves them out), finishes the remaining rounds.
@@ -452,7 +452,9 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
         # again, the job goes on (and a second one later, during an evaluation of the restarted job).
         if "round 1: collecting" in line and not killed:
             kill_at_work("round 1: collecting", "ray::EnvRunner.run")
-        if "round 2: collecting" in line and not sent:
+        # Once round 1 is evaluated (and recorded just after), the asynchronous loop is in round 2: collecting it,
+        # and the learner refining up to its first publication.
+        if "round 1: success" in line and not sent:
             sent.append(line)
             proc.send_signal(signal.SIGTERM)
 
@@ -522,8 +524,8 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     (fresh,) = _records(run_dir, "eval_fresh")
     assert (fresh["round"], fresh["episodes"], fresh["first_trial"]) == (2, 1, 2) and "success_rate_no_plan" in fresh
     assert sum(fresh[f"paired/{k}"] for k in ("only_planned", "only_alone", "both", "neither")) == 1
-    # The refinement ran beside the collection (online.refine_beside_collection) in round 1: it began before
-    # the collection did (a refinement after it would begin after the collection's end).
+    # The refinement ran beside the collection (online.loop: asynchronous) in round 1: it began before the
+    # collection ended (a refinement after it would begin after the collection's end).
     refined = next(r for r in _records(run_dir, "learner") if r["phase"] == "planning_online")
     collected = _records(run_dir, "collect")[0]
     collect_start = collected["wall_s"] - collected["episodes"] / collected["episodes_per_s"]
@@ -548,12 +550,52 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "policy" / "manifest.json").is_file() and (run_dir / "checkpoints" / "planning" / "manifest.json").is_file()
     # Branching collection: each round one new state played once per branched candidate (the first 2 of 3), recorded
     # with its branch point's frames.
-    assert all(r["branch_episodes"] == 2 for r in _records(run_dir, "collect"))
+    collected = _records(run_dir, "collect")
+    assert all(r.get("branch_episodes", 0) + r["episodes_kept"] == 2 or r["stopped"] for r in collected), collected
     from cosmos_policy.data.episode_file import read_episode
 
     branches = [e for e in map(read_episode, sorted((run_dir / "replay").rglob("experience_*/*.hdf5"))) if "branch_of" in e.metadata]
-    assert len(branches) >= 2 and {e.metadata["candidate"] for e in branches} == {0, 1}
+    # Each round's two branches once: a round cut by the stop was finished without playing again what replay held.
+    assert sorted((e.metadata["round"], e.metadata["candidate"]) for e in branches) == [(1, 0), (1, 1), (2, 0), (2, 1)], branches
     assert all(e.metadata["branch_candidates"] == [e.metadata["candidate"]] and e.sample_steps(16).tolist() == [0] for e in branches)
+
+
+@pytest.mark.slow
+def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
+    """The asynchronous loop (the default), scaled down: the EnvRunners' episodes and the learner's steps overlap in
+    time (both rates above zero in the same ``rates`` intervals); kill -9 of the learner's rank in round 1 is one
+    warning line, the group restarts it from its checkpoint, and the env-steps rate stays above zero until the
+    learner is back; the job ends with exit 0 on the versions and steps of a run never disturbed."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "online.py"), *SMALL, "offline.policy_steps=2", "offline.validate_every=2",
+           "offline.planning_steps=1", "online.rounds=1", "online.episodes_per_round=30", "online.refine_steps=40", "online.publish_every=20",
+           "eval.also_without_planning=false", "logging.rates_every_s=3", "logging.wandb=disabled",
+           "learner.checkpoint_every=10", f"run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    killed: list[int] = []
+
+    def kill_learner(line: str) -> None:
+        if "round 1: refining the planning model" in line and not killed:
+            killed.append(0)
+            threading.Thread(target=lambda: killed.__setitem__(0, _kill_actor_at_work("ray::LearnerWorker.train")), daemon=True).start()
+
+    lines = _timed_lines(proc, on_line=kill_learner)
+    text = "".join(line for _, line in lines)
+    assert proc.returncode == 0, text[-4000:]
+    assert killed and killed[0], killed
+    assert text.count("learner lost a rank") == 1, text[-4000:]
+    _check_the_log_speaks([(t, line) for t, line in lines if not _reports_the_kill(line)])
+    rates = _records(run_dir, "rates")
+    both = [r for r in rates if r["env_steps"] > 0 and r["learner_samples"] > 0]
+    assert both, rates  # collection and refinement at once
+    # From the learner's loss to its return (its first samples after the warning), every whole interval saw env steps.
+    (lost_at,) = [t for t, line in lines if "learner lost a rank" in line]
+    after = [r for r in rates if r["time"] - r["interval_s"] >= lost_at]
+    back = next(i for i, r in enumerate(after) if r["learner_samples"] > 0)
+    down = after[:back]
+    assert len(down) >= 2 and all(r["env_steps"] > 0 for r in down), (down, after[back])
+    assert [e["weight_version"] for e in _records(run_dir, "eval")] == [0, 2]
+    assert max(r["learner/step"] for r in _records(run_dir, "learner") if r["phase"] == "planning_online") == 40
 
 
 @pytest.mark.slow
