@@ -1,8 +1,9 @@
 """What every entry point does with a mistake its user can fix, and how its ``--help`` lists the config keys.
 
 A mistake in a config, a path or a file (``ConfigError``, ``InputError``, ``CheckpointError``,
-``StatisticsError``) ends the program with one line on stderr that names the key or the file,
-what was given and what was expected, and exit code 2: no traceback, which would bury that line.
+``StatisticsError``), or a full disk (``StorageFull``), ends the program with one line on stderr that
+names the key or the file, what was given and what was expected (or what was kept), and exit code 2:
+no traceback, which would bury that line.
 ``--debug`` (or ``COSMOS_DEBUG=1``) shows the traceback. Anything else is a bug and keeps its
 traceback.
 """
@@ -14,9 +15,9 @@ import os
 import sys
 from typing import Any, Callable
 
-from cosmos_policy.errors import CheckpointError, ConfigError, InputError, StatisticsError
+from cosmos_policy.errors import CheckpointError, ConfigError, InputError, StatisticsError, StorageFull
 
-USER_ERRORS = (ConfigError, InputError, CheckpointError, StatisticsError)
+USER_ERRORS = (ConfigError, InputError, CheckpointError, StatisticsError, StorageFull)
 EXIT_USER_ERROR = 2
 
 

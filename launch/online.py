@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cosmos_policy.contracts import Target  # noqa: E402
+from cosmos_policy.errors import StorageFull, disk_full  # noqa: E402
 from launch.cli import add_debug_flag, keys_epilog, run_command  # noqa: E402
 from launch.config import check_inputs, load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
@@ -243,7 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
 def start(args: argparse.Namespace) -> None:
     cfg = load_experiment(args.config, args.overrides)
     check_inputs(cfg)  # every path it names, before Ray or W&B start
-    run(cfg)
+    try:
+        run(cfg)
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        raise StorageFull(f"{kept(Path(cfg.run_dir).resolve())}. The disk filled up: {' '.join(str(full).split())[:300]}") from exc
+
+
+def kept(run_dir: Path) -> str:
+    """What a run directory keeps for a resume, in words (the full-disk error says it)."""
+    state = RunState(run_dir).data if (run_dir / "state.json").is_file() else {}
+    done = (f"round {state['round']} done" if state.get("round") else "the offline phases done" if state.get("planning_checkpoint")
+            else "nothing finished yet")
+    return (f"{run_dir} keeps what was saved before ({done}; the learners' last checkpoints; every acknowledged episode): "
+            "free space there and run the same command again to resume")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,3 +67,22 @@ def test_a_job_that_kills_every_actor_is_named_and_an_own_error_is_raised(ray_lo
     assert lost == [5, 5, 5]
     with pytest.raises(ValueError, match="job -1 is bad"):
         spread(players, [1, -1], lambda p, job: p.play.remote(job, [], str(tmp_path)))
+
+
+def test_a_full_disk_is_found_under_a_remote_error(ray_local):
+    """A write that fills the disk inside an actor's call (a learner's export, a replay insert) reaches the job as
+    Ray's wrapper of it; ``disk_full`` finds the ENOSPC under it, which the job reports as one line
+    (tests/test_first_contact.py). /dev/full fails every write with ENOSPC, as a full disk does."""
+    from cosmos_policy.errors import disk_full
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def export() -> None:
+        with open("/dev/full", "wb") as f:
+            f.write(b"weights")
+
+    with pytest.raises(Exception) as caught:
+        ray.get(export.remote())
+    assert disk_full(caught.value) is not None and "No space left on device" in str(disk_full(caught.value))
+    assert disk_full(ValueError("a bad value")) is None

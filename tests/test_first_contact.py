@@ -65,6 +65,20 @@ def test_a_mistake_is_one_line_before_anything_starts(tmp_path: Path, args: list
     assert not any(ray_tmp.iterdir()), "Ray was started"
 
 
+def test_a_full_disk_is_one_line_naming_what_was_kept(tmp_path: Path) -> None:
+    """The disk filling up is one line and exit code 2, naming the run directory, what it keeps and how to go on
+    (no traceback): here the job's first write goes to /dev/full, which fails every write with ENOSPC as a full
+    disk does; a full disk under a Ray call is found the same way (tests/test_dispatch.py)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").symlink_to("/dev/full")
+    proc, seconds, _ = _run(tmp_path, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", "logging.wandb=disabled")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: {run_dir} keeps what was saved before (nothing finished yet") and "run the same command" in lines[0]
+    assert "No space left on device" in lines[0] and "Traceback" not in proc.stderr + proc.stdout, lines[0]
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     proc, _, _ = _run(tmp_path, str(ROOT / "launch" / "online.py"), "online.roundz=2", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "online.roundz: unknown key" in proc.stderr
