@@ -600,7 +600,7 @@ def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_main_job_runs_on_reverb(tmp_path: Path) -> None:
-    """``replay.backend=reverb``: the EnvRunners insert and the learner samples through the same Reverb
+    """``replay.backend=reverb``, in the synchronous loop: the EnvRunners insert and the learner samples through the same Reverb
     service (a Reverb server behind the replay shard), a weight version is published, and episodes of
     both EnvRunners were sampled by the learner (Reverb hands out an item's key only with a sample, so
     the service's book knows a key exactly for the items sampled). Runs in the Reverb environment."""
@@ -622,7 +622,8 @@ def test_the_main_job_runs_on_reverb(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), f"run_dir={run_dir}", "name=reverbjob", *SMALL, "replay.backend=reverb",
            f"model.checkpoint={ckpts['policy']}", f"model.planning_checkpoint={ckpts['planning']}", "online.rounds=1",
-           "online.episodes_per_round=4", "eval.also_without_planning=false", "eval.trials=1", "eval.at_start=false"]
+           "online.episodes_per_round=4", "eval.also_without_planning=false", "eval.trials=1", "eval.at_start=false",
+           "online.loop=synchronous"]  # the round's learner steps come after its episodes: they sample the experience
     proc = subprocess.run(cmd, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     evals = _records(run_dir, "eval")
