@@ -147,7 +147,8 @@ class PolicyServer:
 
     The models are built inside the actor from ``spec`` (checkpoints on shared storage), where
     they run, instead of being shipped over; a callable returning (policy, planner) also works.
-    With ``weights`` it takes every newly published version (``config.poll_weights_s``).
+    With ``weights`` it takes every newly published version (``config.poll_weights_s``), except while its
+    versions are held (``hold_weights``: an evaluation of the versions it serves runs while the learner goes on).
     """
 
     def __init__(self, spec: PolicySpec | Callable[[], tuple[CosmosPolicy, Planner | None]], config: ServerConfig | None = None,
@@ -159,6 +160,7 @@ class PolicyServer:
         self.server = BatchingServer(policy, planner, config)
         self.weights = weights
         self._poller: asyncio.Task | None = None
+        self.held = False
         # Restarted by Ray after a crash (max_restarts), the server is built from its first checkpoint again: the
         # newest published weights go in before its first batch, so no request is served with older ones.
         if weights is not None:
@@ -173,7 +175,7 @@ class PolicyServer:
         targets = [Target.POLICY] + ([Target.PLANNING] if self.server.planner is not None else [])
         loop = asyncio.get_running_loop()
         while True:
-            for target in targets:
+            for target in [] if self.held else targets:
                 staged = self.server._pending_weights.get(target.value)
                 current = staged[0] if staged else self.server.versions[target.value]
                 got = await loop.run_in_executor(None, self.weights.latest, target.value, current)
@@ -197,6 +199,13 @@ class PolicyServer:
 
     async def set_weights(self, version: int, state_dict: dict[str, torch.Tensor], target: str = "policy") -> None:
         self.server.set_weights(version, state_dict, target)
+
+    async def hold_weights(self, held: bool) -> dict[str, int | None]:
+        """Keep serving the versions served now (``held``), or take published ones again; returns the versions served.
+
+        A restarted server (after a crash) takes the newest published weights and is not held."""
+        self.held = bool(held)
+        return dict(self.server.versions)
 
     async def versions(self) -> dict[str, int | None]:
         await self.start_polling()

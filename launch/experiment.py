@@ -192,13 +192,18 @@ class OnlineSection:
     loop: str = "asynchronous"
     """asynchronous: the EnvRunners collect round after round in a thread of their own while the learner refines
     on what replay holds (publishing every publish_every steps, the runners acting on the newest version) and
-    the job evaluates each round's last version (the learner holds its next publication until that evaluation
-    ends); rounds are the reporting unit. synchronous: each round collects, then refines, then evaluates."""
+    the job evaluates each round's last version (the PolicyServers keep serving it until that evaluation ends; the
+    learner trains and publishes on); rounds are the reporting unit. synchronous: each round collects, then refines, then evaluates."""
     collect_ahead: int = 1
     """asynchronous loop: rounds the collection may run ahead of the learner (round c starts once the learner
     finished round c - 1 - collect_ahead; the learner starts round r once round r - collect_ahead is collected): the
     bound on how many rounds of versions the newest experience the learner samples lags (the oldest is bounded by
     the replay tables' max_items or max_age_s). The learner records' staleness_versions measure it; loop.png plots it."""
+    min_experience: int = 0
+    """asynchronous loop: a round's refinement starts only once replay holds this many experience items (steps of the
+    system's own episodes) or the round itself is collected, whichever comes first. A learner whose mixture has no
+    demonstrations, started beside the first collection, would otherwise take its first steps, at the schedule's
+    peak learning rate, on the first handful of episodes (research/lift_learning, run 4). 0: no wait."""
     budget_s: float | None = None
     """The run's wall time, its last evaluations included (None: no limit). A round is started only if it
     and the last evaluations fit, as estimated from the previous round and the round-0 evaluation; the
@@ -353,6 +358,8 @@ class Experiment:
             (self.online.loop in ("asynchronous", "synchronous"), "online.loop", "asynchronous or synchronous", self.online.loop),
             (integer(self.online.collect_ahead) and self.online.collect_ahead >= 1, "online.collect_ahead", "an integer >= 1",
              self.online.collect_ahead),
+            (integer(self.online.min_experience) and self.online.min_experience >= 0, "online.min_experience",
+             "an integer >= 0 (experience items; 0: no wait)", self.online.min_experience),
             (self.logging.rates_every_s >= 0, "logging.rates_every_s", "seconds >= 0 (0: no rates records)", self.logging.rates_every_s),
             (self.eval.trials >= 1, "eval.trials", ">= 1", self.eval.trials),
             (integer(self.eval.runners) and self.eval.runners >= 0, "eval.runners", "an integer >= 0 (0: the collection's runners)",

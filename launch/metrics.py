@@ -62,6 +62,7 @@ METRICS: dict[str, dict[str, str]] = {
         "publish_s": "s to publish that version",
         "seconds": "online: s the round's refinement took (it began seconds before the record)",
         "round": "online: the round whose refinement this was",
+        "experience_wait_s": "online: s the round waited for online.min_experience experience items before its first step",
     },
     "validation": {"phase": "policy_offline (or policy_train)", "learner/step": "the policy learner's step", "val_loss": "held-out loss",
                    "best": "lowest held-out loss so far"},

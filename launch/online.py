@@ -131,9 +131,11 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
     """The EnvRunners collect round after round (``Collector``) while a thread refines round after round; this
     thread evaluates each round's last version as the learner hands it over.
 
-    The learner holds its next publication while a round is evaluated (so the evaluation sees one version
-    throughout), and goes on training up to it. The round the budget makes the last halts the collection and the
-    learner before the last evaluations, which then have the runners to themselves.
+    The PolicyServers hold the round's versions while it is evaluated (so the evaluation sees one version
+    throughout, and the collection beside it acts on that version too), while the learner trains and publishes
+    on; it waits only if it finishes the next round before that evaluation ends. The round the budget makes the
+    last halts the collection and the learner before the last evaluations, which then have the runners to
+    themselves.
     """
     import queue
 
@@ -151,11 +153,18 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
     def learn() -> None:
         for round_ in range(first, cfg.online.rounds + 1):
             collector.wait_collected(round_ - cfg.online.collect_ahead, stopping)
-            done = {t.target.value: t.refine(round_, monitor, stopping, rates, hold=evaluating.is_set) for t in learners}
+            waited = collector.wait_experience(cfg.online.min_experience, round_, stopping)
+            done = {t.target.value: t.refine(round_, monitor, stopping, rates, waited_s=waited) for t in learners}
             exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}
-            evaluating.set()  # before the next publication can come: the evaluation of this round's version
-            handed.put((round_, done, exported))
             collector.finished_learning(round_)
+            while evaluating.is_set():  # the round before is still evaluated on the versions the servers hold
+                if stopping():
+                    raise Stop()
+                time.sleep(0.2)
+            services.wait_for(done)  # nothing newer is published meanwhile: this thread is the learner
+            services.hold_weights(True)
+            evaluating.set()
+            handed.put((round_, done, exported))
 
     learning = in_background("learner", learn)
     start = time.time()
@@ -173,19 +182,19 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
                         learning.result()  # raises what the learner raised
                         raise RuntimeError(f"the learner ended before round {round_}")
             versions.update(done)
-            services.wait_for(done)
             last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
             if last:  # the last evaluations have the runners and the GPU to themselves
                 halt.set()
                 collector.halt()
             end_round(cfg, run_dir, state, monitor, services, learners, round_, versions, exported, last, time.time() - start, alone=last)
             start = time.time()
+            services.hold_weights(False)
             evaluating.clear()
             if last:
                 break
     finally:
         halt.set()
-        evaluating.clear()
+        evaluating.clear()  # the learner, waiting for an evaluation, sees the halt
         collector.halt()
         failed = learning.exception(timeout=600)  # the learner stops at its next chunk
     if failed is not None and not isinstance(failed, Stop):

@@ -18,7 +18,7 @@ from actors.branching import lead_candidates
 from actors.dispatch import spread
 from actors.env_runner import EpisodeResult
 from actors.evaluator import EvalConfig, evaluate
-from cosmos_policy.contracts import Target
+from cosmos_policy.contracts import TableName, Target
 from cosmos_policy.episode import episode_seed
 from launch.experiment import Experiment
 from launch.monitor import Monitor, say
@@ -57,13 +57,14 @@ class OnlineLearner:
         return cls(target, learner_group(cfg, f"online {target.value}", learner_cfg, source, publish, services.weights), steps)
 
     def refine(self, round_: int, monitor: Monitor, stopping: Callable[[], bool], rates: Rates | None = None,
-               hold: Callable[[], bool] | None = None) -> int:
+               waited_s: float = 0.0) -> int:
         """The round's steps, up to ``round_`` x steps per round in all (publishing every ``publish_every``);
         returns the version the round ends on (published).
 
         Counting to the round's total step, not ``steps`` more: a round cut by a stop and played again from the
         saved learner trains only what it had left, so a resumed run ends on the same step and versions as one
-        never stopped. ``rates`` counts the samples; ``hold``: ``LearnerGroup.train``'s."""
+        never stopped. ``rates`` counts the samples; ``waited_s``: how long the round waited for experience before it
+        (``online.min_experience``), for its record."""
         rows: list[dict[str, float]] = []
         start = time.time()
         every = self.group.publish_cfg.every
@@ -77,8 +78,9 @@ class OnlineLearner:
                     rates.add(samples=batch * len(new))
                 monitor.progress(f"round {round_}: refining the {self.target.value} model", len(rows), todo)
 
-            self.group.train(todo, chunk=min(10, every or 10), should_stop=stopping, on_metrics=got, hold=hold)
-            monitor.learner(f"{self.target.value}_online", rows, round=round_, seconds=time.time() - start)
+            self.group.train(todo, chunk=min(10, every or 10), should_stop=stopping, on_metrics=got)
+            monitor.learner(f"{self.target.value}_online", rows, round=round_, seconds=time.time() - start,
+                            **({"experience_wait_s": waited_s} if waited_s else {}))
         if stopping():  # the round is not recorded: a restart plays it again from the saved learner
             raise Stop()
         if rows and "published_version" in rows[-1]:
@@ -206,6 +208,27 @@ class Collector:
                 if not self._thread.is_alive():
                     raise RuntimeError(f"the collector ended before round {round_} was collected")
                 self._cond.wait(0.5)
+
+    def wait_experience(self, items: int, round_: int, stopping: Callable[[], bool]) -> float:
+        """Until replay holds ``items`` experience items or round ``round_`` is collected (``online.min_experience``);
+        returns the seconds waited. Raises the collector's error, or ``Stop`` when stopping."""
+        start = time.time()
+        said = False
+        while items > 0:
+            stats = self.services.replay.stats()
+            held = sum(int(stats.get(t.value, {}).get("items", 0)) for t in (TableName.EXPERIENCE_SUCCESS, TableName.EXPERIENCE_FAILURE))
+            with self._cond:
+                if held >= items or self.collected >= round_:
+                    break
+                if self.error is not None:
+                    raise self.error
+                if stopping():
+                    raise Stop()
+                if not said:
+                    say(f"round {round_}: the learner waits for {items} experience items in replay (online.min_experience; {held} now)")
+                    said = True
+                self._cond.wait(0.5)
+        return time.time() - start
 
     def check(self) -> None:
         if self.error is not None:

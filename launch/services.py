@@ -120,6 +120,11 @@ class Services:
                 raise TimeoutError(f"PolicyServers did not all pick up weights {versions} within {timeout_s:.0f} s (serving {served})")
             time.sleep(0.2)
 
+    def hold_weights(self, held: bool) -> None:
+        """Every PolicyServer keeps the versions it serves now (``held``: an evaluation of them runs while the learner
+        publishes on), or takes the newest published again."""
+        ray.get([s.hold_weights.remote(held) for s in self.servers])
+
     def seconds_per_batch(self) -> float:
         """Seconds per served batch, over all PolicyServers."""
         stats = ray.get([s.stats.remote() for s in self.servers])

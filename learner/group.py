@@ -143,24 +143,16 @@ class LearnerGroup:
         self.start()
 
     def train(self, steps: int, chunk: int = 1, on_metrics: Callable[[list[dict]], None] | None = None,
-              should_stop: Callable[[], bool] | None = None, hold: Callable[[], bool] | None = None) -> int:
+              should_stop: Callable[[], bool] | None = None) -> int:
         """Train until the group's step reaches its current step + ``steps``; returns the final step.
 
         ``should_stop`` is asked between chunks: a job being stopped (Ctrl-C) then waits for one
-        chunk, not for the whole phase (minutes on a CPU). ``hold``: while it is true, no chunk that
-        would reach a publication starts (the learner trains up to it and waits): an evaluation of the
-        version being served keeps that version to its end."""
+        chunk, not for the whole phase (minutes on a CPU)."""
         target = self.step() + steps
-        every = self.publish_cfg.every
         while (step := self.step()) < target:
             if should_stop is not None and should_stop():
                 break
             n = min(chunk, target - step)
-            if every and hold is not None and (step + n) // every > step // every and hold():
-                n = (step // every + 1) * every - 1 - step  # the steps before the publication
-                if n <= 0:
-                    time.sleep(0.2)
-                    continue
             try:
                 results = ray.get([w.train.remote(n) for w in self.workers])
             except (RayActorError, ActorDiedError) as exc:

@@ -208,6 +208,24 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     reply = ServerPolicy(servers[0]).infer(obs, 0)
     assert reply.policy_version == 1 and np.allclose(reply.actions, replies[0].actions)
     assert ray.get(servers[0].__ray_call__.remote(lambda actor: os.getpid())) != pid
+    # A server whose versions are held (an evaluation of them runs) keeps serving version 1 while the learner
+    # publishes version 2, which the other server takes; released, it takes it too.
+    assert ray.get(servers[1].hold_weights.remote(True)) == {"policy": 1, "planning": None}
+    group.train(2)
+
+    def served(server) -> int:
+        return ray.get(server.act.remote(obs, 0)).policy_version
+
+    deadline = time.time() + 30
+    while served(servers[0]) != 2 and time.time() < deadline:
+        time.sleep(0.3)
+    time.sleep(1.0)  # five polls of the registry
+    assert served(servers[0]) == 2 and served(servers[1]) == 1
+    ray.get(servers[1].hold_weights.remote(False))
+    deadline = time.time() + 30
+    while served(servers[1]) != 2 and time.time() < deadline:
+        time.sleep(0.3)
+    assert served(servers[1]) == 2
     group.stop()
     for s in servers:
         ray.kill(s)

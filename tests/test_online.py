@@ -183,6 +183,7 @@ def test_every_experiment_config_loads() -> None:
          r"planner.num_candidates \(4\), got 5"),
         (["eval.trials=10", "eval.fresh_first_trial=5"], r"eval.fresh_first_trial: expected an integer >= eval.trials \(10\)"),
         (["online.budget_s=0"], "online.budget_s: expected null or seconds > 0"),
+        (["online.min_experience=-5"], r"online.min_experience: expected an integer >= 0 \(experience items; 0: no wait\), got -5"),
         (["eval.runners=-1"], r"eval.runners: expected an integer >= 0 \(0: the collection's runners\), got -1"),
         (["logging.wandb=sometimes"], None),
     ],
@@ -509,7 +510,9 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert text.count("an actor died during an episode") == lost, (lost, [line for line in text.splitlines() if "died" in line])
     restarted = _records(run_dir, "start")[-1]["time"]
     refined = [r for r in _records(run_dir, "learner") if r["phase"] == "planning_online" and r["time"] > restarted]
-    assert refined and min(r["learner/step"] for r in refined) > round1_step, (round1_step, refined)
+    # The restart goes on from the learner's step (none left when the learner, not held by round 1's evaluation,
+    # had finished round 2 before the stop), never from round 1's start again.
+    assert all(r["learner/step"] > round1_step for r in refined), (round1_step, refined)
     # The same steps and versions as a run never stopped: round 2 played again trains only what it had left
     # (2 rounds x 4 planning steps, 2 x 2 policy steps; a publication every 2 steps).
     planning_versions = [e["weight_version"] for e in _records(run_dir, "eval")]
@@ -532,12 +535,11 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     (fresh,) = _records(run_dir, "eval_fresh")
     assert (fresh["round"], fresh["episodes"], fresh["first_trial"]) == (2, 1, 2) and "success_rate_no_plan" in fresh
     assert sum(fresh[f"paired/{k}"] for k in ("only_planned", "only_alone", "both", "neither")) == 1
-    # The refinement ran beside the collection (online.loop: asynchronous) in round 1: it began before the
-    # collection ended (a refinement after it would begin after the collection's end).
+    # The experiment's learner waits for experience (online.min_experience: 256 items, more than these rounds
+    # give): its first round began once round 1 was collected, not on the first episode.
     refined = next(r for r in _records(run_dir, "learner") if r["phase"] == "planning_online")
     collected = _records(run_dir, "collect")[0]
-    collect_start = collected["wall_s"] - collected["episodes"] / collected["episodes_per_s"]
-    assert refined["wall_s"] - refined["seconds"] < collect_start + 0.5, (refined, collected)
+    assert refined["experience_wait_s"] > 0 and refined["wall_s"] - refined["seconds"] >= collected["wall_s"] - 0.5, (refined, collected)
     # The figures of the run, written by the committed script from its metrics alone.
     out = tmp_path / "learning_curve.json"
     report = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curve_report.py"), str(run_dir), "--out", str(out)],
@@ -573,12 +575,13 @@ def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
     """The asynchronous loop (the default), scaled down: the EnvRunners' episodes and the learner's steps overlap in
     time (both rates above zero in the same ``rates`` intervals); kill -9 of the learner's rank in round 1 is one
     warning line, the group restarts it from its checkpoint, and the env-steps rate stays above zero until the
-    learner is back; the job ends with exit 0 on the versions and steps of a run never disturbed."""
+    learner is back; the job ends with exit 0 on the versions and steps of a run never disturbed. The learner's first
+    round waits for its first experience (online.min_experience=20: the first episode's steps)."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), *SMALL, "offline.policy_steps=2", "offline.validate_every=2",
            "offline.planning_steps=1", "online.rounds=1", "online.episodes_per_round=30", "online.refine_steps=40", "online.publish_every=20",
            "eval.also_without_planning=false", "logging.rates_every_s=3", "logging.wandb=disabled",
-           "learner.checkpoint_every=10", f"run_dir={run_dir}"]
+           "learner.checkpoint_every=10", "online.min_experience=20", f"run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     killed: list[int] = []
 
@@ -605,6 +608,9 @@ def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
     assert [e["weight_version"] for e in _records(run_dir, "eval")] == [0, 2]
     online = [r for r in _records(run_dir, "learner") if r["phase"] == "planning_online"]
     assert max(r["learner/step"] for r in online) == 40
+    assert online[0]["experience_wait_s"] > 0 and "the learner waits for 20 experience items" in text
+    first_samples = next(i for i, r in enumerate(rates) if r["learner_samples"] > 0)
+    assert any(r["env_steps"] > 0 for r in rates[: first_samples + 1]), rates  # no step before the first episode
     # Staleness in planning versions (the episodes' own), within the bound collect_ahead sets: the newest experience
     # lags at most (collect_ahead + 1) rounds of publications (2 a round here); plotted with the rates.
     assert all(0 <= r["staleness_versions"] <= r["staleness_max_versions"] <= 2 * 2 for r in online), online
