@@ -161,7 +161,9 @@ class KeyboardOperator:
 
     def poll(self) -> list[OperatorEvent]:
         out = []
-        while select.select([self.fd], [], [], 0)[0]:
+        for _ in range(16):  # bounded: a stuck key or a flood of input cannot hold the control loop here
+            if not select.select([self.fd], [], [], 0)[0]:
+                break
             data = os.read(self.fd, 64).decode(errors="replace")
             if not data:
                 break
