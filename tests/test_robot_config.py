@@ -98,7 +98,10 @@ def test_files_and_names(tmp_path: Path) -> None:
     wrong.write_text(yaml.safe_dump(_with("limits/base.pos/low", 9)))
     with pytest.raises(RobotConfigError, match=r"wrong.yaml: robot.limits.base.pos.low: expected a number < high"):
         load_robot_config(wrong)
-    with pytest.raises(ValueError, match=r"robot.driver.target: cannot import 'no_such_module'"):
+    with pytest.raises(RobotConfigError, match=r"robot.driver.target: cannot import 'no_such_module'"):
         make_driver("no_such_module:Arm")
-    with pytest.raises(ValueError, match=r"robot.driver.target: actors.robots.config:Limit is not a RobotDriver \(missing observation_features"):
+    with pytest.raises(RobotConfigError, match=r"robot.driver.target: actors.robots.config:Limit is not a RobotDriver "
+                                               r"\(missing observation_features"):
         make_driver("actors.robots.config:Limit", {"low": 0, "high": 1})
+    with pytest.raises(RobotConfigError, match=r"robot.driver.kwargs: actors.robots.dummy:DummyArm does not take them .*'speed'"):
+        make_driver("actors.robots.dummy:DummyArm", {"speed": 1})

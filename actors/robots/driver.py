@@ -18,6 +18,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from actors.robots.config import RobotConfigError
+
 log = logging.getLogger(__name__)
 
 Feature = type | tuple[int, ...]
@@ -67,19 +69,22 @@ def make_driver(target: str, kwargs: Mapping[str, Any] | None = None, where: str
     """Import ``"package.module:Class"`` and build it with ``kwargs`` (a config's ``driver`` section)."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{where}: expected 'package.module:Class', got {target!r}")
+        raise RobotConfigError(f"{where}: expected 'package.module:Class', got {target!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"{where}: cannot import {module_name!r} ({exc})") from None
+        raise RobotConfigError(f"{where}: cannot import {module_name!r} ({exc})") from None
     cls = getattr(module, attr, None)
     if cls is None:
-        raise ValueError(f"{where}: module {module_name!r} has no {attr!r}")
-    driver = cls(**dict(kwargs or {}))
+        raise RobotConfigError(f"{where}: module {module_name!r} has no {attr!r}")
+    try:
+        driver = cls(**dict(kwargs or {}))
+    except TypeError as exc:  # a misspelled or missing constructor argument: the config's kwargs are wrong
+        raise RobotConfigError(f"{where.rsplit('.', 1)[0]}.kwargs: {target} does not take them ({exc})") from None
     missing = [name for name in ("observation_features", "action_features", "is_connected", "connect",
                                  "get_observation", "send_action", "disconnect") if not hasattr(driver, name)]
     if missing:
-        raise ValueError(f"{where}: {target} is not a RobotDriver (missing {', '.join(missing)})")
+        raise RobotConfigError(f"{where}: {target} is not a RobotDriver (missing {', '.join(missing)})")
     return driver
 
 
