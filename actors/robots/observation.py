@@ -39,7 +39,8 @@ def robot_observation(flat: Mapping[str, Any], config: RobotConfig, instruction:
         if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
             raise ObservationError(f"observation[{feature!r}] (camera {cam}): expected a uint8 (H, W, 3) frame, got {got}")
-        images[cam] = resize(frame, config.image_size)
+        image = resize(frame, config.image_size)
+        images[cam] = image.copy() if image is frame else image  # a driver may reuse its frame buffer next step
     proprio = scalars(flat, config.proprio).astype(np.float32)
     return RobotObservation(images=images, proprio=proprio, instruction=instruction, timestamp=timestamp)
 
