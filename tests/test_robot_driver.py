@@ -64,7 +64,8 @@ def test_observations_map_onto_the_model_cameras_and_proprio_order() -> None:
     assert set(obs.images) == {"primary", "wrist"} and obs.images["primary"].shape == (64, 64, 3)
     assert obs.proprio.dtype == np.float32 and obs.proprio[1] == pytest.approx(flat["shoulder.pos"])
     assert obs.instruction == "lift the cube" and obs.timestamp == 12.5
-    with pytest.raises(ObservationError, match=r"observation\['front'\] \(camera primary\): expected a uint8 \(H, W, 3\) frame, got float64"):
+    with pytest.raises(ObservationError, match=r"observation\['front'\] \(camera primary\): expected a uint8 \(H, W, 3\) frame, "
+                                               r"got float64"):
         robot_observation(flat | {"front": flat["front"].astype(float)}, cfg, "", 0.0)
     with pytest.raises(ObservationError, match=r"observation: no feature 'ee.z'"):
         robot_observation({k: v for k, v in flat.items() if k != "ee.z"}, cfg, "", 0.0)

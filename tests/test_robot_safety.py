@@ -150,8 +150,8 @@ def test_the_workspace_box_clips_actions_and_refuses_a_measured_position_outside
     safe = SafetyEnvelope(cfg, OperatorKey.create()).check(np.array([0.2, -0.5]), np.array([0.0, 0.2]))
     assert safe.action.tolist() == [0.2, 0.1] and safe.clipped == (1,)
     # joint control: the box is on measured features only; outside it is a fault
-    env = SafetyEnvelope(config([-1.0], [1.0], [0.1], workspace={"features": ["ee.x", "ee.y", "ee.z"], "low": [-1, -1, 0], "high": [1, 1, 1]}),
-                         OperatorKey.create())
+    box = {"features": ["ee.x", "ee.y", "ee.z"], "low": [-1, -1, 0], "high": [1, 1, 1]}
+    env = SafetyEnvelope(config([-1.0], [1.0], [0.1], workspace=box), OperatorKey.create())
     assert env.position_features == ("ee.x", "ee.y", "ee.z")
     env.check(np.zeros(1), np.zeros(1), position=np.array([0.3, 0.0, 0.2]))
     with pytest.raises(UnsafeAction, match=r"workspace: measured ee.z=-0.05 is outside \[0, 1\]"):

@@ -147,7 +147,8 @@ class RobotConfig:
                 raise RobotConfigError(f"{where}: expected {name!r} to be a scalar, the driver says {observation_features[name]!r}")
         for i, name in enumerate(self.actions):
             if name not in action_features:
-                raise RobotConfigError(f"robot.actions[{i}]: {name!r} is not an action feature of the driver (it has {sorted(action_features)})")
+                raise RobotConfigError(f"robot.actions[{i}]: {name!r} is not an action feature of the driver "
+                                       f"(it has {sorted(action_features)})")
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -183,12 +184,14 @@ def robot_config_from_dict(data: Any, where: str = "robot") -> RobotConfig:
     chunking = _section(top.get("chunking") or {}, f"{where}.chunking", ChunkingConfig)
     return RobotConfig(
         id=_string(top["id"], f"{where}.id"),
-        driver=DriverSpec(_string(driver["target"], f"{where}.driver.target"), dict(_mapping(driver.get("kwargs") or {}, f"{where}.driver.kwargs"))),
+        driver=DriverSpec(_string(driver["target"], f"{where}.driver.target"),
+                          dict(_mapping(driver.get("kwargs") or {}, f"{where}.driver.kwargs"))),
         cameras={k: _string(v, f"{where}.cameras.{k}") for k, v in _mapping(top["cameras"], f"{where}.cameras").items()},
         proprio=_names(top["proprio"], f"{where}.proprio"),
         actions=_names(top["actions"], f"{where}.actions"),
         control_hz=_number(top["control_hz"], f"{where}.control_hz"),
-        image_size=tuple(int(_number(v, f"{where}.image_size[{i}]", integer=True)) for i, v in enumerate(_list(top["image_size"], f"{where}.image_size"))),  # type: ignore[arg-type]
+        image_size=tuple(int(_number(v, f"{where}.image_size[{i}]", integer=True))  # type: ignore[arg-type]
+                         for i, v in enumerate(_list(top["image_size"], f"{where}.image_size"))),
         limits=limits,
         max_step={k: _number(v, f"{where}.max_step.{k}") for k, v in _mapping(top["max_step"], f"{where}.max_step").items()},
         measured={k: _string(v, f"{where}.measured.{k}") for k, v in _mapping(top.get("measured") or {}, f"{where}.measured").items()},
