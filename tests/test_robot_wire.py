@@ -72,7 +72,7 @@ def nd(data: bytes, dtype: str, shape: list) -> bytes:
     return msgpack.packb({"obs": {"img": {"__nd__": True, "data": data, "dtype": dtype, "shape": shape}}}, use_bin_type=True)
 
 
-@pytest.mark.parametrize("payload, expected", [
+MALFORMED = [
     (b"\x93\x01", "message: not a valid msgpack message"),
     (b"", "message: not a valid msgpack message"),
     (nd(b"\x00" * 3, "<f4", [1]), r"obs.img: 3 data bytes, expected 4 for float32 \(1,\)"),
@@ -90,7 +90,10 @@ def nd(data: bytes, dtype: str, shape: list) -> bytes:
     (b"\x91" * 100_000, "nested deeper"),
     (msgpack.packb({"a": "x"}) + b"\x01", "not a valid msgpack message"),  # trailing bytes
     (b"\xa3\xff\xfe\xfd", "not a valid msgpack message"),  # a str that is not UTF-8
-])
+]
+
+
+@pytest.mark.parametrize("payload, expected", MALFORMED, ids=[f"{i}-{e[:30]}" for i, (_, e) in enumerate(MALFORMED)])
 def test_decode_refuses_malformed_payloads_naming_the_field(payload, expected):
     with pytest.raises(WireError, match=expected):
         wire.decode(payload)

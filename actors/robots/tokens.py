@@ -51,7 +51,8 @@ class Verdict(enum.Enum):
 
 def check_robot_id(robot_id: str) -> str:
     if not isinstance(robot_id, str) or not ROBOT_ID.fullmatch(robot_id):
-        raise TokenError(f"robot id {robot_id!r}: expected 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise TokenError(f"robot id {robot_id!r}: expected 1-64 characters of letters, digits, '.', '_' or '-', "
+                         f"starting with a letter or digit")
     return robot_id
 
 

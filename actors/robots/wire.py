@@ -149,7 +149,8 @@ def _from_wire(obj: Any, path: str, depth: int) -> Any:
 
 def _array_from_wire(obj: dict, path: str) -> np.ndarray:
     if obj.get(ND) is not True or set(obj) != {ND, "data", "dtype", "shape"}:
-        raise WireError(f"{_name(path)}: an array is a map of exactly __nd__=True, data, dtype, shape; got keys {sorted(map(str, obj))}")
+        raise WireError(f"{_name(path)}: an array is a map of exactly __nd__=True, data, dtype, shape; "
+                        f"got keys {sorted(map(str, obj))}")
     data, dtype, shape = obj["data"], obj["dtype"], obj["shape"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise WireError(f"{_name(path)}: dtype {dtype!r} cannot travel (one of {sorted(DTYPES)})")
@@ -217,7 +218,8 @@ def expect_map(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
-def expect_array(value: Any, path: str, dtype: str | Sequence[str], shape: Sequence[int | str], finite: bool = False) -> np.ndarray:
+def expect_array(value: Any, path: str, dtype: str | Sequence[str], shape: Sequence[int | str],
+                 finite: bool = False) -> np.ndarray:
     """An array of ``dtype`` (a numpy name, or several accepted) and ``shape`` (ints, or names for free sizes: "n").
 
     The error says what was expected and what came: ``expected uint8 (32, 32, 3), got float64 (2, 2)``.
