@@ -4,7 +4,8 @@ Like the dummy mode a real component, not a test mock, but with physics: robosui
 (``actors.envs.lift``, the built-in task) runs in a child process that plays the arm's own
 controller box. The child owns the simulation and keeps its clock:
 
-- each ``send_action`` is one control step, applied when it arrives (a stream faster than twice
+- each ``send_action`` is one control step, applied when it arrives and its cameras rendered right
+  after (the next ``get_observation`` is answered from that frame at once; a stream faster than twice
   ``control_hz`` is throttled, so simulated time never runs ahead of the wall clock);
 - when no command comes for 1.5 control periods it holds: it steps with the zero action (zero
   OSC_POSE deltas keep the pose, a zero gripper command keeps the gripper's), so physics runs on in
@@ -94,7 +95,8 @@ class SimArm:
     def __init__(self, image_size: int = 64, control_hz: float = 20.0, watchdog_s: float = 0.5, seed: int = 0,
                  status_file: str | None = None, linger_s: float = 1.0, call_timeout_s: float = 10.0,
                  start_timeout_s: float = 180.0, antialias: bool = True) -> None:
-        """``watchdog_s``: the child's silence limit once motion began; ``status_file``: where the child writes its
+        """``seed``: the first episode's (``reset(seed)`` starts the others); ``watchdog_s``: the child's silence limit
+        once motion began; ``status_file``: where the child writes its
         state (None: nowhere); ``linger_s``: how long the child holds after its parent is gone before it exits;
         ``call_timeout_s``: the longest a command waits for the child's answer."""
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
@@ -268,6 +270,7 @@ class SimArm:
                 status, reply = self._cmd.recv()
             except (EOFError, OSError) as exc:
                 self._connected = False
+                self._proc.join(1.0)  # a closed pipe comes before the exit: wait a moment, to report its code
                 raise SimArmError(f"SimArm: {name}: the simulation (pid {self._proc.pid}) died "
                                   f"(exit code {self._proc.exitcode})") from exc
         if status == "ok":
@@ -346,6 +349,7 @@ class _Controller:
         self.eef = self.env.gripper_position()
         self.eef_speed = 0.0
         self.closing = False
+        self.frame: dict[str, Any] | None = None  # the current observation, once rendered (until the next step)
         self.written_state = ""
         self._write()
 
@@ -397,6 +401,9 @@ class _Controller:
         self._write(force=True)
 
     def _step(self, action: np.ndarray, held: bool) -> None:
+        """One control step. After a commanded one the cameras are rendered at once, while the host sleeps to its
+        next tick, and its next observe is answered from that frame (the state changes only with a step, so the
+        frame is current); after a hold nobody may ask, so the next observe renders."""
         start = time.monotonic()
         self.env.actuate(action)
         eef = self.env.gripper_position()
@@ -404,6 +411,12 @@ class _Controller:
         self.eef, self.last_step = eef, start
         self.hold_steps += held
         self.steps += not held
+        self.frame = None if held else self._flat(self.env.observe(render=True))
+
+    def _observation(self) -> dict[str, Any]:
+        if self.frame is None:
+            self.frame = self._flat(self.env.observe(render=True))
+        return self.frame
 
     # ---- commands ------------------------------------------------------------------------------------
     def _receive(self, conn: Connection) -> None:
@@ -449,12 +462,12 @@ class _Controller:
             self.armed = True
             self._step(action, held=False)
         elif name == "observe":
-            self._reply(conn, "ok", self._flat(self.env.observe(render=True)))
+            self._reply(conn, "ok", self._observation())
         elif name == "safe_stop":
             self._latch("safe_stop", now)
             self._reply(conn, "ok", None)
         elif name == "reset":
-            flat = self._flat(self.env.reset(TASK, int(payload)))
+            flat = self.frame = self._flat(self.env.reset(TASK, int(payload)))
             self._enable(now)
             self.eef, self.eef_speed = self.env.gripper_position(), 0.0
             self._reply(conn, "ok", flat)
