@@ -201,6 +201,19 @@ class LiftEnv:
         self._render_context = None
         self._env.close()
 
+    # ---- as a robot (actors.robots.sim_arm) ---------------------------------------------------
+    def actuate(self, action: np.ndarray) -> None:
+        """One control step without the episode's bookkeeping: a robot's episode ends when its operator
+        says, not at the task's success or a step limit, so the simulated arm steps on past both."""
+        a = check_action(action, self.spec, where="lift.actuate")
+        self._check_open()
+        self._env.step(a)
+
+    def observe(self, render: bool = True) -> Observation:
+        """The current observation (cameras only when ``render``), without stepping."""
+        self._check_open()
+        return self._observation(render=render, where="lift.observe")
+
     # ---- the task --------------------------------------------------------------------------
     def success(self) -> bool:
         """robosuite's own check: the cube's centre is more than 4 cm above the table top."""
