@@ -253,6 +253,7 @@ class Episode:
             score=float(self.score),  # type: ignore[arg-type]
             source=self.source,
             policy_version=self.policy_version,
+            planning_version=self.planning_version,
             origin=str(self.metadata.get("file", "")),
         )
 
@@ -328,7 +329,8 @@ class StepWindow:
     success: bool
     score: float
     source: Source
-    policy_version: int | None = None
+    policy_version: int | None = None  # the weight versions that acted in the episode (staleness)
+    planning_version: int | None = None
     origin: str = ""  # where the episode came from, for error messages
 
     @property

@@ -197,7 +197,8 @@ class OnlineSection:
     collect_ahead: int = 1
     """asynchronous loop: rounds the collection may run ahead of the learner (round c starts once the learner
     finished round c - 1 - collect_ahead; the learner starts round r once round r - collect_ahead is collected): the
-    bound on how old, in rounds of versions, the experience the learner samples is."""
+    bound on how many rounds of versions the newest experience the learner samples lags (the oldest is bounded by
+    the replay tables' max_items or max_age_s). The learner records' staleness_versions measure it; loop.png plots it."""
     budget_s: float | None = None
     """The run's wall time, its last evaluations included (None: no limit). A round is started only if it
     and the last evaluations fit, as estimated from the previous round and the round-0 evaluation; the
@@ -231,6 +232,10 @@ class EvalSection:
     them), to check the gain free of choices made on the evaluation states; 0: none."""
     fresh_first_trial: int = 100
     """The first of the fresh initial states (the task's fixed initial states from this index on)."""
+    runners: int = 0
+    """EnvRunners of the evaluation's own: the asynchronous loop's evaluations between rounds play on them while
+    the collection goes on, on its online.runners, undisturbed; round 0's, the last round's and the synchronous
+    loop's evaluations (nothing beside them) play on every runner. 0: they share the collection's runners."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,8 @@ class Experiment:
              self.online.collect_ahead),
             (self.logging.rates_every_s >= 0, "logging.rates_every_s", "seconds >= 0 (0: no rates records)", self.logging.rates_every_s),
             (self.eval.trials >= 1, "eval.trials", ">= 1", self.eval.trials),
+            (integer(self.eval.runners) and self.eval.runners >= 0, "eval.runners", "an integer >= 0 (0: the collection's runners)",
+             self.eval.runners),
             (self.eval.trials_between is None or 1 <= self.eval.trials_between <= self.eval.trials, "eval.trials_between",
              "null or 1 to eval.trials", self.eval.trials_between),
             (bool(self.eval.seeds), "eval.seeds", "at least one seed", self.eval.seeds),

@@ -40,6 +40,7 @@ EVALUATION = {
     "success_rate_no_plan": "the same, the policy alone on the same initial states", "episodes": "episodes per evaluation",
     "planning": "whether success_rate was measured with planning", "seconds": "s for the evaluation",
     "episodes_lost": "episodes whose EnvRunner (or the actor it called) died mid-episode; each was played again (both evaluations)",
+    "runners": "EnvRunners it played on (eval.runners between the asynchronous loop's rounds, else every runner)",
     **CALIBRATION,
 }
 
@@ -53,7 +54,9 @@ METRICS: dict[str, dict[str, str]] = {
         "lr": "learning rate at the chunk's last step",
         "grad_norm": "gradient norm before clipping, mean over the chunk",
         "samples_per_s": "training samples per second",
-        "staleness_versions": "mean lag, in weight versions, of the experience in the chunk's batches (a fraction)",
+        "staleness_versions": "mean lag of the experience in the chunk's batches behind this learner's version, in versions of the "
+                              "model it trains (the planning model's learner: the planning versions that played it; a fraction)",
+        "staleness_max_versions": "the largest such lag in the chunk's batches",
         "replay_wait_s": "s spent waiting for replay samples",
         "published_version": "the weight version published in the chunk (an integer)",
         "publish_s": "s to publish that version",

@@ -5,7 +5,7 @@ wall time and the record's kind) and to W&B. W&B runs online when it can (an API
 offline (files under the run directory, to ``wandb sync`` later), or not at all; the JSONL file
 is written in every case, so tests and people without W&B read the same numbers. After each
 evaluation a PNG of the success-rate curve (overall and per task, against the weight version)
-is redrawn next to it. A restarted job appends to the same file and resumes the same W&B run.
+is redrawn next to it, and ``loop.png``: the online loop's rates and staleness over wall time. A restarted job appends to the same file and resumes the same W&B run.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ class Monitor:
             values = [r[k] for r in rows if r.get(k) is not None]
             if k in ("step", "published_version", "lr"):
                 summary[k] = values[-1] if values else None
+            elif k == "staleness_max_versions" and values:
+                summary[k] = max(values)
             elif values:
                 summary[k] = sum(values) / len(values)
         record = {("learner/step" if k == "step" else k): v for k, v in summary.items() if v is not None}
@@ -197,12 +199,46 @@ class Monitor:
         sizes = sorted({e.get("episodes") for e in evals if isinstance(e.get("episodes"), int)})
         each = " or ".join(map(str, sizes)) if sizes else "?"
         fig.suptitle(f"{self.run_dir.name}: success rate per evaluation ({each} episodes each)")
-        fig.tight_layout()
-        tmp = self.plot_path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, self.plot_path)  # a reader never sees half a PNG
+        _save(fig, self.plot_path)
+        self.plot_loop()
         return self.plot_path
+
+    def plot_loop(self) -> Path | None:
+        """Redraw ``loop.png``, how the online loop ran, from the ``rates`` and online ``learner`` records: env steps
+        and learner samples per second over wall time (both above zero at once: the actors and the learner work
+        at once), and the staleness of what the learners trained on (bounded: ``online.collect_ahead``).
+        Returns its path (None: no rates yet)."""
+        rates = self.records("rates")
+        if not rates:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(12, 4))
+        minutes = [(r["wall_s"] - r["interval_s"] / 2) / 60 for r in rates]
+        for label, key, style in (("env steps/s (collection)", "env_steps_per_s", "b.-"), ("learner samples/s", "learner_samples_per_s", "r.-")):
+            ax_r.plot(minutes, [r[key] for r in rates], style, label=label)
+        ax_r.set_xlabel("wall time (minutes)")
+        ax_r.set_ylabel("per second, over each interval")
+        ax_r.grid(alpha=0.3)
+        ax_r.legend(fontsize=8)
+        online = [r for r in self.records("learner") if str(r.get("phase", "")).endswith("_online")]
+        for phase in sorted({r["phase"] for r in online}):
+            rows = [r for r in online if r["phase"] == phase and isinstance(r.get("staleness_versions"), (int, float))]
+            ax_s.plot([r["wall_s"] / 60 for r in rows], [r["staleness_versions"] for r in rows], "o-", label=f"{phase}: mean")
+            peaks = [r for r in rows if isinstance(r.get("staleness_max_versions"), (int, float))]
+            ax_s.plot([r["wall_s"] / 60 for r in peaks], [r["staleness_max_versions"] for r in peaks], "^:", label=f"{phase}: largest")
+        ax_s.set_xlabel("wall time (minutes)")
+        ax_s.set_ylabel("lag of the sampled experience (weight versions)")
+        ax_s.grid(alpha=0.3)
+        if online:
+            ax_s.legend(fontsize=8)
+        fig.suptitle(f"{self.run_dir.name}: the online loop (rates every {rates[0]['interval_s']:.0f} s; staleness per round)")
+        path = self.run_dir / "loop.png"
+        _save(fig, path)
+        return path
 
     def close(self) -> None:
         self._file.close()
@@ -227,6 +263,17 @@ class Monitor:
             wandb.teardown()  # its exit hook would print the same failure again as a traceback
         except Exception:  # noqa: BLE001
             pass
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a figure so that a reader never sees half a PNG, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

@@ -87,14 +87,16 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
 
 
 def end_round(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, services: Services, learners: list[OnlineLearner],
-              round_: int, versions: dict[str, int | None], exported: dict[str, str], last: bool, seconds: float) -> None:
-    """A round's end in either loop: its evaluations (the fresh states' too after the last), checkpoints, the record."""
+              round_: int, versions: dict[str, int | None], exported: dict[str, str], last: bool, seconds: float,
+              alone: bool = True) -> None:
+    """A round's end in either loop: its evaluations (the fresh states' too after the last), checkpoints, the record.
+    ``alone``: nothing is collected beside the evaluation (``evaluate_round``'s)."""
     from launch.rounds import evaluate_round, save_round
 
-    evaluate_round(cfg, services, monitor, round_, versions, last=last)
+    evaluate_round(cfg, services, monitor, round_, versions, last=last, alone=alone or last)
     if last and cfg.eval.fresh_trials:
         evaluate_round(cfg, services, monitor, round_, versions, last=True, fresh=True)
-    save_round(services, learners, monitor, round_)
+    save_round(services, learners, monitor, round_, versions.get("policy"))
     state.set(round=round_, last_round=last, **exported)
     monitor.log("round", {"round": round_, "weight_version": versions["planning"], "policy_version": versions["policy"], "seconds": seconds})
 
@@ -176,7 +178,7 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
             if last:  # the last evaluations have the runners and the GPU to themselves
                 halt.set()
                 collector.halt()
-            end_round(cfg, run_dir, state, monitor, services, learners, round_, versions, exported, last, time.time() - start)
+            end_round(cfg, run_dir, state, monitor, services, learners, round_, versions, exported, last, time.time() - start, alone=last)
             start = time.time()
             evaluating.clear()
             if last:
@@ -223,7 +225,7 @@ def run(cfg: Experiment) -> dict[str, Any]:
             monitor.close()
             say(f"metrics: {monitor.path}")
             if plot:
-                say(f"success-rate plot: {plot}")
+                say(f"success-rate plot: {plot}" + (f" (the online loop: {plot.parent / 'loop.png'})" if (plot.parent / "loop.png").is_file() else ""))
             if monitor.wandb_dir:
                 say(f"W&B files: {monitor.wandb_dir / 'wandb'} (offline runs: `wandb sync {monitor.wandb_dir / 'wandb'}/offline-run-*`)")
     evals = monitor.records("eval")

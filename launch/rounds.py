@@ -92,10 +92,13 @@ class OnlineLearner:
         return self.group.export(str(run_dir / "checkpoints" / f"{self.target.value}_latest"))
 
 
-def save_round(services: Services, learners: list[OnlineLearner], monitor: Monitor, round_: int) -> None:
-    """A round's end: the learners' checkpoints, the replay's, and the replay's statistics."""
+def save_round(services: Services, learners: list[OnlineLearner], monitor: Monitor, round_: int, policy_version: int | None) -> None:
+    """A round's end: the learners' checkpoints, the replay's, and the replay's statistics (its ``staleness_versions``:
+    how far the episodes it holds lag behind ``policy_version``, the policy served now)."""
     for learner in learners:
         learner.group.save()
+    if policy_version is not None:
+        services.replay.set_version(policy_version)
     services.replay.checkpoint()
     monitor.log("replay", {"round": round_, **{f"{t}/{k}": v for t, row in services.replay.stats().items() for k, v in row.items()}})
 
@@ -384,11 +387,13 @@ def calibration(results: list[EpisodeResult]) -> dict[str, float]:
 
 
 def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_: int, versions: dict[str, int | None],
-                   last: bool = False, fresh: bool = False) -> dict[str, Any]:
+                   last: bool = False, fresh: bool = False, alone: bool = True) -> dict[str, Any]:
     """Success on the fixed initial states, with planning and (``eval.also_without_planning``) the policy alone:
     ``eval.trials`` at round 0 and the ``last`` round, ``eval.trials_between`` at the rounds between; ``fresh``:
-    the ``eval.fresh_trials`` states from ``eval.fresh_first_trial`` instead (an ``eval_fresh`` record)."""
+    the ``eval.fresh_trials`` states from ``eval.fresh_first_trial`` instead (an ``eval_fresh`` record).
+    ``alone``: nothing runs beside it, so it plays on every EnvRunner (else on its own, ``Services.evaluators``)."""
     start = time.time()
+    runners = services.evaluators(alone)
     trials = cfg.eval.trials_between if 0 < round_ and not last and cfg.eval.trials_between is not None else cfg.eval.trials
     config = EvalConfig(tasks=services.tasks, trials=cfg.eval.fresh_trials if fresh else trials, seeds=list(cfg.eval.seeds),
                         first_trial=cfg.eval.fresh_first_trial if fresh else 0)
@@ -396,12 +401,12 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
 
     def progress(what: str) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:
-            if done % len(services.runners) == 0 or done == total:
+            if done % len(runners) == 0 or done == total:
                 monitor.progress(f"round {round_}: {where} {what}", done, total)
         return report
 
     lost = LostEpisodes(f"round {round_}: {where}")
-    report = evaluate(services.runners, config, suite=cfg.env.name, plan=cfg.eval.plan, record=False,
+    report = evaluate(runners, config, suite=cfg.env.name, plan=cfg.eval.plan, record=False,
                       on_result=progress("with planning" if cfg.eval.plan else "the policy"), on_lost=lost)
     results = [EpisodeResult(**{k: v for k, v in row.items() if k in EpisodeResult.__dataclass_fields__}) for row in report["episodes_detail"]]
     record: dict[str, Any] = {"round": round_, "weight_version": versions.get("planning"), "policy_version": versions.get("policy"),
@@ -410,12 +415,13 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
                               **{f"task/{t}": row["success_rate"] for t, row in report["tasks"].items()},
                               **{f"calibration/{k}": v for k, v in calibration(results).items()}}
     if cfg.eval.also_without_planning and cfg.eval.plan:
-        alone = evaluate(services.runners, config, suite=cfg.env.name, plan=False, record=False, on_result=progress("the policy alone"),
-                         on_lost=lost)
-        record["success_rate_no_plan"] = alone["success_rate"]
-        record.update({f"paired/{k}": v for k, v in paired_outcomes(report, alone).items()})
+        policy_alone = evaluate(runners, config, suite=cfg.env.name, plan=False, record=False, on_result=progress("the policy alone"),
+                                on_lost=lost)
+        record["success_rate_no_plan"] = policy_alone["success_rate"]
+        record.update({f"paired/{k}": v for k, v in paired_outcomes(report, policy_alone).items()})
     record["seconds"] = time.time() - start
     record["episodes_lost"] = len(lost.jobs)
+    record["runners"] = len(runners)
     monitor.log("eval_fresh" if fresh else "eval", record)
     monitor.plot()
     say(f"round {round_}: {'fresh states: ' if fresh else ''}success {100 * report['success_rate']:.1f} % with planning "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ def connect(cfg: Experiment) -> None:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         return
     learners = 2 if cfg.online.refine_policy else 1  # the planning model's learner, and the policy's
-    need = cfg.online.runners + cfg.online.servers + learners * int(np.ceil(cfg.learner.world_size * cfg.learner.cpus_per_worker)) + 1
+    need = cfg.online.runners + cfg.eval.runners + cfg.online.servers + learners * int(np.ceil(cfg.learner.world_size * cfg.learner.cpus_per_worker)) + 1
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
@@ -59,14 +59,21 @@ class Services:
     replay: ReplayClient
     weights: RegistryWeights
     servers: list[Any]
-    runners: list[Any]
+    runners: list[Any]  # the collection's
     tasks: list[str]
+    eval_runners: list[Any] = field(default_factory=list)  # the evaluation's own (eval.runners)
+
+    def evaluators(self, alone: bool) -> list[Any]:
+        """The EnvRunners an evaluation plays on: its own (``eval.runners``) while collection goes on beside it, and
+        every runner when it has them to itself (round 0, the last round, the synchronous loop) or has none."""
+        return self.eval_runners + self.runners if alone or not self.eval_runners else self.eval_runners
 
     @classmethod
     def start(cls, cfg: Experiment, policy_checkpoint: str, planning_checkpoint: str) -> Services:
         """Replay, weights, PolicyServers serving the given checkpoints (and what is published after), EnvRunners."""
         say(f"starting the services: replay ({cfg.replay.backend}, {cfg.replay.shards} shard{'s' if cfg.replay.shards > 1 else ''}), "
-            f"{cfg.online.servers} PolicyServer(s), {cfg.online.runners} EnvRunners")
+            f"{cfg.online.servers} PolicyServer(s), {cfg.online.runners} EnvRunners"
+            + (f" and {cfg.eval.runners} for the evaluations" if cfg.eval.runners else ""))
         replay = make_replay(cfg.replay, names=names.replay_shards(cfg.name, cfg.replay.shards), seed=cfg.seed)
         restored = {t: int(s.get("episodes", 0)) for t, s in replay.stats().items()}
         if any(restored.values()):
@@ -84,13 +91,13 @@ class Services:
                               plan_queries=cfg.env.plan_queries,
                               branch_point_only=load_layout(cfg.model.layout).action_chunk if cfg.online.branch_point_only else None)
         runners = []
-        for i in range(cfg.online.runners):  # runners are dealt to the servers in turn
+        for i in range(cfg.online.runners + cfg.eval.runners):  # runners are dealt to the servers in turn
             server, name = servers[i % len(servers)], server_names[i % len(servers)]
             runners.append(EnvRunner.options(num_cpus=1).remote(config, ServerPolicy(server, name=name),
                                                                 ServerPolicy(server, plan=True, name=name), replay))
         tasks = list(cfg.env.tasks or ray.get(runners[0].tasks.remote()))
         ray.get([s.versions.remote() for s in servers])  # every server has built its models
-        return cls(replay, weights, servers, runners, tasks)
+        return cls(replay, weights, servers, runners[: cfg.online.runners], tasks, runners[cfg.online.runners:])
 
     def insert_demos(self, demos: list[Any]) -> bool:
         """The demonstrations into the replay's demonstration table (once per run); returns True when done."""
@@ -119,5 +126,5 @@ class Services:
         return sum(s["busy_s"] for s in stats) / max(1, sum(s["batches"] for s in stats))
 
     def stop(self) -> None:
-        for actor in self.runners + self.servers:
+        for actor in self.runners + self.eval_runners + self.servers:
             ray.kill(actor)

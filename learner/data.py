@@ -207,7 +207,8 @@ class SyntheticBatches:
     @staticmethod
     def _wrap(batch) -> TrainingBatch:
         n = batch.batch_size
-        return TrainingBatch(model=batch, pools=["demo"] * n, episode_ids=[""] * n, steps=[0] * n, policy_versions=[None] * n)
+        return TrainingBatch(model=batch, pools=["demo"] * n, episode_ids=[""] * n, steps=[0] * n, policy_versions=[None] * n,
+                             planning_versions=[None] * n)
 
     def batch(self, step: int) -> TrainingBatch:
         if self._fixed is not None:

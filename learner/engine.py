@@ -165,6 +165,9 @@ class Learner:
         self.step = 0
         self.version = 0
         self.samples = 0
+        # Whose weight versions this learner publishes, and so which of an episode's versions its staleness compares
+        # with: the planning model's learner against the planning versions that played the episode.
+        self.versions_of = "policy"
         if config.init_counts and self._init_metadata:  # resume() below still prefers a checkpoint of its own
             self._continue_counts(self._init_metadata)
         # GPUs: a host thread prepares the next micro-batch (source, checks, pinning) during this one.
@@ -224,7 +227,7 @@ class Learner:
             self.engine.step()
             for k, v in out.metric_tensors.items():
                 sums.setdefault(k, []).append(v.detach().float())
-            versions += [v for v in batch.policy_versions if v is not None]
+            versions += batch.versions(self.versions_of)
         means = torch.stack([torch.stack(v).mean() for v in sums.values()]).tolist() if sums else []
         metrics = dict(zip(sums, means))
         self.step += 1
@@ -237,6 +240,7 @@ class Learner:
             "grad_norm": float(norm) if norm is not None else float("nan"),
             "samples_per_s": cfg.micro_batch * cfg.grad_accum * self.world_size / elapsed,
             "staleness_versions": float(self.version - np.mean(versions)) if versions else 0.0,
+            "staleness_max_versions": float(self.version - min(versions)) if versions else 0.0,
             "replay_wait_s": getattr(self.source, "wait_s", 0.0) - wait_before,
         })
         if save and self.checkpoint_due():

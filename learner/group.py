@@ -42,6 +42,7 @@ class LearnerWorker:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0" if not ray.get_gpu_ids() else "0",
                           MASTER_ADDR=address, MASTER_PORT=str(port))
         self.learner = Learner(config, source)
+        self.learner.versions_of = publish_cfg.target
         self.resumed = self.learner.resume()
         self.publish_cfg, self.publisher = publish_cfg, publisher
 

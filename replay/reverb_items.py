@@ -48,6 +48,8 @@ def write_items(client: Any, cfg: TableConfig, episode: Episode, priorities: np.
                     "source": episode.source.value,
                     "policy_version": np.int64(episode.policy_version or 0),
                     "has_policy_version": np.bool_(episode.policy_version is not None),
+                    "planning_version": np.int64(episode.planning_version or 0),
+                    "has_planning_version": np.bool_(episode.planning_version is not None),
                     "origin": str(episode.metadata.get("file", "")),
                     "dims": np.array([len(cams), episode.proprio.shape[1], episode.actions.shape[1]], dtype=np.int32),
                 }
@@ -112,5 +114,6 @@ def step_window(cfg: TableConfig, data: dict[str, Any]) -> StepWindow:
         actions=actions, proprio=data["proprio"], future_proprio=data["future_proprio"],
         instruction=data["instruction"].decode(), success=bool(data["success"]), score=float(data["score"]),
         source=Source(data["source"].decode()),
-        policy_version=int(data["policy_version"]) if data["has_policy_version"] else None, origin=data["origin"].decode(),
+        policy_version=int(data["policy_version"]) if data["has_policy_version"] else None,
+        planning_version=int(data["planning_version"]) if data["has_planning_version"] else None, origin=data["origin"].decode(),
     )

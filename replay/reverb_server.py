@@ -46,6 +46,8 @@ def item_signature(tf: Any, cameras: int | None, proprio_dim: int | None, action
         "source": spec([], s),
         "policy_version": spec([], tf.int64),
         "has_policy_version": spec([], tf.bool),
+        "planning_version": spec([], tf.int64),
+        "has_planning_version": spec([], tf.bool),
         "origin": spec([], s),
         # (cameras, proprio_dim, action_dim): samples are decoded in padded batches, cut back with these
         "dims": spec([3], tf.int32),

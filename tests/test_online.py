@@ -183,6 +183,7 @@ def test_every_experiment_config_loads() -> None:
          r"planner.num_candidates \(4\), got 5"),
         (["eval.trials=10", "eval.fresh_first_trial=5"], r"eval.fresh_first_trial: expected an integer >= eval.trials \(10\)"),
         (["online.budget_s=0"], "online.budget_s: expected null or seconds > 0"),
+        (["eval.runners=-1"], r"eval.runners: expected an integer >= 0 \(0: the collection's runners\), got -1"),
         (["logging.wandb=sometimes"], None),
     ],
 )
@@ -247,6 +248,10 @@ def test_monitor_writes_jsonl_wandb_offline_and_the_plot_and_resumes(tmp_path: P
         m.log("eval", {"round": v, "weight_version": v, "success_rate": rate, "success_rate_no_plan": 0.1, "task/a": rate, "task/b": 0.0,
                        "episodes": 10})
     assert m.plot() == tmp_path / "success_rate.png" and m.plot_path.stat().st_size > 1000
+    assert not (tmp_path / "loop.png").exists()  # no online rounds yet: nothing to draw
+    m.log("rates", {"interval_s": 10.0, "env_steps": 50, "learner_samples": 64, "env_steps_per_s": 5.0, "learner_samples_per_s": 6.4})
+    m.log("learner", {"phase": "planning_online", "learner/step": 20, "staleness_versions": 0.5, "staleness_max_versions": 1.0})
+    assert m.plot_loop() == tmp_path / "loop.png" and (tmp_path / "loop.png").stat().st_size > 1000
     m.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))  # W&B ran offline, into the run directory
     rec = _records(tmp_path, "learner")[0]
@@ -428,12 +433,14 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
 
     Branching collection, a planning model of its own size, smaller evaluations between the first and the
     last; with the policy refined too (online.refine_policy): both learners checkpoint and resume, and every
-    round's evaluation runs on the round's published policy and planning versions."""
+    round's evaluation runs on the round's published policy and planning versions. The evaluation has a runner of
+    its own (eval.runners=1): round 1's, beside round 2's collection, plays on it alone; round 0's and the last on
+    all three."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), "--config", "lift_learning", *SMALL, "online.rounds=2",
            "online.refine_policy=true", "online.policy_refine_steps=2", "online.branch_states=1", "model.size=tiny", "model.planning_size=tiny",
            "online.servers=1", "online.budget_s=null", "online.episodes_per_round=0", "planner.num_candidates=3", "online.branch_candidates=2",
-           "eval.seeds=[0]", "eval.trials_between=1", "eval.fresh_trials=1", "eval.fresh_first_trial=2",
+           "eval.seeds=[0]", "eval.trials_between=1", "eval.fresh_trials=1", "eval.fresh_first_trial=2", "eval.runners=1",
            "learner.gpus_per_worker=0", "learner.cpus_per_worker=1"]
     proc = subprocess.Popen([*cmd, f"run_dir={run_dir}"], env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path)
@@ -494,6 +501,7 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert killed.get("round 2: evaluating"), killed
     _check_the_log_speaks([(t, line) for t, line in lines if not _reports_the_kill(line)])
     _check_finished_run(run_dir, rounds=2)
+    assert [e["runners"] for e in _records(run_dir, "eval")] == [3, 1, 3]
     evaluated = _records(run_dir, "eval")[-1]
     assert evaluated["round"] == 2 and evaluated["episodes_lost"] >= 1 and evaluated["episodes"] == 2, evaluated
     restarted = _records(run_dir, "start")[-1]["time"]
@@ -595,7 +603,12 @@ def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
     down = after[:back]
     assert len(down) >= 2 and all(r["env_steps"] > 0 for r in down), (down, after[back])
     assert [e["weight_version"] for e in _records(run_dir, "eval")] == [0, 2]
-    assert max(r["learner/step"] for r in _records(run_dir, "learner") if r["phase"] == "planning_online") == 40
+    online = [r for r in _records(run_dir, "learner") if r["phase"] == "planning_online"]
+    assert max(r["learner/step"] for r in online) == 40
+    # Staleness in planning versions (the episodes' own), within the bound collect_ahead sets: the newest experience
+    # lags at most (collect_ahead + 1) rounds of publications (2 a round here); plotted with the rates.
+    assert all(0 <= r["staleness_versions"] <= r["staleness_max_versions"] <= 2 * 2 for r in online), online
+    assert (run_dir / "loop.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

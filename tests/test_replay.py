@@ -94,7 +94,7 @@ all_backends = pytest.mark.parametrize("make", BACKENDS, indirect=True)
 @all_backends
 def test_insert_sample_and_step_windows(make):
     replay = make(default_tables(window=4))
-    ep = episode(steps=10, seed=1)
+    ep = episode(steps=10, seed=1, version=3, planning_version=2)
     assert replay.insert(TableName.of(ep), ep) == ep.episode_id
     items = replay.sample("experience_success", 32, timeout=10)
     assert len(items) == 32
@@ -102,6 +102,7 @@ def test_insert_sample_and_step_windows(make):
         assert it.episode_id == ep.episode_id and 0 <= it.step < 10
         w = it.window
         assert w.future_step == min(it.step + 4, 9) and w.actions.shape == (4, 7)
+        assert (w.policy_version, w.planning_version) == (3, 2)  # each learner's staleness reads its own
         assert w.current["wrist"] == ep.images["wrist"].jpegs[it.step]
         assert np.array_equal(w.proprio, ep.proprio[it.step]) and w.num_steps == 10 and w.success
     assert replay.episode_ids("experience_success") == [ep.episode_id]

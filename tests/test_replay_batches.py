@@ -30,11 +30,12 @@ INSTRUCTION = "put the bowl on the plate"
 STEPS = 24
 
 
-def episode(success: bool, source: Source, seed: int, version: int | None = None) -> Episode:
+def episode(success: bool, source: Source, seed: int, version: int | None = None, planning_version: int | None = None) -> Episode:
     rng = np.random.default_rng(seed)
     frames = {c: rng.integers(0, 256, (STEPS, 64, 64, 3), dtype=np.uint8) for c in ("primary", "wrist")}
     return Episode.from_frames(frames, proprio=rng.normal(size=(STEPS, 9)), actions=rng.uniform(-1, 1, (STEPS, 7)),
-                               instruction=INSTRUCTION, success=success, source=source, policy_version=version)
+                               instruction=INSTRUCTION, success=success, source=source, policy_version=version,
+                               planning_version=planning_version)
 
 
 def fill(client, demos: int = 2, successes: int = 2, failures: int = 2) -> dict[str, set[str]]:
@@ -42,7 +43,7 @@ def fill(client, demos: int = 2, successes: int = 2, failures: int = 2) -> dict[
     ids: dict[str, set[str]] = {}
     specs = [(True, Source.DEMO, None)] * demos + [(True, Source.SIM, 3)] * successes + [(False, Source.SIM, 3)] * failures
     for i, (success, source, version) in enumerate(specs):
-        ep = episode(success, source, seed=i, version=version)
+        ep = episode(success, source, seed=i, version=version, planning_version=None if version is None else 1)
         table = TableName.of(ep)
         client.insert(table, ep)
         ids.setdefault(table, set()).add(ep.episode_id)
@@ -142,7 +143,12 @@ def test_the_learner_trains_from_replay_and_reports_staleness(local, libero, tmp
     for m in metrics:
         assert np.isfinite(m["loss"]) and m["replay_wait_s"] >= 0
         assert m["staleness_versions"] == pytest.approx(2.0)  # only experience samples carry a version
+        assert m["staleness_max_versions"] == pytest.approx(2.0)
     assert learner.step == 2 and learner.samples == 8
+    # The planning model's learner measures against the planning versions that played the episodes (1), not the
+    # policy's: its own version 5 is four ahead of them.
+    learner.versions_of = "planning"
+    assert learner.train_step()["staleness_versions"] == pytest.approx(4.0)
 
 
 def test_replay_batches_over_ray_shards(ray_local, libero, tmp_path):

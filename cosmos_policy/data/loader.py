@@ -10,7 +10,7 @@ the same draws.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +32,11 @@ class TrainingBatch:
     episode_ids: list[str]
     steps: list[int]
     policy_versions: list[int | None]
+    planning_versions: list[int | None] = field(default_factory=list)
+
+    def versions(self, target: str) -> list[int]:
+        """The known weight versions of ``target`` (policy or planning) that played each sample's episode."""
+        return [v for v in (self.planning_versions if target == "planning" else self.policy_versions) if v is not None]
 
 
 class TrainingStream(IterableDataset):
@@ -79,6 +84,7 @@ def collate(samples: list[TrainingSample], text: TextEmbeddingCache) -> Training
         episode_ids=[s.episode_id for s in samples],
         steps=[s.step for s in samples],
         policy_versions=[s.policy_version for s in samples],
+        planning_versions=[s.planning_version for s in samples],
     )
 
 

@@ -62,7 +62,8 @@ class TrainingSample:
     instruction: str
     episode_id: str
     step: int
-    policy_version: int | None
+    policy_version: int | None  # the weight versions the sample's episode was played with (staleness)
+    planning_version: int | None = None
 
 
 class SampleBuilder:
@@ -137,4 +138,5 @@ class SampleBuilder:
             episode_id=window.episode_id,
             step=window.step,
             policy_version=window.policy_version,
+            planning_version=window.planning_version,
         )
