@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.robots.actor import RobotActor, resource
 from actors.robots.control import ResetCancelled, ResetTimeout
@@ -190,7 +190,11 @@ def _line(exc: BaseException, keep: int = 300) -> str:
 
 def log_round(hub: Any, monitor: Monitor, round_: int) -> dict[str, Any]:
     """The round's ``robot`` record from the results the hub collected since the last round; {} when none came."""
-    results = ray.get(hub.drain.remote())
+    try:
+        results = ray.get(hub.drain.remote())
+    except (RayActorError, ActorUnavailableError) as exc:  # the hub restarting: its results so far are lost, the job goes on
+        say(f"warning: round {round_}: the robot hub did not answer ({type(exc).__name__}); no robot record this round")
+        return {}
     if not results:
         return {}
     record: dict[str, Any] = {"round": round_}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.env_runner import EnvRunner, RunnerConfig
 from actors.policies import PolicySpec, ServerPolicy
@@ -89,7 +90,10 @@ class Services:
         restored = {t: int(s.get("episodes", 0)) for t, s in replay.stats().items()}
         if any(restored.values()):
             say("replay: restored " + ", ".join(f"{n} {t} episodes" for t, n in restored.items() if n))
-        registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True).remote()
+        # The zero-CPU services (the weight registry, the robot hub) on the job's own node: a robot's host joins with no CPU
+        # to offer (`ray start --num-cpus=0`), so only a zero-CPU actor could land there, and would die when the robot leaves.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True, scheduling_strategy=here).remote()
         weights = RegistryWeights(registry, name=names.weight_registry(cfg.name))
         on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
         gpu = cfg.online.server_gpus if on_gpu else 0
@@ -112,7 +116,8 @@ class Services:
         served = {"cameras": list(layout.cameras), "proprio_dim": layout.proprio_dim, "action_dim": layout.action_dim,
                   "chunk": layout.action_chunk}
         policy, planner = ServerPolicy(servers[0], name=server_names[0]), ServerPolicy(servers[0], plan=True, name=server_names[0])
-        hub = RobotHub.options(name=names.robot_hub(cfg.name), get_if_exists=True).remote(cfg.name, policy, planner, replay, served)
+        hub = RobotHub.options(name=names.robot_hub(cfg.name), get_if_exists=True, scheduling_strategy=here).remote(
+            cfg.name, policy, planner, replay, served)
         return cls(replay, weights, servers, runners[: cfg.online.runners], tasks, runners[cfg.online.runners:], hub=hub, policy=policy,
                    planner=planner, layout=served, spec=ray.get(runners[0].spec.remote()))
 

@@ -44,14 +44,14 @@ def tiny_checkpoints(root: Path) -> tuple[Path, Path]:
 
 
 def robot_host(gcs_address: str, robot_id: str):
-    """A robot's host joining the job's cluster: a second Ray node on this machine offering ``robot:<id>``, started as
-    ``ray start --address=<gcs> --resources='{"robot:<id>": 1}'`` starts one (``ray._private.node.Node``, as
+    """A robot's host joining the job's cluster: a second Ray node on this machine offering ``robot:<id>`` and no CPU, started as
+    ``ray start --address=<gcs> --num-cpus=0 --resources='{"robot:<id>": 1}'`` starts one (``ray._private.node.Node``, as
     ``ray.cluster_utils`` does). Not the CLI itself: it rewrites 127.0.0.1 to the machine's network address once
     multi-node is on, and the job's cluster listens on loopback only."""
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    params = RayParams(gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=1, num_gpus=0, resources={f"robot:{robot_id}": 1},
+    params = RayParams(gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=0, num_gpus=0, resources={f"robot:{robot_id}": 1},
                        object_store_memory=150 * 1024 * 1024, min_worker_port=0, max_worker_port=0, node_manager_port=0,
                        include_log_monitor=False)
     params.dashboard_agent_listen_port = None  # a free one: the job's node holds the default
@@ -94,6 +94,7 @@ def test_robots_attach_to_a_running_job_play_into_its_replay_and_leave(tmp_path:
     try:
         attach = wait_for_job(job, run_dir, lines, lambda data: True)  # its cluster is up: robots may start joining
         node = robot_host(attach["ray_address"], "joined-arm")
+        robot_node = node.node_id
         joined = subprocess.Popen([sys.executable, str(ROOT / "launch" / "robot.py"), "--job", str(run_dir), "--robot", str(arm), "--id",
                                    "joined-arm", "--instruction", INSTRUCTION, "--task", "lift", "--operator", "scripted", "--script",
                                    "8=failure", "--episodes", "1", "--max-steps", "200"], env=env, stdout=subprocess.PIPE,
@@ -106,6 +107,8 @@ def test_robots_attach_to_a_running_job_play_into_its_replay_and_leave(tmp_path:
         joined_out, _ = joined.communicate(timeout=400)
         remote_out, _ = remote.communicate(timeout=400)
         assert job.poll() is None, "the job ended before the robots did: " + "".join(lines)[-3000:]
+        node.kill_all_processes(check_alive=False, allow_graceful=True)  # the robot's host leaves the cluster too; the job goes on
+        node = None
         job.wait(timeout=900)
     finally:
         if job.poll() is None:
@@ -123,7 +126,7 @@ def test_robots_attach_to_a_running_job_play_into_its_replay_and_leave(tmp_path:
     played = [json.loads(x) for x in joined_out.splitlines() if x.startswith("{")]
     assert [(r["success"], r["inserted"], r["table"]) for r in played] == [(False, True, "experience_failure")], joined_out[-3000:]
     assert "left job robotjob (done) after 1 episode(s); the job goes on" in joined_out, joined_out[-3000:]
-    assert f"(node {node.node_id[:8]}), attached to job robotjob" in joined_out  # on its host, the node with its resource
+    assert f"(node {robot_node[:8]}), attached to job robotjob" in joined_out  # on its host, the node with its resource
     (through_gateway,) = [json.loads(x) for x in remote_out.splitlines() if x.startswith("{")]
     assert through_gateway["success"] and through_gateway["inserted"], remote_out[-3000:]
     assert "robot joined-arm joined the job" in log and "robot joined-arm left the job (done)" in log, log[-4000:]
