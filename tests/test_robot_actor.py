@@ -131,6 +131,7 @@ def served(tmp_path_factory):
     gateway.stop()
 
 
+@pytest.mark.slow
 def test_a_robot_outside_the_cluster_plays_through_the_gateway_into_replay(served) -> None:
     from actors.robots.client import GatewayClient
     from actors.robots.remote import run_robot_over_gateway
@@ -172,6 +173,7 @@ def _env() -> dict[str, str]:
             "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+@pytest.mark.slow
 def test_a_robot_actor_runs_only_on_the_node_with_its_resource_and_its_episodes_land_in_replay(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, __file__, str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]

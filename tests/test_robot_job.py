@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from actors.robots import tokens
@@ -70,6 +71,7 @@ def wait_for_job(job: subprocess.Popen, run_dir: Path, lines: list[str], ready) 
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_robots_attach_to_a_running_job_play_into_its_replay_and_leave(tmp_path: Path) -> None:
     from cosmos_policy.data.episode_file import read_episode
     from launch.metrics import documented
