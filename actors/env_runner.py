@@ -34,7 +34,7 @@ from actors.branching import Branching, branch_point_only
 from actors.env import check_action, check_observation
 from actors.env_process import EnvConfig, EnvProcess, SimulatorCrashed
 from actors.policies import PolicySpec, local_policies
-from cosmos_policy.contracts import Policy, ReplayClient, TableName, WeightSource
+from cosmos_policy.contracts import EnvSpec, Policy, ReplayClient, TableName, WeightSource
 from cosmos_policy.episode import EpisodeRecorder, Source
 from cosmos_policy.errors import ConfigError
 
@@ -229,6 +229,10 @@ class EnvRunner:
 
     def tasks(self) -> list[str]:
         return self.runner.env.tasks()
+
+    def spec(self) -> EnvSpec:
+        """What the environment gives and takes (cameras, image size, dims, control rate)."""
+        return self.runner.spec
 
     def simulator_pid(self) -> int | None:
         return self.runner.simulator_pid()

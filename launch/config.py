@@ -148,6 +148,11 @@ def check_inputs(cfg: Experiment) -> None:
     encoder = cfg.model.text_encoder
     if encoder not in (None, "random") and not (Path(encoder) / "config.json").is_file():
         problems.append(f"model.text_encoder: {encoder} is not a T5 encoder directory (no config.json there); or use 'random' or null")
+    if cfg.gateway.enabled:
+        try:
+            cfg.gateway_config().validate()  # the token file and TLS files exist
+        except ConfigError as exc:
+            problems.append(str(exc) if str(exc).startswith("gateway.") else f"gateway: {exc}")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -276,6 +276,55 @@ class LearnerSection(LearnerConfig):
             raise ConfigError(f"learner.world_size: expected >= 1, got {self.world_size}")
 
 
+@dataclass(frozen=True)
+class RobotEntry:
+    """A robot the job attaches when it starts: a RobotActor on the robot's host, playing beside the collection."""
+
+    config: str = ""
+    """configs/robot/<name>.yaml or a YAML path: the robot's driver, cameras, proprio, actions, limits and timing."""
+    id: str | None = None
+    """The robot's id (its host offers the Ray resource robot:<id>); None: the config's own."""
+    instruction: str = ""
+    """What the robot is told to do: the policy's instruction (e.g. "lift the red cube")."""
+    task: str = ""
+    """The task name recorded with its episodes."""
+    operator: str = "keyboard"
+    """keyboard: a person's keys on the robot's host (robots[].tty); scripted: robots[].script plays in every episode."""
+    script: Any = None
+    """scripted: operator events at control steps of every episode, {step: event or [events]} (success, failure,
+    rerecord, intervention_start, intervention_end, estop, clear_estop)."""
+    tty: str | None = None
+    """keyboard: the terminal on the robot's host whose keys the operator types (`tty` run there prints it)."""
+    episodes_per_round: Any = "continuous"
+    """An integer: the episodes it plays per round, then it waits for the next round; continuous: one after another."""
+    max_steps: int = 400
+    """Control steps an episode may last (at the robot's control_hz); one that reaches them unlabelled is a failure."""
+    plan: bool = True
+    """Every chunk by best-of-N planning (the collection's planner), else by the policy alone."""
+    reset_timeout_s: float = 600.0
+    """How long the robot waits for the operator's reset (and a stop's clearing) before a warning and another wait."""
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    """The robot gateway: a gRPC server in the job for robots that cannot join the Ray cluster (actors/robots/gateway.py)."""
+
+    enabled: bool = False
+    """Start the gateway with the job's services."""
+    host: str = "127.0.0.1"
+    """Address it listens on; loopback unless robots reach the job over a network (then set tls_cert and tls_key)."""
+    port: int = 0
+    """TCP port; 0: a free one, printed in the job's log and written to <run_dir>/job.json."""
+    token_file: str | None = None
+    """The robots' token file (`python -m actors.robots.tokens add --file F --robot ID` mints a robot's token)."""
+    tls_cert: str | None = None
+    """PEM server certificate; with tls_key the gateway speaks only TLS."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    tls_ca: str | None = None
+    """PEM CA of the robots' client certificates; set, every robot must present one."""
+
+
 # Fields of LearnerConfig the job sets from its other sections: naming them in an experiment is an error.
 LEARNER_DERIVED = {"model": "model.size", "layout": "model.layout", "init_checkpoint": "model.checkpoint",
                    "init_counts": "the run's latest export", "lr": "offline.lr / online.lr",
@@ -322,6 +371,10 @@ class Experiment:
     """The replay service: backend, shards, tables."""
     learner: LearnerSection = field(default_factory=LearnerSection)
     """The learners' settings and resources."""
+    robots: list[RobotEntry] = field(default_factory=list)
+    """Robots the job attaches when it starts, each a RobotEntry {config, id, instruction, task, operator, script, tty, episodes_per_round, max_steps, plan, reset_timeout_s}."""
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    """The robot gateway for robots outside the Ray cluster."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -395,10 +448,86 @@ class Experiment:
             raise ConfigError(f"demos.source: the scripted expert exists for the built-in task 'lift' only, env is {self.env.name!r}")
         if self.demos.source == "none" and not (self.model.checkpoint and self.model.planning_checkpoint):
             raise ConfigError("demos.source: 'none' needs model.checkpoint and model.planning_checkpoint (nothing to train from)")
+        self._validate_robots()
         # Build what is derived once, so its errors surface at load time.
         self.learner_config("x", online=False), self.learner_config("x", online=True)
         self.mixture("policy"), self.mixture("planning"), self.mixture("policy_online")
         self.env_config()
+
+    def _validate_robots(self) -> None:
+        """The robots: entries (each config read and matched to the model's layout) and the gateway section."""
+        from actors.robots.config import RobotConfigError
+
+        ids: list[str] = []
+        for i, r in enumerate(self.robots):
+            where = f"robots[{i}]"
+            if not r.config:
+                raise ConfigError(f"{where}.config: expected a robot config's name (configs/robot/) or a YAML path")
+            try:
+                robot = self.robot_config(i)
+            except RobotConfigError as exc:
+                raise ConfigError(f"{where}.config: {exc}") from None
+            if robot.id in ids:
+                raise ConfigError(f"{where}.id: robot {robot.id!r} is listed twice (give each robots: entry its own id)")
+            ids.append(robot.id)
+            if not r.instruction.strip():
+                raise ConfigError(f"{where}.instruction: expected what the robot is told to do, e.g. 'lift the red cube'")
+            try:
+                self.robot_operator(i)
+            except RobotConfigError as exc:  # "operator.kind: ..." / "operator.script.5: ...": the entry's own keys
+                message = str(exc).replace("operator.kind", "operator", 1).replace("operator.", "", 1)
+                raise ConfigError(f"{where}.{message}") from None
+            if r.operator == "keyboard" and not r.tty:
+                raise ConfigError(f"{where}.tty: a keyboard operator needs the terminal on the robot's host whose keys "
+                                  "it reads (run `tty` there, e.g. /dev/pts/3); or operator: scripted with a script")
+            per_round = r.episodes_per_round
+            if per_round != "continuous" and (isinstance(per_round, bool) or not isinstance(per_round, int) or per_round < 1):
+                raise ConfigError(f"{where}.episodes_per_round: expected an integer >= 1 or 'continuous', got {per_round!r}")
+            if r.max_steps < 1:
+                raise ConfigError(f"{where}.max_steps: expected >= 1, got {r.max_steps}")
+            if not r.reset_timeout_s > 0:
+                raise ConfigError(f"{where}.reset_timeout_s: expected seconds > 0, got {r.reset_timeout_s}")
+        g = self.gateway
+        if g.enabled and not g.token_file:
+            raise ConfigError("gateway.token_file: required with gateway.enabled (make one with "
+                              "`python -m actors.robots.tokens add --file tokens.json --robot <id>`)")
+        if (g.tls_cert is None) != (g.tls_key is None):
+            raise ConfigError("gateway.tls_cert / gateway.tls_key: give both or neither")
+        if g.tls_ca is not None and g.tls_cert is None:
+            raise ConfigError("gateway.tls_ca: client certificates need TLS (set gateway.tls_cert and gateway.tls_key)")
+        if not 0 <= g.port < 65536:
+            raise ConfigError(f"gateway.port: expected 0-65535 (0: a free one), got {g.port}")
+
+    def robot_config(self, index: int) -> Any:
+        """``robots[index]``'s ``RobotConfig`` (its file read, renamed to the entry's id), checked against model.layout."""
+        from actors.robots.config import as_robot_config
+        from cosmos_policy.layout import load_layout
+
+        entry = self.robots[index]
+        config = as_robot_config(entry.config, entry.id)
+        layout = load_layout(self.model.layout)
+        config.check_layout(layout.cameras, layout.proprio_dim, layout.action_dim)
+        return config
+
+    def robot_operator(self, index: int) -> Any:
+        """``robots[index]``'s ``OperatorSpec``."""
+        from actors.robots.station import OperatorSpec
+
+        r = self.robots[index]
+        spec: dict[str, Any] = {"kind": r.operator}
+        if r.script is not None:
+            spec["script"] = r.script
+        if r.tty is not None:
+            spec["tty"] = r.tty
+        return OperatorSpec.parse(spec, where="operator")
+
+    def gateway_config(self) -> Any:
+        """The gateway section as ``actors.robots.gateway.GatewayConfig`` (its own checks: the files exist)."""
+        from actors.robots.gateway import GatewayConfig
+
+        g = self.gateway
+        return GatewayConfig(host=g.host, port=g.port, token_file=g.token_file or "", tls_cert=g.tls_cert, tls_key=g.tls_key,
+                             tls_ca=g.tls_ca)
 
     # ---- what the job derives from the sections ---------------------------------------
     def env_config(self) -> EnvConfig:

@@ -24,6 +24,8 @@ WHEN = {
     "eval_fresh": "after the last round's evaluation, on initial states used for nothing else (eval.fresh_trials)",
     "round": "at each round's end",
     "rates": "every logging.rates_every_s during the online rounds (the actors' and the learner's work per interval)",
+    "robot": "at each round's end where robots reported episodes since the last (the robots: entries' and robots that joined "
+             "with launch/robot.py); launch/robots.py",
 }
 
 CALIBRATION = {
@@ -87,6 +89,7 @@ METRICS: dict[str, dict[str, str]] = {
     "round": {"round": "the round", "weight_version": "planning model's version at the round's end (an integer)",
               "policy_version": "acting policy's version at the round's end (an integer)", "seconds": "s for the round"},
     "replay": {"round": "the round"},
+    "robot": {"round": "the round at whose end the robots' episodes were counted (those reported since the round before)"},
     "rates": {"interval_s": "s the record covers", "env_steps": "simulator steps of collection episodes that ended in the interval",
               "learner_samples": "training samples of the online learners' steps in the interval",
               "env_steps_per_s": "env_steps / interval_s", "learner_samples_per_s": "learner_samples / interval_s"},
@@ -96,6 +99,7 @@ METRICS: dict[str, dict[str, str]] = {
 REPLAY_STATS = ("items", "episodes", "bytes", "episodes_demo", "episodes_sim", "episodes_robot", "episodes_success", "episodes_failure",
                 "inserted_items", "inserted_episodes", "sampled_items", "insert_items_per_s", "sample_items_per_s", "blocked_insert_s",
                 "blocked_sample_s", "rejected", "evicted_episodes", "staleness_versions", "reverb_items", "discarded_draws")
+ROBOT_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # actors.robots.config.ID
 PAIRED = (r"paired/(only_planned|only_alone|both|neither)",
           "paired/<outcome>: episodes (same state and seed) that succeed only with planning, only alone, both or neither")
 PATTERNS: dict[str, list[tuple[str, str]]] = {
@@ -105,6 +109,20 @@ PATTERNS: dict[str, list[tuple[str, str]]] = {
     "eval": [(r"task/.+", "task/<task>: share of that task's episodes that succeed"), PAIRED],
     "eval_fresh": [(r"task/.+", "task/<task>: share of that task's episodes that succeed"), PAIRED],
     "replay": [(rf"\w+/({'|'.join(REPLAY_STATS)})", "<table>/<statistic>: the replay table's statistics (replay/book.py)")],
+    "robot": [
+        (rf"robot/{ROBOT_ID}/episodes", "robot/<id>/episodes: episodes the robot played (interrupted and re-recorded ones included)"),
+        (rf"robot/{ROBOT_ID}/inserted", "robot/<id>/inserted: of them, the episodes that went to replay (the labelled ones)"),
+        (rf"robot/{ROBOT_ID}/interrupted", "robot/<id>/interrupted: episodes cut short (late chunk, stop, fault, leaving): no label, "
+                                           "not in replay"),
+        (rf"robot/{ROBOT_ID}/rerecorded", "robot/<id>/rerecorded: episodes the operator discarded (not in replay)"),
+        (rf"robot/{ROBOT_ID}/steps", "robot/<id>/steps: control steps of those episodes"),
+        (rf"robot/{ROBOT_ID}/success_rate", "robot/<id>/success_rate: share of the labelled episodes labelled success (the "
+                                            "operator's label; max_steps without one is a failure); absent with none labelled"),
+        (rf"robot/{ROBOT_ID}/intervention_rate", "robot/<id>/intervention_rate: share of the control steps the teleop drove "
+                                                 "(an operator's intervention)"),
+        (rf"robot/{ROBOT_ID}/clipped_step_rate", "robot/<id>/clipped_step_rate: share of the control steps whose action the "
+                                                 "safety envelope clipped to the limits or the workspace box"),
+    ],
 }
 
 

@@ -21,3 +21,13 @@ def weight_registry(experiment: str) -> str:
 def policy_servers(experiment: str, servers: int) -> list[str]:
     """The PolicyServers of an experiment."""
     return [f"{experiment}-policy-server-{i}" for i in range(servers)]
+
+
+def robot_hub(experiment: str) -> str:
+    """The actor where robots attach to a running job and report their episodes (``launch.robots.RobotHub``)."""
+    return f"{experiment}-robot-hub"
+
+
+def robot_actor(experiment: str, robot_id: str) -> str:
+    """A robot's RobotActor while it is attached to the experiment's job (one per robot id)."""
+    return f"{experiment}-robot-{robot_id}"

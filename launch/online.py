@@ -53,11 +53,13 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     exports (same step, version and schedule; a fresh optimizer state).
     """
     from launch.offline import source_kwargs
+    from launch.robots import start_gateway, write_job_file
     from launch.rounds import OnlineLearner, Rates, Stop, evaluate_round
     from launch.services import Services
 
     latest = {t: state.get_path(f"{t.value}_latest") or checkpoints[t] for t in Target}
     services = Services.start(cfg, latest[Target.POLICY], latest[Target.PLANNING])
+    gateway = None
     if not state.get("demos_in_replay"):
         state.set(demos_in_replay=services.insert_demos(demos))
     targets = [Target.PLANNING] + ([Target.POLICY] if cfg.online.refine_policy else [])
@@ -67,6 +69,11 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     versions = services.versions()
     rates = Rates(monitor, cfg.logging.rates_every_s)
     try:
+        services.start_robots(cfg)
+        gateway = start_gateway(cfg, services)
+        write_job_file(cfg, run_dir, services=True, gateway_port=None if gateway is None else gateway.port)
+        say(f"robots may join this job: `python launch/robot.py --job {run_dir} --robot <config> --instruction <...>` "
+            f"on a node whose `ray start` offers the resource robot:<id>")
         if state.get("round", 0) == 0 and cfg.eval.at_start and not state.get("eval0_done"):
             evaluate_round(cfg, services, monitor, 0, versions, last=cfg.online.rounds == 0)
             state.set(eval0_done=True)
@@ -81,6 +88,8 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
         raise
     finally:
         rates.close()
+        if gateway is not None:
+            gateway.stop()
         services.stop()
         for learner in learners:
             learner.group.stop()
@@ -91,12 +100,19 @@ def end_round(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor,
               alone: bool = True) -> None:
     """A round's end in either loop: its evaluations (the fresh states' too after the last), checkpoints, the record.
     ``alone``: nothing is collected beside the evaluation (``evaluate_round``'s)."""
+    from launch.robots import log_round
     from launch.rounds import evaluate_round, save_round
 
+    if last and services.robots is not None:  # the last evaluations have the PolicyServers to themselves too
+        services.robots.stop("the job's last round")
+        services.robots = None
     evaluate_round(cfg, services, monitor, round_, versions, last=last, alone=alone or last)
     if last and cfg.eval.fresh_trials:
         evaluate_round(cfg, services, monitor, round_, versions, last=True, fresh=True)
     save_round(services, learners, monitor, round_, versions.get("policy"))
+    log_round(services.hub, monitor, round_)  # the robots' episodes of the round, the job's own and those that joined
+    if services.robots is not None:
+        services.robots.new_round()
     state.set(round=round_, last_round=last, **exported)
     monitor.log("round", {"round": round_, "weight_version": versions["planning"], "policy_version": versions["policy"], "seconds": seconds})
 
@@ -206,6 +222,7 @@ def run(cfg: Experiment) -> dict[str, Any]:
     """The whole job for one experiment config; returns the last evaluation record."""
     # Imported here, not at the top: a mistake in the command line is reported before Ray, torch and diffusers load.
     from launch.phases import demonstrations, offline, statistics_and_text
+    from launch.robots import JOB_FILE, write_job_file
     from launch.rounds import Stop
     from launch.services import cluster_gpus, connect
 
@@ -217,6 +234,7 @@ def run(cfg: Experiment) -> dict[str, Any]:
     with StopRequest() as stop:
         try:
             connect(cfg)
+            write_job_file(cfg, run_dir, services=False)  # robots may start joining: launch/robot.py waits for the services
             stop.install()  # over Ray's native SIGTERM handler (launch/signals.py)
             monitor.log("start", {"command": shlex.join(["python", *sys.argv]), "resuming": bool(state.data), "gpus": cluster_gpus()})
             say(f"run directory {run_dir}" + (" (resuming)" if state.data else ""))
@@ -230,6 +248,7 @@ def run(cfg: Experiment) -> dict[str, Any]:
         except Stop:
             say("stopped; run again with the same run_dir to resume")
         finally:
+            (run_dir / JOB_FILE).unlink(missing_ok=True)  # no robot may join a job that has ended
             plot = monitor.plot()
             monitor.close()
             say(f"metrics: {monitor.path}")

@@ -2,8 +2,9 @@
 
 ``connect`` joins or starts the Ray cluster. ``Services`` starts the concrete ones: the replay
 service (the config's backend), the weight registry, the PolicyServers (the policy and its
-planner, on GPUs where the cluster has them) and the EnvRunners, each runner given its server's
-clients and the replay client. Nothing else in the job creates a Ray actor of a service.
+planner, on GPUs where the cluster has them), the EnvRunners, each runner given its server's
+clients and the replay client, and the robot hub (where robots attach: ``launch.robots``); then
+``start_robots`` the experiment's robots. Nothing else in the job creates a Ray actor of a service.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.env_runner import EnvRunner, RunnerConfig
 from actors.policies import PolicySpec, ServerPolicy
 from actors.policy_server import PolicyServer
+from actors.robots.actor import resource
 from cosmos_policy.contracts import ReplayClient, TableName
 from cosmos_policy.layout import load_layout
 from launch import names
 from launch.experiment import Experiment
 from launch.monitor import say
+from launch.robots import JobRobots, RobotHub
 from learner.publish import RegistryWeights, WeightRegistry
 from replay.service import make_replay
 
@@ -41,6 +45,8 @@ def connect(cfg: Experiment) -> None:
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
+    if cfg.robots:  # a cluster of this machine alone: the robots: entries' robots are attached to it
+        extra["resources"] = {resource(cfg.robot_config(i).id): 1 for i in range(len(cfg.robots))}
     # address="local": a new cluster of our own, even where `ray start` or another job runs one on this
     # machine (a bare ray.init() would join that one and then refuse num_cpus).
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.ray.num_cpus or need), include_dashboard=False,
@@ -62,6 +68,12 @@ class Services:
     runners: list[Any]  # the collection's
     tasks: list[str]
     eval_runners: list[Any] = field(default_factory=list)  # the evaluation's own (eval.runners)
+    hub: Any = None  # launch.robots.RobotHub: where robots attach and report
+    policy: Any = None  # ServerPolicy clients of the first PolicyServer, for robots: act ...
+    planner: Any = None  # ... and plan
+    layout: dict[str, Any] = field(default_factory=dict)  # the served model's cameras, proprio_dim, action_dim, chunk
+    spec: Any = None  # the EnvRunners' EnvSpec (image size, control rate)
+    robots: Any = None  # launch.robots.JobRobots, once started
 
     def evaluators(self, alone: bool) -> list[Any]:
         """The EnvRunners an evaluation plays on: its own (``eval.runners``) while collection goes on beside it, and
@@ -78,7 +90,10 @@ class Services:
         restored = {t: int(s.get("episodes", 0)) for t, s in replay.stats().items()}
         if any(restored.values()):
             say("replay: restored " + ", ".join(f"{n} {t} episodes" for t, n in restored.items() if n))
-        registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True).remote()
+        # The zero-CPU services (the weight registry, the robot hub) on the job's own node: a robot's host joins with no CPU
+        # to offer (`ray start --num-cpus=0`), so only a zero-CPU actor could land there, and would die when the robot leaves.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True, scheduling_strategy=here).remote()
         weights = RegistryWeights(registry, name=names.weight_registry(cfg.name))
         on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
         gpu = cfg.online.server_gpus if on_gpu else 0
@@ -97,7 +112,18 @@ class Services:
                                                                 ServerPolicy(server, plan=True, name=name), replay))
         tasks = list(cfg.env.tasks or ray.get(runners[0].tasks.remote()))
         ray.get([s.versions.remote() for s in servers])  # every server has built its models
-        return cls(replay, weights, servers, runners[: cfg.online.runners], tasks, runners[cfg.online.runners:])
+        layout = load_layout(cfg.model.layout)
+        served = {"cameras": list(layout.cameras), "proprio_dim": layout.proprio_dim, "action_dim": layout.action_dim,
+                  "chunk": layout.action_chunk}
+        policy, planner = ServerPolicy(servers[0], name=server_names[0]), ServerPolicy(servers[0], plan=True, name=server_names[0])
+        hub = RobotHub.options(name=names.robot_hub(cfg.name), get_if_exists=True, scheduling_strategy=here).remote(
+            cfg.name, policy, planner, replay, served)
+        return cls(replay, weights, servers, runners[: cfg.online.runners], tasks, runners[cfg.online.runners:], hub=hub, policy=policy,
+                   planner=planner, layout=served, spec=ray.get(runners[0].spec.remote()))
+
+    def start_robots(self, cfg: Experiment) -> None:
+        """The experiment's ``robots:``, each a RobotActor on its host playing beside the collection (``launch.robots``)."""
+        self.robots = JobRobots.start(cfg, self)
 
     def insert_demos(self, demos: list[Any]) -> bool:
         """The demonstrations into the replay's demonstration table (once per run); returns True when done."""
@@ -131,5 +157,8 @@ class Services:
         return sum(s["busy_s"] for s in stats) / max(1, sum(s["batches"] for s in stats))
 
     def stop(self) -> None:
-        for actor in self.runners + self.eval_runners + self.servers:
+        if self.robots is not None:  # first: a robot mid-episode stops before its policy goes
+            self.robots.stop()
+            self.robots = None
+        for actor in self.runners + self.eval_runners + self.servers + ([self.hub] if self.hub is not None else []):
             ray.kill(actor)

@@ -13,7 +13,7 @@ import importlib.util
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,16 @@ class RobotConfig:
                 raise RobotConfigError(f"robot.actions[{i}]: {name!r} is not an action feature of the driver "
                                        f"(it has {sorted(action_features)})")
 
+    def check_layout(self, cameras: list[str] | tuple[str, ...], proprio_dim: int, action_dim: int) -> None:
+        """The model's side: the served model's cameras, proprio and action counts are this robot's."""
+        missing = [c for c in cameras if c not in self.cameras]
+        if missing:
+            raise RobotConfigError(f"robot.cameras: the model needs cameras {list(cameras)}, the robot maps {list(self.cameras)} "
+                                   f"(missing {missing})")
+        for key, names, dim in (("proprio", self.proprio, proprio_dim), ("actions", self.actions, action_dim)):
+            if len(names) != dim:
+                raise RobotConfigError(f"robot.{key}: the model takes {dim} values, the robot config names {len(names)}")
+
 
 # ---- loading ----------------------------------------------------------------------------------------
 def load_robot_config(name_or_path: str | Path) -> RobotConfig:
@@ -199,6 +209,17 @@ def robot_config_from_dict(data: Any, where: str = "robot") -> RobotConfig:
         fault=FaultConfig(**{k: int(_number(v, f"{where}.fault.{k}", integer=True)) for k, v in fault.items()}),
         chunking=ChunkingConfig(**{k: _number(v, f"{where}.chunking.{k}") for k, v in chunking.items()}),
     )
+
+
+def as_robot_config(robot: str | Path | Mapping[str, Any] | RobotConfig, robot_id: str | None = None) -> RobotConfig:
+    """A ``RobotConfig`` from its name (configs/robot/<name>.yaml), a YAML path, a dict or itself; ``robot_id`` renames it."""
+    if isinstance(robot, RobotConfig):
+        config = robot
+    elif isinstance(robot, Mapping):
+        config = robot_config_from_dict(dict(robot))
+    else:
+        config = load_robot_config(robot)
+    return replace(config, id=robot_id) if robot_id else config
 
 
 def robot_config_names() -> list[str]:

@@ -28,7 +28,7 @@ from actors.robots.operator import OperatorEvent, OperatorInput, Teleop
 from actors.robots.record import EpisodeBuilder, RobotEpisodeRecord
 from actors.robots.safety import RobotStopped, SafetyEnvelope, Watchdog
 
-__all__ = ["Chunk", "ControlLoop", "ResetTimeout", "RobotEpisodeRecord", "RobotObservation"]
+__all__ = ["Chunk", "ControlLoop", "ResetCancelled", "ResetTimeout", "RobotEpisodeRecord", "RobotObservation"]
 
 log = logging.getLogger(__name__)
 LABELS = {OperatorEvent.SUCCESS: True, OperatorEvent.FAILURE: False}
@@ -36,6 +36,10 @@ LABELS = {OperatorEvent.SUCCESS: True, OperatorEvent.FAILURE: False}
 
 class ResetTimeout(TimeoutError):
     """The operator did not finish a reset in time."""
+
+
+class ResetCancelled(ResetTimeout):
+    """The wait for a reset was called off (the robot is leaving its job)."""
 
 
 class ControlLoop:
@@ -52,11 +56,14 @@ class ControlLoop:
         self.driver_stopped = False  # this loop stopped the driver: the next reset reconnects it
 
     # ---- between episodes --------------------------------------------------------------------------
-    def reset(self, timeout_s: float = 120.0) -> None:
-        """Wait for the operator's RESET_DONE (and for any latched stop to be cleared), then re-enable a stopped driver."""
+    def reset(self, timeout_s: float = 120.0, cancel: threading.Event | None = None) -> None:
+        """Wait for the operator's RESET_DONE (and for any latched stop to be cleared), then re-enable a stopped driver.
+        ``cancel`` set ends the wait at once (``ResetCancelled``): a robot leaving its job does not wait for a reset."""
         deadline = time.monotonic() + timeout_s
         done = False
         while not (done and self.envelope.stopped is None):
+            if cancel is not None and cancel.is_set():
+                raise ResetCancelled(f"reset: robot {self.config.id} is leaving; no episode follows")
             for event in self.operator.poll():
                 done |= event is OperatorEvent.RESET_DONE
                 if event is OperatorEvent.ESTOP:

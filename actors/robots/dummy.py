@@ -30,20 +30,28 @@ class Stopped(RuntimeError):
 
 
 class DummyArm:
-    """Five joints (base yaw, shoulder, elbow and wrist pitch, gripper), an end-effector position, cameras."""
+    """Five joints (base yaw, shoulder, elbow and wrist pitch, gripper), an end-effector position, cameras.
+
+    ``joints`` above five adds joints ``joint5``, ``joint6``... (extra wrist axes that move like the others
+    and leave the fingertip where the first four put it), so the dummy can match a model's action count
+    (the built-in task's 7: ``configs/robot/dummy_lift.yaml``).
+    """
 
     name = "dummy_arm"
 
     def __init__(self, cameras: Sequence[str] = ("front", "wrist"), image_size: Sequence[int] = (48, 64),
-                 max_joint_speed: float = 0.05, initial: Mapping[str, float] | None = None) -> None:
+                 max_joint_speed: float = 0.05, initial: Mapping[str, float] | None = None, joints: int = len(JOINTS)) -> None:
+        if isinstance(joints, bool) or not isinstance(joints, int) or joints < len(JOINTS):
+            raise ValueError(f"DummyArm joints: expected an integer >= {len(JOINTS)}, got {joints!r}")
+        self.joints = JOINTS + tuple(f"joint{i}" for i in range(len(JOINTS), joints))
         self.cameras = tuple(cameras)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.max_joint_speed = float(max_joint_speed)
         start = {"shoulder": 0.6, "elbow": -0.9, "gripper": 0.5} | dict(initial or {})
-        unknown = set(start) - set(JOINTS)
+        unknown = set(start) - set(self.joints)
         if unknown:
-            raise ValueError(f"DummyArm initial: unknown joints {sorted(unknown)} (joints: {list(JOINTS)})")
-        self._initial = np.array([float(start.get(j, 0.0)) for j in JOINTS])
+            raise ValueError(f"DummyArm initial: unknown joints {sorted(unknown)} (joints: {list(self.joints)})")
+        self._initial = np.array([float(start.get(j, 0.0)) for j in self.joints])
         self.position = self._initial.copy()
         self.target = self._initial.copy()
         self._connected = False
@@ -54,13 +62,13 @@ class DummyArm:
 
     @property
     def observation_features(self) -> dict[str, Any]:
-        features: dict[str, Any] = {f"{j}.pos": float for j in JOINTS}
+        features: dict[str, Any] = {f"{j}.pos": float for j in self.joints}
         features |= {"ee.x": float, "ee.y": float, "ee.z": float}
         return features | {c: (*self.image_size, 3) for c in self.cameras}
 
     @property
     def action_features(self) -> dict[str, Any]:
-        return {f"{j}.pos": float for j in JOINTS}
+        return {f"{j}.pos": float for j in self.joints}
 
     @property
     def is_connected(self) -> bool:
@@ -89,7 +97,7 @@ class DummyArm:
             if not self._connected:
                 raise NotConnected("DummyArm: get_observation() before connect()")
             q = self.position.copy()
-        obs: dict[str, Any] = {f"{j}.pos": float(v) for j, v in zip(JOINTS, q)}
+        obs: dict[str, Any] = {f"{j}.pos": float(v) for j, v in zip(self.joints, q)}
         obs |= dict(zip(("ee.x", "ee.y", "ee.z"), (float(v) for v in end_effector(q))))
         for i, cam in enumerate(self.cameras):
             obs[cam] = self._render(q, transpose=i % 2 == 1)
@@ -97,7 +105,7 @@ class DummyArm:
 
     def send_action(self, action: dict[str, float]) -> dict[str, float]:
         """Set targets (missing joints keep theirs) and advance one step; returns the targets sent."""
-        names = {f"{j}.pos": i for i, j in enumerate(JOINTS)}
+        names = {f"{j}.pos": i for i, j in enumerate(self.joints)}
         unknown = set(action) - set(names)
         if unknown:
             raise KeyError(f"DummyArm.send_action: unknown action features {sorted(unknown)} (known: {list(names)})")
@@ -111,7 +119,7 @@ class DummyArm:
             step = np.clip(self.target - self.position, -self.max_joint_speed, self.max_joint_speed)
             self.position = self.position + step
             self.send_count += 1
-            return {f"{j}.pos": float(self.target[i]) for i, j in enumerate(JOINTS)}
+            return {f"{j}.pos": float(self.target[i]) for i, j in enumerate(self.joints)}
 
     def _render(self, q: np.ndarray, transpose: bool) -> np.ndarray:
         """One band per joint whose red level is the joint's position over [-RANGE, RANGE]; green and

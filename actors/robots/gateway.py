@@ -142,10 +142,14 @@ class RobotGateway:
     """The gRPC service; ``start()`` returns the port, ``stop()`` ends it for good (also a context manager)."""
 
     def __init__(self, config: GatewayConfig, spec: EnvSpec, chunk: int, policy: Policy, *, planner: Policy | None = None,
-                 replay: ReplayClient | None = None, versions: Callable[[], dict[str, int | None]]) -> None:
+                 replay: ReplayClient | None = None, versions: Callable[[], dict[str, int | None]],
+                 on_episode: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``on_episode``: told of every episode inserted into replay ({robot_id, episode_id, table, success, steps,
+        policy_version, planning_version, metadata}), e.g. for the job's metrics; its errors are logged, not raised."""
         config.validate()
         self.config, self.spec, self.chunk = config, spec, int(chunk)
         self.policy, self.planner, self.replay, self.versions = policy, planner, replay, versions
+        self.on_episode = on_episode
         self.tokens = TokenStore(config.token_file, config.token_check_every_s)
         self._sessions: dict[str, _Session] = {}
         # Per robot, across its sessions: the replies of its last ended episodes, so an episode sent again
@@ -470,6 +474,13 @@ class RobotGateway:
                     raise Refused(Code.UNAVAILABLE, f"put_episode: replay did not take episode {key!r} "
                                                     f"({type(exc).__name__}: {exc}); send its end again") from exc
                 reply.update(inserted=True, table=table.value)
+                if self.on_episode is not None:
+                    try:
+                        self.on_episode({"robot_id": session.robot_id, "episode_id": reply["episode_id"], "table": table.value,
+                                         "success": success, "steps": record.num_steps, "policy_version": versions["policy"],
+                                         "planning_version": versions["planning"], "metadata": dict(metadata)})
+                    except Exception:  # the episode is in replay: a listener's failure must not fail the call
+                        log.exception("robot gateway: on_episode failed for robot %s's episode %s", session.robot_id, key)
             episode.done = reply
         with self._lock:
             session.episodes.pop(key, None)
