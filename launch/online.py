@@ -149,9 +149,10 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
 
     The PolicyServers hold the round's versions while it is evaluated (so the evaluation sees one version
     throughout, and the collection beside it acts on that version too), while the learner trains and publishes
-    on; it waits only if it finishes the next round before that evaluation ends. The round the budget makes the
-    last halts the collection and the learner before the last evaluations, which then have the runners to
-    themselves.
+    on; it waits only if it finishes the next round before that evaluation ends. The learner's last round
+    (online.rounds) starts once every round is collected, so no episode goes untrained; a round the budget makes
+    the last instead halts the collection and the learner before the last evaluations, which then have the
+    runners to themselves.
     """
     import queue
 
@@ -168,7 +169,8 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
 
     def learn() -> None:
         for round_ in range(first, cfg.online.rounds + 1):
-            collector.wait_collected(round_ - cfg.online.collect_ahead, stopping)
+            # The last round waits for its own episodes: the final version is refined on everything collected.
+            collector.wait_collected(round_ if round_ == cfg.online.rounds else round_ - cfg.online.collect_ahead, stopping)
             waited = collector.wait_experience(cfg.online.min_experience, round_, stopping)
             done = {t.target.value: t.refine(round_, monitor, stopping, rates, waited_s=waited) for t in learners}
             exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}

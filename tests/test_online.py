@@ -579,7 +579,7 @@ def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
     round waits for its first experience (online.min_experience=20: the first episode's steps)."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), *SMALL, "offline.policy_steps=2", "offline.validate_every=2",
-           "offline.planning_steps=1", "online.rounds=1", "online.episodes_per_round=30", "online.refine_steps=40", "online.publish_every=20",
+           "offline.planning_steps=1", "online.rounds=2", "online.episodes_per_round=30", "online.refine_steps=20", "online.publish_every=10",
            "eval.also_without_planning=false", "logging.rates_every_s=3", "logging.wandb=disabled",
            "learner.checkpoint_every=10", "online.min_experience=20", f"run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, env=_env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
@@ -605,7 +605,7 @@ def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
     back = next(i for i, r in enumerate(after) if r["learner_samples"] > 0)
     down = after[:back]
     assert len(down) >= 2 and all(r["env_steps"] > 0 for r in down), (down, after[back])
-    assert [e["weight_version"] for e in _records(run_dir, "eval")] == [0, 2]
+    assert [e["weight_version"] for e in _records(run_dir, "eval")] == [0, 2, 4]
     online = [r for r in _records(run_dir, "learner") if r["phase"] == "planning_online"]
     assert max(r["learner/step"] for r in online) == 40
     assert online[0]["experience_wait_s"] > 0 and "the learner waits for 20 experience items" in text
