@@ -17,9 +17,15 @@ class ServerConfig:
     """How long the first request of a batch waits for company."""
     poll_weights_s: float = 0.5
     """How often the Ray actor asks its weight source for a newer version (0: never)."""
+    lease_max_s: float = 60.0
+    """The longest a robot's episode may keep the server on the versions it began with (a lease, ``PolicyServer.lease``):
+    newer published weights wait until no robot is mid-episode, or this long; an episode that outlasts it records the
+    versions it acted with (``versions_changed``)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ConfigError(f"server.max_batch: expected >= 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"server.max_wait_ms: expected >= 0, got {self.max_wait_ms}")
+        if not self.lease_max_s >= 0:
+            raise ConfigError(f"server.lease_max_s: expected seconds >= 0, got {self.lease_max_s}")

@@ -134,6 +134,17 @@ class ServerPolicy:
     def reset(self) -> None:
         """Nothing to do: the server swaps new weights in between its batches."""
 
+    def lease(self, holder: str, held: bool) -> dict[str, int | None] | None:
+        """Keep the server on the versions it serves while ``holder`` (a robot) plays an episode (``PolicyServer.lease``);
+        returns the versions served, or None when the server is gone (one restarted by Ray holds no leases)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(self.server.lease.remote(holder, held))
+        except RayActorError:
+            return None
+
 
 def _named_server_policy(name: str, plan: bool) -> ServerPolicy:
     import ray

@@ -148,7 +148,8 @@ class PolicyServer:
     The models are built inside the actor from ``spec`` (checkpoints on shared storage), where
     they run, instead of being shipped over; a callable returning (policy, planner) also works.
     With ``weights`` it takes every newly published version (``config.poll_weights_s``), except while its
-    versions are held (``hold_weights``: an evaluation of the versions it serves runs while the learner goes on).
+    versions are held (``hold_weights``: an evaluation of the versions it serves runs while the learner goes on)
+    or leased (``lease``: a robot is mid-episode, and takes new weights only between its episodes).
     """
 
     def __init__(self, spec: PolicySpec | Callable[[], tuple[CosmosPolicy, Planner | None]], config: ServerConfig | None = None,
@@ -161,6 +162,7 @@ class PolicyServer:
         self.weights = weights
         self._poller: asyncio.Task | None = None
         self.held = False
+        self._leases: dict[str, float] = {}  # holder -> when its episode began (time.monotonic)
         # Restarted by Ray after a crash (max_restarts), the server is built from its first checkpoint again: the
         # newest published weights go in before its first batch, so no request is served with older ones.
         if weights is not None:
@@ -170,20 +172,34 @@ class PolicyServer:
                     self.server.set_weights(got[0].version, got[1], target.value)
 
     async def _poll_weights(self) -> None:
-        """Stage every newly published version; the batching loop swaps it in between batches."""
-        assert self.weights is not None
-        targets = [Target.POLICY] + ([Target.PLANNING] if self.server.planner is not None else [])
-        loop = asyncio.get_running_loop()
+        """Take every newly published version while nothing holds or leases the served ones."""
         while True:
-            for target in [] if self.held else targets:
-                staged = self.server._pending_weights.get(target.value)
-                current = staged[0] if staged else self.server.versions[target.value]
-                got = await loop.run_in_executor(None, self.weights.latest, target.value, current)
-                if got is not None:
-                    record, state = got
-                    self.server.set_weights(record.version, state, target.value)
-                    await self.server.apply_pending()
+            if not self.held and not self._leased():
+                await self._take_published()
             await asyncio.sleep(self.server.config.poll_weights_s)
+
+    async def _take_published(self) -> None:
+        """Stage the newest published version of each model and swap it in between batches."""
+        if self.weights is None:
+            return
+        loop = asyncio.get_running_loop()
+        for target in [Target.POLICY] + ([Target.PLANNING] if self.server.planner is not None else []):
+            staged = self.server._pending_weights.get(target.value)
+            current = staged[0] if staged else self.server.versions[target.value]
+            got = await loop.run_in_executor(None, self.weights.latest, target.value, current)
+            if got is not None:
+                record, state = got
+                self.server.set_weights(record.version, state, target.value)
+                await self.server.apply_pending()
+
+    def _leased(self) -> bool:
+        """Whether a robot's episode holds the served versions now (a lease past ``lease_max_s`` is let go: a robot that
+        died mid-episode, or a long episode, must not keep every caller of this server on old weights)."""
+        now, limit = time.monotonic(), self.server.config.lease_max_s
+        for holder, since in list(self._leases.items()):
+            if now - since > limit:
+                del self._leases[holder]
+        return bool(self._leases)
 
     async def start_polling(self) -> None:
         if self.weights is not None and self.server.config.poll_weights_s > 0 and self._poller is None:
@@ -205,6 +221,22 @@ class PolicyServer:
 
         A restarted server (after a crash) takes the newest published weights and is not held."""
         self.held = bool(held)
+        return dict(self.server.versions)
+
+    async def lease(self, holder: str, held: bool) -> dict[str, int | None]:
+        """A robot's episode begins (``held``) or ends: its versions stay served until it ends, so the robot takes new
+        weights only between episodes, as one with a model of its own would. Beginning with no other lease or hold
+        takes the newest published weights first; the last lease ending takes those published meanwhile. Returns the
+        versions served (what the episode acts with, while no lease passes ``lease_max_s``)."""
+        await self.start_polling()
+        if held:
+            if not self.held and not self._leased():
+                await self._take_published()
+            self._leases[str(holder)] = time.monotonic()
+        else:
+            self._leases.pop(str(holder), None)
+            if not self.held and not self._leased():
+                await self._take_published()
         return dict(self.server.versions)
 
     async def versions(self) -> dict[str, int | None]:

@@ -176,7 +176,8 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     ckpt = save_checkpoint(tmp_path / "policy", model, stats=stats, text=text)
     spec = PolicySpec(checkpoint=str(ckpt), policy=PolicyConfig(action_steps=1))
     weights = RegistryWeights(WeightRegistry.remote())  # handed to the learner (publisher) and the servers (source)
-    servers = [PolicyServer.options(num_cpus=0.25).remote(spec, ServerConfig(poll_weights_s=0.2), weights) for _ in range(2)]
+    servers = [PolicyServer.options(num_cpus=0.25).remote(spec, ServerConfig(poll_weights_s=0.2, lease_max_s=8.0), weights)
+               for _ in range(2)]
     obs = Observation(images={c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in ("primary", "wrist")},
                       proprio=rng.random(9), instruction="lift the cube")
     before = [ray.get(s.act.remote(obs, 0)) for s in servers]
@@ -226,6 +227,22 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     while served(servers[1]) != 2 and time.time() < deadline:
         time.sleep(0.3)
     assert served(servers[1]) == 2
+    # A robot's episode leases a server: no newer weights until it ends (taken at once then), or until lease_max_s
+    # (a robot that died mid-episode must not keep the server's other callers on old weights for ever).
+    client = ServerPolicy(servers[1])
+    assert client.lease("arm-1", True) == {"policy": 2, "planning": None}
+    group.train(2)
+    deadline = time.time() + 30
+    while served(servers[0]) != 3 and time.time() < deadline:
+        time.sleep(0.3)
+    assert served(servers[0]) == 3 and served(servers[1]) == 2
+    assert client.lease("arm-1", False) == {"policy": 3, "planning": None} and served(servers[1]) == 3
+    leased_at = time.time()
+    assert client.lease("arm-2", True) == {"policy": 3, "planning": None}  # never released
+    group.train(2)
+    while served(servers[1]) != 4 and time.time() < leased_at + 30:
+        time.sleep(0.3)
+    assert served(servers[1]) == 4 and time.time() - leased_at > 8.0
     group.stop()
     for s in servers:
         ray.kill(s)

@@ -2,9 +2,9 @@
 resource; run in a subprocess, so no other test's cluster is in the way), the same station through the gateway
 with the thin client and the tiny real policy, and the experiment's ``robots:`` and ``gateway:`` keys.
 
-The robot is the dummy arm shaped like the built-in task (configs/robot/dummy_lift.yaml) at 2 Hz with
-deadlines wide enough for a loaded two-core machine; labels come from a scripted operator. Everything
-listens on 127.0.0.1.
+The robot is the simulated arm (configs/robot/sim_lift.yaml: the built-in task's Panda in a child process
+behind the driver contract) with its loop at 2 Hz and deadlines wide enough for a loaded two-core machine;
+labels come from a scripted operator. Everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,30 @@ from actors.robots.config import robot_config_from_dict  # noqa: E402
 from actors.robots.station import OperatorSpec  # noqa: E402
 from cosmos_policy.errors import ConfigError  # noqa: E402
 
+SIM_LIFT = ROOT / "configs" / "robot" / "sim_lift.yaml"
 DUMMY_LIFT = ROOT / "configs" / "robot" / "dummy_lift.yaml"
 INSTRUCTION = "lift the red cube"
-HOME = {"base.pos": 0.0, "shoulder.pos": 0.6, "elbow.pos": -0.9, "wrist.pos": 0.0, "gripper.pos": 0.5, "joint5.pos": 0.0, "joint6.pos": 0.0}
+STILL = {"eef.dx": 0.0, "eef.dy": 0.0, "eef.dz": 0.0, "eef.drx": 0.0, "eef.dry": 0.0, "eef.drz": 0.0, "gripper": 0.0}  # the teleop: hold
 
 
 def lift_robot(robot_id: str, control_hz: float = 2) -> dict[str, Any]:
-    """configs/robot/dummy_lift.yaml slowed down, with chunk deadlines and a watchdog for a loaded test machine: the tiny
-    model's chunk (16 actions, 8 s at 2 Hz) takes seconds there and must outlast its own latency, or every action is in the past."""
+    """configs/robot/dummy_lift.yaml (the kinematic arm shaped like the built-in task: no child process, for the job-level
+    tests) slowed down as ``sim_robot``."""
     data = yaml.safe_load(DUMMY_LIFT.read_text())
     data.update(id=robot_id, control_hz=control_hz)
     data["chunking"] = {"request_threshold": 0.5, "deadline_s": 10.0, "stale_s": 10.0, "hold_s": 10.0, "watchdog_s": 5.0}
+    return data
+
+
+def sim_robot(robot_id: str, control_hz: float = 2) -> dict[str, Any]:
+    """configs/robot/sim_lift.yaml with its loop slowed down, chunk deadlines and watchdogs for a loaded test machine: the
+    tiny model's chunk (16 actions, 8 s at 2 Hz) takes seconds there and must outlast its own latency, or every action is in
+    the past. No workspace box: the untrained model's deltas may leave it (the envelope's own tests check the box)."""
+    data = yaml.safe_load(SIM_LIFT.read_text())
+    data.update(id=robot_id, control_hz=control_hz)
+    data["driver"]["kwargs"].update(watchdog_s=5.0, antialias=False)  # the arm's own watchdog outlasts the slow loop's period
+    data["chunking"] = {"request_threshold": 0.5, "deadline_s": 10.0, "stale_s": 10.0, "hold_s": 10.0, "watchdog_s": 5.0}
+    del data["workspace"]
     return data
 
 
@@ -139,7 +153,7 @@ def test_a_robot_outside_the_cluster_plays_through_the_gateway_into_replay(serve
     from cosmos_policy.data.episode_file import read_episode
 
     gateway, replay, token = served
-    config = robot_config_from_dict(lift_robot("gw-arm"))
+    config = robot_config_from_dict(sim_robot("gw-arm"))
 
     def play(script: dict[int, tuple[str, ...]], **operator: Any) -> dict[str, Any]:
         with GatewayClient(f"127.0.0.1:{gateway.port}", "gw-arm", token, timeout_s=30.0) as client:
@@ -154,9 +168,10 @@ def test_a_robot_outside_the_cluster_plays_through_the_gateway_into_replay(serve
     ep = read_episode(replay.store.files.path("experience_success", ok["episode_id"]))
     assert ep.source is Source.ROBOT and ep.metadata["robot_id"] == "gw-arm" and (ep.policy_version, ep.planning_version) == (4, 2)
     assert ep.metadata["labelled_by"] == "operator" and ep.metadata["intervention"] == "0" * 10 and ep.task == "lift"
+    assert ep.metadata["driver"] == "actors.robots.sim_arm:SimArm"
     assert ep.instruction == INSTRUCTION and ep.num_steps == 10 and set(ep.cameras) == {"primary", "wrist"}
     # An intervention (the teleop drives steps 3 to 6), then a failure: the flags per step travel with it.
-    failed = play({3: ("intervention_start",), 7: ("intervention_end",), 10: ("failure",)}, teleop=(HOME,))
+    failed = play({3: ("intervention_start",), 7: ("intervention_end",), 10: ("failure",)}, teleop=(STILL,))
     assert (failed["table"], failed["success"], failed["intervention_steps"]) == ("experience_failure", False, 4), failed
     flags = read_episode(replay.store.files.path("experience_failure", failed["episode_id"])).metadata["intervention"]
     assert flags == "000" + "1111" + "000"
@@ -175,17 +190,20 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_robot_actor_runs_only_on_the_node_with_its_resource_and_its_episodes_land_in_replay(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, __file__, str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+    out = subprocess.run([sys.executable, __file__, str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=500, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts["placed"] == facts["robot_node"] != facts["head_node"]  # the node that offers robot:arm-7, not the other
     first, second = facts["first"], facts["second"]
     assert (first["success"], first["inserted"], first["table"]) == (True, True, "experience_success"), first
-    assert (first["policy_version"], first["planning_version"]) == (7, 2), first
+    # Version 8 was published while the first episode played: it kept acting with 7 (its lease), the second began with 8.
+    assert facts["published_during_first"] and first["versions"] == [{"policy": 7, "planning": 2}], first
     assert (second["success"], second["reason"], second["table"], second["steps"]) == (False, "max_steps", "experience_failure", 4)
+    assert (second["policy_version"], second["planning_version"]) == (8, 2), second
     ep = facts["episode"]
     assert ep["source"] == "robot" and ep["robot_id"] == "arm-7" and (ep["policy_version"], ep["planning_version"]) == (7, 2)
     assert ep["labelled_by"] == "operator" and ep["reason"] == "success" and ep["steps"] == 10 and ep["host"]
+    assert ep["versions_changed"] is False and ep["driver"] == "actors.robots.sim_arm:SimArm"
     assert facts["robot_episodes"] == 2 and facts["left"]["ended_cleanly"] and facts["left"]["episodes"] == 2
 
 
@@ -205,6 +223,8 @@ def two_node_cluster(tmp: Path) -> dict[str, Any]:
     from cosmos_policy.model import CosmosPolicyModel
     from cosmos_policy.policy import PolicyConfig
     from cosmos_policy.text import TextEmbeddingCache
+    from cosmos_policy.weights import pack
+    from learner.publish import RegistryWeights, WeightRegistry
     from replay.config import ReplayConfig, default_tables
     from replay.service import make_replay
 
@@ -221,23 +241,32 @@ def two_node_cluster(tmp: Path) -> dict[str, Any]:
         ray.init(address=cluster.address, namespace="robot-test", log_to_driver=False)
         spec = PolicySpec(checkpoint=str(tmp / "policy"), planning_checkpoint=str(tmp / "planning"), policy=PolicyConfig(action_steps=1),
                           planner=PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1]), text_encoder="random")
-        server = PolicyServer.options(name="robot-test-server", num_cpus=1).remote(spec, ServerConfig(max_batch=2, max_wait_ms=20))
+        weights = RegistryWeights(WeightRegistry.remote())
+        server = PolicyServer.options(name="robot-test-server", num_cpus=1).remote(
+            spec, ServerConfig(max_batch=2, max_wait_ms=20, poll_weights_s=0.2), weights)
         policy, planner = ServerPolicy(server, name="robot-test-server"), ServerPolicy(server, plan=True, name="robot-test-server")
         replay = make_replay(ReplayConfig(root=str(tmp / "replay"), tables=default_tables(window=16)), names=["robot-test-replay-0"])
         robot = RobotActor.options(resources={resource("arm-7"): 1}).remote(
-            lift_robot("arm-7"), policy, planner, replay, {"kind": "scripted", "script": {10: ["success"]}},
+            sim_robot("arm-7"), policy, planner, replay, {"kind": "scripted", "script": {10: ["success"]}},
             layout={"cameras": list(layout.cameras), "proprio_dim": 9, "action_dim": 7})
-        placed = ray.get(robot.describe.remote(), timeout=90)["node_id"]
-        first = ray.get(robot.play.remote(INSTRUCTION, "lift", 200), timeout=90)
-        second = ray.get(robot.play.remote(INSTRUCTION, "lift", 4), timeout=90)  # ends at max_steps before the script's label: a failure
+        placed = ray.get(robot.describe.remote(), timeout=240)["node_id"]  # the arm's child process has started its simulation
+        playing = robot.play.remote(INSTRUCTION, "lift", 200)
+        while ray.get(server.stats.remote())["requests"] < 1 and not ray.wait([playing], timeout=0)[0]:
+            time.sleep(0.1)  # the episode has asked for its first chunk: it holds its lease
+        net = CosmosPolicyModel.build(cfg, layout, seed=3).denoiser.net
+        weights.publish(pack(net.state_dict()), version=8, step=80, target="policy")
+        published_during_first = not ray.wait([playing], timeout=0)[0]
+        first = ray.get(playing, timeout=120)
+        second = ray.get(robot.play.remote(INSTRUCTION, "lift", 4), timeout=120)  # ends at max_steps before the script's label: a failure
         left = ray.get(robot.leave.remote("the test is over"), timeout=90)
         stats_now = replay.stats()
         path = next((tmp / "replay").rglob(f"experience_success/{first['episode_id']}.hdf5"))
         ep = read_episode(path)
         episode = {"source": ep.source.value, "policy_version": ep.policy_version, "planning_version": ep.planning_version,
-                   "steps": ep.num_steps, **{k: ep.metadata.get(k) for k in ("robot_id", "labelled_by", "reason", "host")}}
+                   "steps": ep.num_steps, **{k: ep.metadata.get(k) for k in ("robot_id", "labelled_by", "reason", "host", "versions_changed",
+                                                                           "driver")}}
         return {"robot_node": robot_node.node_id, "head_node": cluster.head_node.node_id, "placed": placed, "first": first,
-                "second": second, "left": left, "episode": episode,
+                "second": second, "left": left, "episode": episode, "published_during_first": published_during_first,
                 "robot_episodes": int(sum(row.get("episodes_robot", 0) for row in stats_now.values()))}
     finally:
         ray.shutdown()

@@ -67,6 +67,7 @@ def _with(path: str, value: object) -> dict:
     ("chunking/stale_s", 0, r"robot.chunking.stale_s: expected seconds > 0"),
     ("chunking/hold", 1, r"robot.chunking.hold: unknown key"),
     ("control_hz", KeyError, r"robot.control_hz: missing \(required\)"),
+    ("driver/kwargs/control_hz", 10, r"robot.control_hz: expected at most the driver's own rate \(robot.driver.kwargs.control_hz: 10\), got 20"),
 ])
 def test_every_bad_value_names_its_key(path: str, value: object, message: str) -> None:
     with pytest.raises(RobotConfigError, match=message):

@@ -22,6 +22,7 @@ import grpc
 import msgpack
 import numpy as np
 import pytest
+import yaml
 
 from actors.robots import tokens, wire
 from actors.robots.client import GatewayClient, GatewayError
@@ -468,6 +469,55 @@ def test_calls_through_a_faulty_network_fail_within_their_deadline_and_reconnect
         assert c.session != old and c.act(**o)["actions"].shape[1] == spec.action_dim
         c.close()
     finally:
+        proxy.close()
+
+
+def test_a_robot_behind_a_failing_network_holds_then_stops_and_plays_on_after_a_reconnect(gateway, keys, models, replay):
+    """The thin client's own control loop, envelope and watchdog (actors.robots.remote): the network goes silent mid-episode,
+    each chunk request times out, the robot holds its measured pose, then stops after hold_s; the episode is interrupted
+    and never sent. The network back, a new hello replaces the session and the next episode lands in replay."""
+    from actors.robots.config import robot_config_from_dict
+    from actors.robots.remote import run_robot_over_gateway
+    from actors.robots.station import OperatorSpec
+
+    _, planner, _, _ = models
+    data = yaml.safe_load((ROOT / "configs" / "robot" / "dummy_lift.yaml").read_text())
+    data.update(id="arm-4", control_hz=10, image_size=[SIZE, SIZE])
+    data["driver"]["kwargs"]["image_size"] = [SIZE, SIZE]
+    data["chunking"] = {"request_threshold": 0.5, "deadline_s": 1.5, "stale_s": 3.0, "hold_s": 2.5, "watchdog_s": 2.0}
+    config = robot_config_from_dict(data)
+    proxy = Proxy(gateway.port)
+    c = client(gateway, keys, "arm-4", address=f"127.0.0.1:{proxy.port}", timeout_s=5.0)
+    try:
+        asked = planner.calls
+
+        def go_silent() -> None:  # once the episode's first chunk is answered (the robot acts on it), traffic stops
+            deadline = time.monotonic() + 60
+            while planner.calls == asked and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)
+            proxy.mode = "blackhole"
+
+        silence = threading.Thread(target=go_silent, daemon=True)
+        silence.start()
+        (cut,) = run_robot_over_gateway(c, config, OperatorSpec(kind="scripted"), "lift the cube", 1, max_steps=300)
+        silence.join(timeout=5)
+        first_session = c.session
+        assert cut["interrupted"] and cut["success"] is None and not cut["inserted"], cut
+        assert cut["reason"].startswith("late chunk: nothing to execute"), cut
+        assert cut["versions"] == [{"policy": 4, "planning": 2}] and cut["held_steps"] > 0, cut  # acted on a chunk, then held
+        assert cut["late_chunks"] + cut["failed_requests"] >= 1 and cut["steps"] < 300, cut
+
+        proxy.cut()
+        proxy.mode = "pass"
+        c.reconnect(timeout_s=10.0)  # a fresh channel: the cut one would wait out gRPC's reconnect backoff
+        before = len(replay.episode_ids("experience_success"))
+        (ok,) = run_robot_over_gateway(c, config, OperatorSpec(kind="scripted", script={5: ("success",)}), "lift the cube", 1,
+                                       max_steps=300)
+        assert c.session != first_session and (ok["inserted"], ok["success"], ok["steps"]) == (True, True, 5), ok
+        assert len(replay.episode_ids("experience_success")) == before + 1
+    finally:
+        c.close()
         proxy.close()
 
 

@@ -7,12 +7,13 @@ the hardware. It asks the same ``Policy`` objects as the EnvRunners for chunks (
 clients of the job's PolicyServer: act, or plan with best-of-N) and writes its episodes into the same
 replay, as ``Source.ROBOT`` episodes.
 
-Weight versions. Both policies are reset before each episode, where a policy in the actor's own process
-takes newer weights (``LocalPolicy``), exactly between episodes. A PolicyServer swaps new weights in
-between its batches, for every caller at once, as it does for the EnvRunners: an episode then records
-the versions its chunks came with: ``policy_version`` / ``planning_version`` are the first chunk's (those
-it began with), and its metadata says ``versions_changed`` with every version it acted with
-(``versions``, in order). A server cannot hold one version per caller without a model copy per version.
+Weight versions: a robot takes new ones only between episodes. Both policies are reset before each
+episode, where a policy in the actor's own process takes newer weights (``LocalPolicy``). A PolicyServer
+(shared with EnvRunners, one model copy per target) is leased for the episode (``PolicyServer.lease``): it
+takes the newest published weights as the episode begins and no newer ones until it ends, at most
+``server.lease_max_s``. The episode records the versions its chunks came with: ``policy_version`` /
+``planning_version`` are the first chunk's, and its metadata says ``versions_changed`` with every version it
+acted with (``versions``, in order): only an episode that outlasts its lease can have more than one.
 
 This module is the job's side (Ray, ``cosmos_policy``); a robot outside the cluster runs the same
 station through the gateway instead (``remote.py``).
@@ -99,10 +100,14 @@ class RobotActor:
         """One episode (after the operator's reset) into replay when it is a label; returns ``station.summary`` plus
         where it went (inserted, table, episode_id). Raises ``ResetTimeout`` / ``ResetCancelled`` / ``RobotStopped``."""
         self._idle.clear()
+        leased = []
         try:
             for p in (self.policy, self.planner):
                 if p is not None:
                     p.reset()  # between episodes: where a policy of this process takes newer weights
+                    if callable(getattr(p, "lease", None)):  # a server's: its versions stay until this episode ends
+                        p.lease(self.config.id, True)
+                        leased.append(p)
             self._queries = 0
             self._episode_seed = self.seed * 1_000_003 + self.station.episodes
             record = self.station.play(instruction, max_steps, reset_timeout_s)
@@ -115,6 +120,8 @@ class RobotActor:
                     result.update(episode_id=self.replay.insert(table, episode), table=table.value, inserted=True)
             return result
         finally:
+            for p in leased:
+                p.lease(self.config.id, False)
             self._idle.set()
 
     def leave(self, reason: str = "", timeout_s: float = 30.0) -> dict[str, Any]:

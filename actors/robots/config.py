@@ -267,6 +267,10 @@ def _check(c: RobotConfig) -> None:
             raise RobotConfigError(f"robot.{key}: expected each feature once, got {dup} more than once")
     if not (math.isfinite(c.control_hz) and 0 < c.control_hz <= 1000):
         raise RobotConfigError(f"robot.control_hz: expected a number in (0, 1000], got {c.control_hz}")
+    own = c.driver.kwargs.get("control_hz")  # a driver with its own controller rate (the simulated arm's) must keep up with the loop
+    if own is not None and isinstance(own, (int, float)) and not isinstance(own, bool) and c.control_hz > float(own):
+        raise RobotConfigError(f"robot.control_hz: expected at most the driver's own rate (robot.driver.kwargs.control_hz: {own}), "
+                               f"got {c.control_hz}: the loop would send actions faster than the arm's controller steps")
     if len(c.image_size) != 2 or min(c.image_size) < 1:
         raise RobotConfigError(f"robot.image_size: expected [H, W] of positive integers, got {list(c.image_size)}")
     for key, table in (("limits", c.limits), ("max_step", c.max_step), ("measured", c.measured)):

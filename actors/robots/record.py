@@ -49,6 +49,7 @@ class RobotEpisodeRecord:
     chunks: list[dict[str, Any]] = field(default_factory=list)  # per accepted chunk: versions, value, latency, skipped
     events: list[tuple[int, str]] = field(default_factory=list)  # (step, operator event) as they came
     notes: list[str] = field(default_factory=list)  # request failures and ignored events, the first MAX_NOTES of them
+    driver: str = ""  # the driver class that played it (``package.module:Class``: which arm, or the simulated one)
 
     @property
     def steps(self) -> int:
@@ -124,5 +125,5 @@ class EpisodeBuilder:
             timestamps=np.array([r["wall"] for r in rows], dtype=np.float64),
             tick_times=np.array([r["tick"] for r in rows], dtype=np.float64),
             success=success, interrupted=interrupted, reason=reason, rerecord=rerecord,
-            counters=counters, chunks=self.chunks, events=self.events, notes=self.notes, **flags,
+            counters=counters, chunks=self.chunks, events=self.events, notes=self.notes, driver=cfg.driver.target, **flags,
         )

@@ -167,7 +167,7 @@ def episode_metadata(record: RobotEpisodeRecord, operator: str) -> dict[str, Any
     versions = record.versions()
     counters = record.counters
     return {
-        "robot_id": record.robot_id, "reason": record.reason, "operator": operator,
+        "robot_id": record.robot_id, "driver": record.driver, "reason": record.reason, "operator": operator,
         "labelled_by": "operator" if record.success is not None else "max_steps",
         "intervention": "".join("1" if f else "0" for f in record.intervention),  # per step: the teleop drove it
         "versions_changed": len(versions) > 1,
