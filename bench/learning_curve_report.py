@@ -77,7 +77,8 @@ def report(rows: list[dict[str, Any]], machine: str | None = None) -> dict[str, 
         "final_paired": _paired(last),
         "experience_episodes": experience,
         "branch_episodes": sum(int(c.get("branch_episodes", 0)) for c in collects),
-        "rounds": len(collects),
+        "rounds": len(kinds("round")) or len(collects),  # refined and evaluated (the synchronous loop: also collected)
+        "rounds_collected": sum(1 for c in collects if not c.get("stopped")),  # the asynchronous loop collects up to a round ahead
         "gpus": gpus,
         "wall_minutes": round(wall_s / 60, 2),
         "gpu_minutes": round(wall_s / 60 * max(gpus, 1.0), 2) if gpus else None,

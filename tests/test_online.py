@@ -551,6 +551,7 @@ def test_stop_saves_a_checkpoint_and_a_restart_resumes(tmp_path: Path) -> None:
     assert figures["base_success"] == evals[0]["success_rate_no_plan"] and figures["final_success"] == evals[-1]["success_rate"]
     assert figures["fresh_states_episodes"] == 1 and figures["evaluation_episodes"] == 2 and len(figures["commands"]) == 2
     assert figures["experience_episodes"] == sum(r["episodes"] for r in _records(run_dir, "collect"))
+    assert figures["rounds"] == len(_records(run_dir, "round")) and figures["rounds_collected"] >= 1
     assert [v["planning_version"] for v in figures["versions"]] == [e["weight_version"] for e in evals]
     assert all(minutes >= 0 for minutes in figures["minutes_by_phase"].values()), figures["minutes_by_phase"]
     # The offline phases' learner checkpoints, and the fresh weights they began from (the planning model's of its own

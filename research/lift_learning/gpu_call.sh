@@ -3,14 +3,23 @@
 # between calls while the machine stays warm; each call waits for it up to its limit and hands back what
 # the run has written so far. (A machine given back ends the job: the run directory then resumes elsewhere.)
 #
-#   bash research/lift_learning/gpu_call.sh start 560 [overrides]   # the first call: install, start, wait
-#     (overrides: online.budget_s=<the device budget left before this call, less about 200 s>: the machine's
-#     start, the install and the last call's return; run 2 used 1,350 s and left 358 s of 1,800 unused)
+#   bash research/lift_learning/gpu_call.sh start 565 <device budget left, s> [overrides]   # the first call
+#     (install, start, wait): the job's online.budget_s is the device budget left (the device tool's status,
+#     just before this call) less 210 s (the machine's start, the install, the offline phases' Ray start-up
+#     and the last call's return): the job's budget counts from its first demonstration, the device's from
+#     the machine's start, and a failed start spends the device's alone (run 5 ended 81 s inside it)
 #   bash research/lift_learning/gpu_call.sh wait 590                # every later call: wait, hand back
 #
 # Needs .carry/site.tar.xz, .whl/ and .gl/ beside the tree (research/lift_learning/README.md says how).
 set -u
 what=$1; limit=$2; shift 2
+if [ "$what" = start ]; then
+  case "${1:-}" in
+    ''|*[!0-9]*) echo "gpu_call.sh start: expected the device budget left (seconds, from the device tool's status) after the wait's seconds, got '${1:-}'" >&2; exit 2;;
+  esac
+  budget=$(( $1 - 210 )); shift
+  [ "$budget" -ge 600 ] || { echo "gpu_call.sh start: the device budget leaves $budget s for the job: too little for a run" >&2; exit 2; }
+fi
 run=runs/lift_learning
 out=${OUT:-/tmp/out}
 mkdir -p "$out" runs
@@ -23,7 +32,8 @@ if [ "$what" = start ]; then
   export PYTHONPATH=/tmp/site MUJOCO_GL=egl PYOPENGL_PLATFORM=egl RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
   setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > runs/gpu.csv 2>&1 < /dev/null &
   setsid nohup bash -c 'while sleep 5; do echo "$(date +%s) $(cat /proc/loadavg)"; done' > runs/load.txt 2>&1 < /dev/null &
-  setsid nohup python3 launch/online.py --config lift_learning logging.wandb=disabled "$@" > runs/job.log 2>&1 < /dev/null &
+  echo "online.budget_s=$budget"
+  setsid nohup python3 launch/online.py --config lift_learning logging.wandb=disabled online.budget_s=$budget "$@" > runs/job.log 2>&1 < /dev/null &
   echo $! > runs/job.pid
 fi
 pid=$(cat runs/job.pid)
