@@ -31,9 +31,12 @@ See ``bench/learner_speed.py`` for what each buys on one H100.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import ipaddress
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -100,6 +103,44 @@ def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     return forward(*args, **kwargs)
 
 
+PG_TIMEOUT = datetime.timedelta(minutes=30)  # DeepSpeed's default for its own process group
+
+
+def init_on_loopback(backend: str, cuda: bool) -> None:
+    """The ranks' process group, when they meet on this machine (a loopback ``MASTER_ADDR``), over a store that
+    listens on that address only.
+
+    torch's TCPStore server listens on every interface, whatever ``MASTER_ADDR`` says: a learner on one
+    machine would accept connections from the network on ``MASTER_PORT``. Rank 0 hands it a socket bound to
+    the loopback address instead (``master_listen_fd``); gloo's own sockets follow the address the ranks
+    resolve to. Elsewhere (ranks on several hosts) DeepSpeed's ``env://`` rendezvous does it, as before.
+    """
+    import torch.distributed as dist
+
+    addr = os.environ["MASTER_ADDR"]
+    try:
+        loopback = addr == "localhost" or ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        loopback = False
+    if dist.is_initialized() or not loopback:
+        return
+    addr = "127.0.0.1" if addr == "localhost" else addr
+    port, rank, world = int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(128)
+        # detach: the store owns the descriptor from here (closing it twice would close another's)
+        store = dist.TCPStore(addr, port, world, True, PG_TIMEOUT, master_listen_fd=sock.detach())
+    else:
+        store = dist.TCPStore(addr, port, world, False, PG_TIMEOUT)
+    kwargs: dict[str, Any] = {}
+    if cuda and world > 1:  # as DeepSpeed binds it (not on one rank: every later group would be split from it)
+        kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=PG_TIMEOUT, **kwargs)
+
+
 class Learner:
     """One rank of the learner."""
 
@@ -119,7 +160,9 @@ class Learner:
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.manual_seed(config.seed)
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False)
+        backend = "nccl" if self.cuda else "gloo"
+        init_on_loopback(backend, self.cuda)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # takes the group made above, if any
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if self.cuda else torch.device("cpu")

@@ -8,6 +8,7 @@ with exit 0; the robots' episodes are in replay and in the rounds' ``robot`` rec
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -59,6 +60,27 @@ def robot_host(gcs_address: str, robot_id: str):
     return Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
 
 
+def listening_beyond_loopback() -> list[str]:
+    """Every TCP socket listening beyond loopback in this test's process tree (the job, its Ray cluster, the robot's
+    node, the robots' processes): ``address:port pid name`` each. Sockets of processes outside the tree (the machine's
+    own) are not the run's."""
+    import psutil
+
+    tree = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    out = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid not in tree:
+            continue
+        ip = conn.laddr.ip.removeprefix("::ffff:")
+        if not ipaddress.ip_address(ip).is_loopback:
+            try:
+                name = " ".join(tree[conn.pid].cmdline())[:120]
+            except psutil.Error:
+                name = "?"
+            out.append(f"{conn.laddr.ip}:{conn.laddr.port} pid {conn.pid} {name}")
+    return out
+
+
 def wait_for_job(job: subprocess.Popen, run_dir: Path, lines: list[str], ready) -> dict:
     """The job's job.json once ``ready(its contents)``."""
     deadline = time.time() + 600
@@ -107,6 +129,9 @@ def test_robots_attach_to_a_running_job_play_into_its_replay_and_leave(tmp_path:
                                    "scripted", "--script", "8=success", "--episodes", "1", "--max-steps", "200"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         joined_out, _ = joined.communicate(timeout=400)
+        # Everything of a run on one machine listens on loopback (the README says so): the job's Ray cluster, its
+        # learner's rendezvous, the gateway, the robot's node, while rounds are played and a robot is attached.
+        beyond = listening_beyond_loopback()
         remote_out, _ = remote.communicate(timeout=400)
         assert job.poll() is None, "the job ended before the robots did: " + "".join(lines)[-3000:]
         node.kill_all_processes(check_alive=False, allow_graceful=True)  # the robot's host leaves the cluster too; the job goes on
@@ -121,6 +146,7 @@ def test_robots_attach_to_a_running_job_play_into_its_replay_and_leave(tmp_path:
         reader.join(timeout=30)
     log = "".join(lines)
     assert job.returncode == 0, log[-4000:]
+    assert not beyond, beyond
     assert joined.returncode == 0, joined_out[-4000:]
     assert remote.returncode == 0, remote_out[-4000:]
 
