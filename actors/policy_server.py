@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -170,6 +171,13 @@ class PolicyServer:
                 got = weights.latest(target.value, self.server.versions[target.value])
                 if got is not None:
                     self.server.set_weights(got[0].version, got[1], target.value)
+        with warnings.catch_warnings():  # the property reads Ray's deprecated actor_id (Ray 2.60 warns at every start)
+            warnings.simplefilter("ignore")
+            restarted = ray is not None and ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:  # Ray restarted it: say so in the job's log
+            staged = {t: v[0] for t, v in self.server._pending_weights.items()}
+            print(f"warning: a PolicyServer was restarted (its process died); it serves {dict(self.server.versions, **staged)} "
+                  "and its callers' requests are asked again", flush=True)
 
     async def _poll_weights(self) -> None:
         """Take every newly published version while nothing holds or leases the served ones."""

@@ -319,8 +319,15 @@ def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor, 
     jobs = [job for job in every if job.episode_id(cfg.name, round_) not in held]
     monitor.progress(f"round {round_}: collecting", 0, len(jobs))
     lost = LostEpisodes(f"round {round_}: collecting")
-    played = spread(services.runners, jobs, play, progress, lost, stop=stop,
-                    on_done=None if rates is None else lambda _, r: rates.add(env_steps=r.steps))
+
+    def done(_: Job, result: EpisodeResult) -> None:
+        if rates is not None:
+            rates.add(env_steps=result.steps)
+        if result.interrupted:  # its simulator died: the EnvRunner restarted it; the episode is no label
+            say(f"warning: round {round_}: collecting: an episode's simulator died ({result.error.strip()[:160]}); the EnvRunner "
+                "restarted it and the episode is counted as interrupted, not used")
+
+    played = spread(services.runners, jobs, play, progress, lost, stop=stop, on_done=done)
     results = [r for _, r in played]
     seconds = max(time.time() - start, 1e-9)
     ok = [r for r in results if not r.interrupted]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.env_runner import EnvRunner, RunnerConfig
@@ -131,15 +132,32 @@ class Services:
             self.replay.insert(TableName.DEMOS, episode)
         return True
 
+    def on_servers(self, method: str, *args: Any, servers: list[Any] | None = None) -> list[Any]:
+        """``method(*args)`` on every PolicyServer (or ``servers``), in order. A server that died is restarted by Ray
+        (it reloads its checkpoint and takes the newest published weights): the call waits for it, as its clients
+        do (``ServerPolicy.restart_wait_s``), so the job's loop never dies of a server's death."""
+        out = []
+        for server in self.servers if servers is None else servers:
+            deadline = time.monotonic() + ServerPolicy.restart_wait_s
+            while True:
+                try:
+                    out.append(ray.get(getattr(server, method).remote(*args)))
+                    break
+                except RayActorError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        return out
+
     def versions(self) -> dict[str, int | None]:
         """The weight versions the (first) PolicyServer serves now."""
-        return ray.get(self.servers[0].versions.remote())
+        return self.on_servers("versions", servers=self.servers[:1])[0]
 
     def wait_for(self, versions: dict[str, int], timeout_s: float = 120.0) -> None:
         """Block until every PolicyServer serves these versions (each takes them from the registry between batches)."""
         deadline = time.time() + timeout_s
         while True:
-            served = ray.get([s.versions.remote() for s in self.servers])
+            served = self.on_servers("versions")
             if all(v.get(target) == version for v in served for target, version in versions.items()):
                 return
             if time.time() > deadline:
@@ -149,11 +167,11 @@ class Services:
     def hold_weights(self, held: bool) -> None:
         """Every PolicyServer keeps the versions it serves now (``held``: an evaluation of them runs while the learner
         publishes on), or takes the newest published again."""
-        ray.get([s.hold_weights.remote(held) for s in self.servers])
+        self.on_servers("hold_weights", held)
 
     def seconds_per_batch(self) -> float:
         """Seconds per served batch, over all PolicyServers."""
-        stats = ray.get([s.stats.remote() for s in self.servers])
+        stats = self.on_servers("stats")
         return sum(s["busy_s"] for s in stats) / max(1, sum(s["batches"] for s in stats))
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ total priority for prioritized tables), refreshed from every reply. Rate limits 
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -41,6 +42,13 @@ class ReplayShard:
     def __init__(self, config: ReplayConfig, index: int) -> None:
         self.index = index
         self.store = open_store(config, Path(config.root) / f"shard-{index}", seed=index)
+        with warnings.catch_warnings():  # the property reads Ray's deprecated actor_id (Ray 2.60 warns at every start)
+            warnings.simplefilter("ignore")
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:  # Ray restarted it: say so in the job's log
+            kept = ", ".join(f"{n} {t}" for t, n in self.store.restored.items() if n) or "none"
+            print(f"warning: replay shard {index} was restarted (its process died); restored its acknowledged episodes from "
+                  f"{Path(config.root) / f'shard-{index}'} ({kept}); inserts and samples go on", flush=True)
 
     def insert(self, table: str, episode: Episode, priority: float | list[float], timeout: float | None) -> tuple[str, float]:
         return self.store.insert(table, episode, priority, timeout), self.store.weight(table)

@@ -1,0 +1,43 @@
+"""Fault drills in CI: ``bench/chaos.py`` against a running scaled-down main job, the drills no other test runs on a
+running job: kill -9 of its PolicyServer, of its replay shard and of its driver (then the same command again).
+
+The other drills of the bench (a simulator, an EnvRunner, a learner rank, SIGTERM, SIGINT, a full disk) run in
+tests/test_online.py and tests/test_env_runner.py on jobs of their own; ``python bench/chaos.py`` runs them all on one
+job and writes bench/results/chaos.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_a_job_keeps_every_acknowledged_episode_through_its_server_replay_and_driver_dying(tmp_path: Path) -> None:
+    out = tmp_path / "chaos.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--drills", "policy_server,replay_shard,driver",
+                           "--out", str(out), "--keep", str(tmp_path / "work"), "--timeout-s", "600"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    log = (tmp_path / "work" / "job.log").read_text() if (tmp_path / "work" / "job.log").exists() else ""
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    drills = {d["drill"]: d for d in report["drills"]}
+    assert list(drills) == ["policy_server", "replay_shard", "driver"]
+    for name, d in drills.items():
+        assert d["hit"] != "(never struck)" and d["recovered"], (name, d, log[-4000:])
+        assert d["acknowledged"] >= 2 and d["present_after"] == d["acknowledged"] and d["lost"] == 0, (name, d)  # the demos at least
+        assert d["recovery_s"] is not None and d["message"], (name, d)
+    assert "restart" in drills["policy_server"]["message"] or "died" in drills["policy_server"]["message"], drills["policy_server"]
+    assert "resuming" in drills["driver"]["message"], drills["driver"]
+    assert report["exit_codes"] == [-9, 0] and report["finished"], report
+    assert report["rounds_evaluated"] == list(range(report["rounds"] + 1)), report
+    assert report["listening_beyond_loopback"] == [] and report["left_behind"] == [], report
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
