@@ -145,7 +145,9 @@ def test_the_task_expert_lifts_the_cube_through_the_control_loop_and_the_envelop
     assert {c: v.shape for c, v in rec.images.items()} == {"primary": (t, 64, 64, 3), "wrist": (t, 64, 64, 3)}
     assert rec.proprio.shape == (t, 9) and rec.actions.shape == (t, 7) and rec.proposed.shape == (t, 7)
     assert envelope.stopped is None and rec.counters["clipped_steps"] == 0 and rec.counters["capped_steps"] == 0
-    assert rec.proprio[-1, 4] > rec.proprio[:, 4].min() + 0.02  # the end effector (eef.z) rose from its lowest point
+    # The end effector (eef.z) rose from its lowest point: by 2-3 cm on a quiet machine, less where a loaded one made the
+    # arm hold between late commands before the cube crossed the task's height (1.9 cm at a load of 27 on 2 cores).
+    assert rec.proprio[-1, 4] > rec.proprio[:, 4].min() + 0.01
     assert rec.actions[-1, 6] == 1.0 and rec.versions() == [{"policy": 0}]  # the gripper closed on the cube
     # 20 Hz: never faster (the schedule is drift-free); slower only when this shared machine cannot step, render
     # and run the loop within a period (physics and two cameras take about 20 ms of a core)
