@@ -4,8 +4,10 @@ Environments on CPUs send ``act`` (one chunk) and ``plan`` (best-of-N) requests;
 collects them for up to ``max_wait_ms`` or until ``max_batch`` have arrived, runs them as one
 batched query, and routes each reply back to its caller as an ``ActionChunk`` that names the
 weight versions that produced it. A malformed request
-fails alone: it is validated before it joins a batch. New weights are staged by ``set_weights``
-(or taken from a ``WeightSource`` by the actor) and swapped in between batches, never during one.
+fails alone: it is validated (observation and seed) before it joins a batch. New weights are staged by ``set_weights``
+(or taken from a ``WeightSource`` by the actor) and swapped in between batches, never during one. Damaged weights
+are refused whole and the models go on serving the versions they have: ``set_weights`` refuses wrong names, shapes
+and dtypes at once, and the swap refuses non-finite values (counted on the model's device) before copying anything.
 
 ``BatchingServer`` is plain asyncio (it runs without Ray, e.g. on the GPU machine);
 ``PolicyServer`` is the Ray actor around it; ``actors.policies.ServerPolicy`` is its client.
@@ -14,6 +16,7 @@ fails alone: it is validated before it joins a batch. New weights are staged by 
 from __future__ import annotations
 
 import asyncio
+import numbers
 import os
 import time
 import warnings
@@ -29,7 +32,7 @@ import torch
 from actors.config import ServerConfig
 from actors.policies import PolicySpec
 from cosmos_policy.contracts import ActionChunk, Observation, Target, WeightSource
-from cosmos_policy.errors import ConfigError
+from cosmos_policy.errors import CheckpointError, ConfigError, InputError
 from cosmos_policy.planner import Planner
 from cosmos_policy.policy import CosmosPolicy
 
@@ -52,7 +55,8 @@ class BatchingServer:
         self._queues: dict[str, asyncio.Queue[_Request]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._lock: asyncio.Lock | None = None
-        self.stats = {"requests": 0, "batches": 0, "act_batches": 0, "plan_batches": 0, "busy_s": 0.0}
+        self.stats = {"requests": 0, "batches": 0, "act_batches": 0, "plan_batches": 0, "busy_s": 0.0, "refused_weights": 0}
+        self.refused: list[str] = []  # why staged weight versions were refused at the swap (the latest few)
 
     @property
     def versions(self) -> dict[str, int | None]:
@@ -68,18 +72,26 @@ class BatchingServer:
         return await self._submit("plan", observation, 0 if seed is None else seed)
 
     def set_weights(self, version: int, state_dict: dict[str, torch.Tensor], target: str = "policy") -> None:
-        """Stage network weights for ``target`` ('policy' or 'planning'); applied before the next batch."""
+        """Stage network weights for ``target`` ('policy' or 'planning'); applied before the next batch.
+
+        Names, shapes, dtypes and the version are checked here (``CheckpointError`` naming the tensor, nothing
+        staged): a payload that cannot load is refused to its sender instead of failing a later batch. The values
+        are checked for NaN and inf at the swap (a pass over them: not on the event loop).
+        """
         if target not in ("policy", "planning") or (target == "planning" and self.planner is None):
             raise ConfigError(f"set_weights: unknown or absent target {target!r}")
-        self._pending_weights[target] = (int(version), state_dict)
+        model = self.policy if target == "policy" else self.planner
+        number = model.check_weights(state_dict, version, finite=False)  # type: ignore[union-attr]
+        self._pending_weights[target] = (number, state_dict)
 
     async def _submit(self, kind: str, observation: Observation, seed: int) -> ActionChunk:
         self.policy.validate(observation)  # a bad request fails alone, before it can spoil a batch
+        seed = _seed(seed)
         loop = asyncio.get_running_loop()
         if kind not in self._queues:
             self._queues[kind] = asyncio.Queue()
             self._workers[kind] = loop.create_task(self._serve(kind))
-        request = _Request(observation, int(seed), loop.create_future())
+        request = _Request(observation, seed, loop.create_future())
         self.stats["requests"] += 1
         await self._queues[kind].put(request)
         return await request.future
@@ -119,14 +131,17 @@ class BatchingServer:
         """Swap staged weights in now if no batch is running (else the next batch does it first).
 
         Without this an idle server would report its old version until a request arrived; the
-        lock keeps the swap between batches, never inside one.
+        lock keeps the swap between batches, never inside one. A version refused at the swap raises
+        its ``CheckpointError`` here, after the models were left serving the versions they had.
         """
         if not self._pending_weights:
             return
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(None, self._apply_weights)
+            refused = await asyncio.get_running_loop().run_in_executor(None, self._apply_weights)
+        if refused:
+            raise refused[0]
 
     def _run(self, kind: str, batch: list[_Request]) -> list[ActionChunk]:
         self._apply_weights()
@@ -137,10 +152,32 @@ class BatchingServer:
             return self.policy.predict(observations, seeds)
         return self.planner.plan_batch(observations, seeds)  # type: ignore[union-attr]
 
-    def _apply_weights(self) -> None:
-        for target, (version, state) in list(self._pending_weights.items()):
-            (self.policy if target == "policy" else self.planner).load_weights(state, version)  # type: ignore[union-attr]
-            del self._pending_weights[target]
+    def _apply_weights(self) -> list[CheckpointError]:
+        """Load the staged versions; returns the refusals (the models keep their versions, the batch runs on them).
+
+        A staged version leaves the queue before it loads, so one that cannot load is tried once: left staged, it
+        would fail every batch after it, and no request would be served again.
+        """
+        refused = []
+        for target in list(self._pending_weights):
+            version, state = self._pending_weights.pop(target)
+            try:
+                (self.policy if target == "policy" else self.planner).load_weights(state, version)  # type: ignore[union-attr]
+            except CheckpointError as exc:  # checked whole before any tensor was copied: the old version serves on
+                self.stats["refused_weights"] += 1
+                self.refused = (self.refused + [str(exc)])[-8:]
+                print(f"policy server: refused {target} weights: {exc}", flush=True)
+                refused.append(exc)
+        return refused
+
+
+def _seed(seed: object) -> int:
+    """A request's sampling seed, or ``InputError``: an int in [0, 2**63) (numpy's too, never a bool). The
+    planner derives its candidates' seeds by adding to it, and a seed torch's generator cannot take would fail
+    the whole batch it joined; ``int()`` would take 2.5 as 2 and "7" as 7."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise InputError(f"seed: expected an int in [0, 2**63), got {type(seed).__name__} {seed!r}")
+    return int(seed)
 
 
 class PolicyServer:
@@ -166,11 +203,17 @@ class PolicyServer:
         self._leases: dict[str, float] = {}  # holder -> when its episode began (time.monotonic)
         # Restarted by Ray after a crash (max_restarts), the server is built from its first checkpoint again: the
         # newest published weights go in before its first batch, so no request is served with older ones.
+        # A published version refused here (checksum, shapes...) leaves it on its checkpoint's: raising would make Ray
+        # restart it into the same refusal, forever.
+        self._refusal: dict[str, str] = {}  # target -> why its newest published version was last refused
         if weights is not None:
             for target in [Target.POLICY] + ([Target.PLANNING] if planner is not None else []):
-                got = weights.latest(target.value, self.server.versions[target.value])
-                if got is not None:
-                    self.server.set_weights(got[0].version, got[1], target.value)
+                try:
+                    got = weights.latest(target.value, self.server.versions[target.value])
+                    if got is not None:
+                        self.server.set_weights(got[0].version, got[1], target.value)
+                except CheckpointError as exc:
+                    self._refused(target.value, exc)
         with warnings.catch_warnings():  # the property reads Ray's deprecated actor_id (Ray 2.60 warns at every start)
             warnings.simplefilter("ignore")
             restarted = ray is not None and ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
@@ -194,11 +237,24 @@ class PolicyServer:
         for target in [Target.POLICY] + ([Target.PLANNING] if self.server.planner is not None else []):
             staged = self.server._pending_weights.get(target.value)
             current = staged[0] if staged else self.server.versions[target.value]
-            got = await loop.run_in_executor(None, self.weights.latest, target.value, current)
-            if got is not None:
-                record, state = got
-                self.server.set_weights(record.version, state, target.value)
-                await self.server.apply_pending()
+            try:
+                got = await loop.run_in_executor(None, self.weights.latest, target.value, current)
+                if got is not None:
+                    record, state = got
+                    self.server.set_weights(record.version, state, target.value)
+                    await self.server.apply_pending()
+            except CheckpointError as exc:  # a damaged version: serve on with the one we have, take the next one published
+                self._refused(target.value, exc)
+
+    def _refused(self, target: str, exc: CheckpointError) -> None:
+        """Note a refused published version (printed once per reason, not on every poll that finds it again).
+
+        The poller goes on: raised out of it, the refusal would end the polling task, and the server would never
+        take another version."""
+        if self._refusal.get(target) != str(exc):
+            print(f"policy server: refused the published {target} weights, serving version "
+                  f"{self.server.versions[target]} on: {exc}", flush=True)
+        self._refusal[target] = str(exc)
 
     def _leased(self) -> bool:
         """Whether a robot's episode holds the served versions now (a lease past ``lease_max_s`` is let go: a robot that

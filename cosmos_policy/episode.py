@@ -6,14 +6,17 @@ instruction), how it went (success, score), how to reproduce it (seed, initial s
 weights acted (policy and planning-model versions), what the planner saw at each query
 (candidate values, the chosen candidate), wall-clock timestamps, and where it came from.
 
-Validation happens on construction, so a malformed episode never reaches replay or the learner;
-errors name the field and what was expected.
+Validation happens on construction, and again where an episode enters replay (``Episode.validate``:
+an episode is a mutable dataclass, and a field set after construction must not reach replay's files
+unchecked), so a malformed episode never reaches replay or the learner; errors name the field and
+what was expected.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import numbers
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -170,17 +173,38 @@ class Episode:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (and bring arrays to their dtypes), raising ``InputError`` naming the field.
+
+        Idempotent: construction runs it, and replay runs it again at insert, for fields changed since.
+        """
         self.source = _enum(Source, self.source, "source")
         if not isinstance(self.success, (bool, np.bool_)):
             raise InputError(f"success: expected a bool, got {type(self.success).__name__}")
         self.success = bool(self.success)
         if self.score is None:
             self.score = 1.0 if self.success else 0.0
+        if isinstance(self.score, bool) or not isinstance(self.score, numbers.Real):
+            raise InputError(f"score: expected a number in [0, 1], got {type(self.score).__name__}")
         self.score = float(self.score)
         if not math.isfinite(self.score):
             raise InputError(f"score: expected a finite number, got {self.score}")
         if not isinstance(self.instruction, str):
             raise InputError(f"instruction: expected a string, got {type(self.instruction).__name__}")
+        if not isinstance(self.task, str):
+            raise InputError(f"task: expected a string, got {type(self.task).__name__}")
+        for name in ("seed", "policy_version", "planning_version"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise InputError(f"{name}: expected an int or None, got {type(value).__name__} {value!r}")
+        if not isinstance(self.interrupted, (bool, np.bool_)):
+            raise InputError(f"interrupted: expected a bool, got {type(self.interrupted).__name__}")
+        if not isinstance(self.episode_id, str) or not self.episode_id:
+            raise InputError(f"episode_id: expected a non-empty string, got {self.episode_id!r}")
+        if not isinstance(self.metadata, dict):
+            raise InputError(f"metadata: expected a dict, got {type(self.metadata).__name__}")
         self.proprio = _matrix(self.proprio, "proprio")
         self.actions = _matrix(self.actions, "actions")
         steps = len(self.actions)
@@ -188,8 +212,8 @@ class Episode:
             raise InputError("actions: an episode needs at least one step")
         if len(self.proprio) != steps:
             raise InputError(f"proprio: expected {steps} steps (as many as actions), got {len(self.proprio)}")
-        if not self.images:
-            raise InputError("images: an episode needs at least one camera")
+        if not isinstance(self.images, dict) or not self.images:
+            raise InputError(f"images: an episode needs at least one camera (a dict camera -> ImageSequence), got {self.images!r:.80}")
         for name, seq in self.images.items():
             if not isinstance(name, str) or not name:
                 raise InputError(f"images: camera names must be non-empty strings, got {name!r}")
@@ -198,11 +222,13 @@ class Episode:
             if len(seq) != steps:
                 raise InputError(f"images[{name!r}]: expected {steps} frames (as many as actions), got {len(seq)}")
         if self.timestamps is not None:
-            self.timestamps = np.asarray(self.timestamps, dtype=np.float64).reshape(-1)
+            self.timestamps = _numbers(self.timestamps, "timestamps").reshape(-1)
             if len(self.timestamps) != steps:
                 raise InputError(f"timestamps: expected {steps} values, got {len(self.timestamps)}")
         if self.initial_state is not None:
-            self.initial_state = np.asarray(self.initial_state, dtype=np.float64)
+            self.initial_state = _numbers(self.initial_state, "initial_state")
+        if not isinstance(self.planner, list):
+            raise InputError(f"planner: expected a list of PlannerQuery, got {type(self.planner).__name__}")
         for q in self.planner:
             if not isinstance(q, PlannerQuery):
                 raise InputError(f"planner: expected PlannerQuery entries, got {type(q).__name__}")
@@ -278,24 +304,48 @@ class EpisodeRecorder:
         self.actions: list[np.ndarray] = []
         self.timestamps: list[float] = []
         self.planner: list[PlannerQuery] = []
+        self._sizes: dict[str, tuple[int, ...]] = {}  # camera -> (height, width) of its first frame
 
     @property
     def steps(self) -> int:
         return len(self.actions)
 
     def add(self, images: dict[str, np.ndarray], proprio: np.ndarray, action: np.ndarray, timestamp: float | None = None) -> None:
-        """One step: the observation's frames (where rendered), proprio, and the action executed after it."""
-        unknown = sorted(set(images) - set(self.cameras))
+        """One step: the observation's frames (where rendered), proprio, and the action executed after it.
+
+        A step that does not fit the steps before it (other proprio or action dims, another frame size) is
+        refused here, naming the field, and not recorded: caught only when the episode is built, it would be
+        a bare numpy error about stacking, with the whole episode lost.
+        """
+        if not isinstance(images, dict):
+            raise InputError(f"images: expected a dict camera -> uint8 (height, width, 3) frame, got {type(images).__name__}")
+        unknown = sorted(map(str, set(images) - set(self.cameras)))
         if unknown:
             raise InputError(f"images: cameras {unknown} are not the episode's {list(self.cameras)}")
+        step = len(self.actions)
         for cam in self.cameras:
             img = images.get(cam)
-            if img is not None and (not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3):
-                raise InputError(f"images[{cam!r}]: expected uint8 (height, width, 3)")
+            if img is None:
+                continue
+            if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
+                got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+                raise InputError(f"images[{cam!r}]: expected uint8 (height, width, 3) with height, width >= 1, got {got}")
+            size = self._sizes.setdefault(cam, img.shape[:2])
+            if img.shape[:2] != size:
+                raise InputError(f"images[{cam!r}]: step {step} is {img.shape[:2]}, earlier frames are {size}")
+        p, a = _numbers(proprio, "proprio", np.float32), _numbers(action, "action", np.float32)
+        for name, arr, earlier in (("proprio", p, self.proprio), ("action", a, self.actions)):
+            want = earlier[0].shape if earlier else None
+            if arr.ndim != 1 or (want is not None and arr.shape != want):
+                raise InputError(f"{name}: expected shape {want or '(dims,)'} at step {step} (as at step 0), got {arr.shape}")
+        if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real)):
+            raise InputError(f"timestamp: expected seconds since the epoch, got {type(timestamp).__name__}")
+        for cam in self.cameras:
+            img = images.get(cam)
             self.jpegs[cam].append(encode_jpeg(img) if img is not None else b"")
-        self.proprio.append(np.asarray(proprio, dtype=np.float32))
-        self.actions.append(np.asarray(action, dtype=np.float32))
-        self.timestamps.append(time.time() if timestamp is None else timestamp)
+        self.proprio.append(p)
+        self.actions.append(a)
+        self.timestamps.append(time.time() if timestamp is None else float(timestamp))
 
     def episode(self, **fields: Any) -> Episode | None:
         """The episode so far (None before its first step), with the given per-episode fields."""
@@ -357,11 +407,20 @@ def action_chunk(actions: np.ndarray, t: int, chunk: int) -> np.ndarray:
     return window
 
 
-def _matrix(x: Any, name: str) -> np.ndarray:
+def _numbers(x: Any, name: str, dtype: type = np.float64) -> np.ndarray:
+    """``x`` as an array of ``dtype``, or ``InputError`` naming ``name``: real numbers only (a cast would drop the
+    imaginary part of complex values with a warning, and strings or objects fail inside numpy)."""
     try:
-        arr = np.asarray(x, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name}: expected a (steps, dims) array of numbers ({exc})") from exc
+        raw = np.asarray(x)
+    except (TypeError, ValueError) as exc:  # e.g. a ragged list
+        raise InputError(f"{name}: expected an array of numbers ({exc})") from None
+    if raw.dtype.kind not in "biuf":
+        raise InputError(f"{name}: expected real numbers, got dtype {raw.dtype}")
+    return raw.astype(dtype, copy=False)
+
+
+def _matrix(x: Any, name: str) -> np.ndarray:
+    arr = _numbers(x, name, np.float32)
     if arr.ndim != 2:
         raise InputError(f"{name}: expected shape (steps, dims), got {arr.shape}")
     if not np.all(np.isfinite(arr)):

@@ -19,7 +19,7 @@ current-state frames and one more action, future and value round is predicted.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from cosmos_policy.config import AGGREGATIONS, PlannerConfig
 from cosmos_policy.contracts import ActionChunk, Observation
 from cosmos_policy.episode import PlannerQuery
 from cosmos_policy.policy import CosmosPolicy
+from cosmos_policy.weights import check_state, version_number
 
 
 
@@ -77,10 +78,20 @@ class Planner:
         self.forward_rows = 0  # network evaluations x rows, for cost accounting
         self.version: int | None = None  # the planning model's weight version
 
+    def check_weights(self, state: dict[str, torch.Tensor], version: Any, finite: bool = True) -> int:
+        """``CosmosPolicy.check_weights`` for the planning model's network; returns the version as an int."""
+        where = f"planning weights (version {version!r})"
+        number = version_number(version, where)
+        check_state(state, self.planning.denoiser.net.state_dict(), where, finite)
+        return number
+
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """A published version of the planning model's network (the policy's own loads through ``policy``)."""
+        """A published version of the planning model's network (the policy's own loads through ``policy``).
+
+        Checked whole first: a refused version raises ``CheckpointError`` and leaves the model as it was."""
+        number = self.check_weights(state, version)
         self.planning.denoiser.net.load_state_dict(state)
-        self.version = int(version)
+        self.version = number
 
     def reset(self) -> None:
         self.policy.reset()

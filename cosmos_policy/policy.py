@@ -35,6 +35,7 @@ from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.layout import SampleKind
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch, Prediction
 from cosmos_policy.text import TextEmbeddingCache, TextEncoder
+from cosmos_policy.weights import check_state, version_number
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -78,10 +79,24 @@ class CosmosPolicy:
         self.queries = 0
         self.version: int | None = None  # the weight version in the model (the checkpoint's, then each one loaded)
 
+    def check_weights(self, state: dict[str, torch.Tensor], version: Any, finite: bool = True) -> int:
+        """Raise ``CheckpointError`` (naming the tensor) unless ``state`` can replace the network's weights whole
+        (``cosmos_policy.weights.check_state``); returns the version as an int. ``finite=False`` checks only names,
+        shapes and dtypes (no pass over the values: what a caller can afford on an event loop)."""
+        where = f"policy weights (version {version!r})"
+        number = version_number(version, where)
+        check_state(state, self.model.denoiser.net.state_dict(), where, finite)
+        return number
+
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """A published version of the network's weights (``load_state_dict`` copies them)."""
+        """A published version of the network's weights (``load_state_dict`` copies them).
+
+        Checked whole first (``check_weights``): a refused version raises ``CheckpointError`` and leaves the model
+        and its version as they were, instead of half-loaded under the old version number.
+        """
+        number = self.check_weights(state, version)
         self.model.denoiser.net.load_state_dict(state)
-        self.version = int(version)
+        self.version = number
 
     @property
     def execute(self) -> int:
@@ -89,24 +104,43 @@ class CosmosPolicy:
 
     # ---- inputs --------------------------------------------------------------------------
     def validate(self, obs: Observation) -> None:
+        """Raise ``InputError`` naming the field unless ``obs`` can join a batch.
+
+        Everything a batch would otherwise trip over later is checked here, where it costs one request and
+        not the whole batch (the policy server validates each request before it joins one): empty images
+        (the JPEG round trip cannot encode them), proprio that is not real numbers, and an instruction this
+        policy cannot embed (not cached, and no text encoder to fill the cache).
+        """
         layout = self.model.layout
         if not isinstance(obs, Observation):
             raise InputError(f"observation: expected an Observation, got {type(obs).__name__}")
+        if not isinstance(obs.images, dict):
+            raise InputError(f"observation.images: expected a dict camera -> uint8 (height, width, 3) image, got {type(obs.images).__name__}")
         for cam in layout.cameras:
             if cam not in obs.images:
-                raise InputError(f"observation.images: missing camera {cam!r} (layout {layout.name!r} needs {list(layout.cameras)})")
+                raise InputError(f"observation.images: missing camera {cam!r} (layout {layout.name!r} needs {list(layout.cameras)}, "
+                                 f"got {sorted(map(str, obs.images))})")
             img = obs.images[cam]
-            if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
                 got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-                raise InputError(f"observation.images[{cam!r}]: expected uint8 (height, width, 3), got {got}")
+                raise InputError(f"observation.images[{cam!r}]: expected uint8 (height, width, 3) with height, width >= 1, got {got}")
         if layout.has_proprio:
-            p = np.asarray(obs.proprio)
+            try:
+                p = np.asarray(obs.proprio)
+            except (TypeError, ValueError) as exc:  # e.g. a ragged list
+                raise InputError(f"observation.proprio: expected ({layout.proprio_dim},) real numbers, got {type(obs.proprio).__name__} ({exc})") from None
             if p.shape != (layout.proprio_dim,):
                 raise InputError(f"observation.proprio: expected shape ({layout.proprio_dim},), got {p.shape}")
+            if p.dtype.kind not in "biuf":
+                raise InputError(f"observation.proprio: expected real numbers, got dtype {p.dtype}")
             if not np.all(np.isfinite(p)):
                 raise InputError(f"observation.proprio: non-finite values at dims {np.flatnonzero(~np.isfinite(p)).tolist()}")
         if not isinstance(obs.instruction, str) or not obs.instruction:
-            raise InputError("observation.instruction: expected a non-empty string")
+            got = type(obs.instruction).__name__ if not isinstance(obs.instruction, str) else "an empty string"
+            raise InputError(f"observation.instruction: expected a non-empty string, got {got}")
+        if self.text_encoder is None and obs.instruction not in self.text:
+            raise InputError(f"observation.instruction: {obs.instruction[:80]!r} is not in the text-embedding cache and this policy "
+                             "has no text encoder to add it")
 
     def prepare_image(self, image: np.ndarray) -> torch.Tensor:
         """The test-time transforms that match training: JPEG q95, centre crop, resize."""

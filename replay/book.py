@@ -17,6 +17,7 @@ counts the items it handed out; Reverb counts every draw, the discarded ones inc
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,9 +109,24 @@ class Book:
 
     # ---- validation --------------------------------------------------------------------
     def check_signature(self, episode: Episode) -> None:
+        """Raise ``InputError`` (``SignatureError`` for the table's own rules) unless ``episode`` may enter the table.
+
+        The episode's own fields are checked again first (``Episode.validate``: a field set after construction is
+        caught here, before anything is written), then what its file needs: an id that is a plain file name (it
+        names ``<table>/<id>.hdf5``; a path separator or a leading dot would write elsewhere or be swept away as a
+        temporary file) and metadata that JSON can write.
+        """
         sig, name = self.config.signature, self.config.name
         if not isinstance(episode, Episode):
             raise SignatureError(f"table {name!r}: expected an Episode, got {type(episode).__name__}")
+        episode.validate()
+        eid = episode.episode_id
+        if any(c in eid for c in "/\\\0") or eid.startswith("."):
+            raise InputError(f"episode_id: expected a plain file name (no path separator, NUL or leading dot), got {eid!r}")
+        try:
+            json.dumps(episode.metadata)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"metadata: expected values JSON can write (the episode file keeps them as JSON): {exc}") from None
         if sig.cameras and sorted(episode.cameras) != sorted(sig.cameras):
             raise SignatureError(f"table {name!r}: episode cameras {sorted(episode.cameras)} do not match the signature {sorted(sig.cameras)}")
         if sig.proprio_dim is not None and episode.proprio.shape[1] != sig.proprio_dim:
@@ -119,6 +135,8 @@ class Book:
             raise SignatureError(f"table {name!r}: actions have {episode.actions.shape[1]} dims, the signature says {sig.action_dim}")
         if sig.image_shape is not None:
             for cam, seq in episode.images.items():
+                if not seq.present.any():  # no frame to read a size from: say which camera, not "images: no frame"
+                    raise SignatureError(f"table {name!r}: camera {cam!r} has no frame at any step")
                 if list(seq.shape) != list(sig.image_shape):
                     raise SignatureError(f"table {name!r}: camera {cam!r} frames are {list(seq.shape)}, the signature says {list(sig.image_shape)}")
         items = len(episode.sample_steps(self.config.window))
@@ -130,12 +148,20 @@ class Book:
             raise SignatureError(f"table {name!r}: episode {episode.episode_id} is already in the table")
 
     def item_priorities(self, episode: Episode, priority: float | list[float] | np.ndarray, steps: np.ndarray) -> np.ndarray:
-        """One priority per item: ``priority`` is one value, or one per episode step (steps that are not items are ignored)."""
-        given = np.asarray(priority, dtype=np.float64)
+        """One priority per item: ``priority`` is one value, one per episode step (steps that are not items are ignored),
+        or one per item (as a checkpoint keeps them); anything else is an ``InputError``, not a numpy broadcasting error."""
+        where = f"table {self.config.name!r}: priority"
+        try:
+            given = np.asarray(priority, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: expected a number or one per step, got {type(priority).__name__}") from None
         per_step = given.ndim == 1 and len(given) == episode.num_steps
+        if not per_step and not (given.ndim == 0 or (given.ndim == 1 and len(given) in (1, len(steps)))):
+            raise InputError(f"{where}: expected one value, {episode.num_steps} (one per step) or {len(steps)} (one per item), "
+                             f"got shape {given.shape}")
         pr = (given[steps] if per_step else np.broadcast_to(given, (len(steps),))).copy()
         if np.any(pr < 0) or not np.all(np.isfinite(pr)):
-            raise InputError(f"table {self.config.name!r}: priorities must be finite and >= 0")
+            raise InputError(f"{where}: expected finite values >= 0")
         return pr
 
     def weights(self, priorities: np.ndarray) -> np.ndarray:

@@ -42,6 +42,8 @@ class ReplayStore:
         self.restore()
 
     def table(self, name: str) -> Table:
+        if not isinstance(name, str):
+            raise ConfigError(f"replay: table: expected a table name (str) of {sorted(self.tables)}, got {type(name).__name__}")
         if name not in self.tables:
             raise ConfigError(f"replay: no table {name!r}; tables are {sorted(self.tables)}")
         return self.tables[name]
@@ -50,11 +52,13 @@ class ReplayStore:
     def insert(self, table: str, episode: Episode, priority: float | list[float] = 1.0, timeout: float | None = None) -> str:
         """Store ``episode`` durably in ``table``; returns its id once acknowledged.
 
-        ``priority`` is one value for every step or one per step (prioritized tables).
+        ``priority`` is one value for every step or one per step (prioritized tables). The episode and the
+        priorities are checked before its file is written: a refused insert leaves no file and no item behind.
         """
         tbl = self.table(table)
         try:
             tbl.check_signature(episode)
+            tbl.item_priorities(episode, priority, episode.sample_steps(tbl.config.window))
         except Exception:
             tbl.counters.add("rejected", 1)
             raise

@@ -96,7 +96,7 @@ def test_autoregressive_mode_and_future_images(tiny_model, stats, text):
         (lambda o: o.images.__setitem__("primary", np.zeros((256, 256, 3), np.float32)), r"observation.images\['primary'\]: expected uint8"),
         (lambda o: o.proprio.__setitem__(2, np.nan), r"observation.proprio: non-finite values at dims \[2\]"),
         (lambda o: setattr(o, "proprio", np.zeros(8)), r"observation.proprio: expected shape \(9,\), got \(8,\)"),
-        (lambda o: setattr(o, "instruction", "dance"), r"instructions not in the text-embedding cache: \['dance'\]"),
+        (lambda o: setattr(o, "instruction", "dance"), r"observation.instruction: 'dance' is not in the text-embedding cache and this policy has no text encoder"),
     ],
 )
 def test_malformed_observations_are_clear_errors(policy, mutate, message):
