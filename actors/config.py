@@ -27,5 +27,7 @@ class ServerConfig:
             raise ConfigError(f"server.max_batch: expected >= 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"server.max_wait_ms: expected >= 0, got {self.max_wait_ms}")
+        if not self.poll_weights_s >= 0:
+            raise ConfigError(f"server.poll_weights_s: expected seconds >= 0 (0: never), got {self.poll_weights_s}")
         if not self.lease_max_s >= 0:
             raise ConfigError(f"server.lease_max_s: expected seconds >= 0, got {self.lease_max_s}")

@@ -18,6 +18,7 @@ local diffusers-format directory.
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import hashlib
 import json
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -119,23 +122,46 @@ def load_checkpoint(
         if verify and _sha256(path / name) != digest:
             raise CheckpointError(f"{path / name}: checksum mismatch, the file is corrupt or was modified after saving")
 
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
-        config = model_config_from_dict(data["model"], source=f"{path / 'config.yaml'}:model")  # type: ignore[index]
-        layout = layout_from_dict(data["layout"])  # type: ignore[index]
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path / 'config.yaml'}: invalid ({exc})") from exc
+    config, layout = _read_config(path / "config.yaml")
     if expected_layout is not None and layout != expected_layout:
         raise CheckpointError(f"{path}: checkpoint layout {layout.name!r} differs from the expected layout {expected_layout.name!r}")
 
     with torch.device("meta"):
         model = CosmosPolicyModel(config, layout)
-    _load_weights(model.denoiser.net, _read_safetensors(path / DENOISER_FILE), path / DENOISER_FILE)
-    _load_weights(model.tokenizer.vae, _read_safetensors(path / VAE_FILE), path / VAE_FILE)
-    model = _materialize(model, device, dtype)
-    stats = _load_stats(path / STATS_FILE) if STATS_FILE in files else None
+    _load_weights(model.denoiser.net, _read_safetensors(path / DENOISER_FILE), path / DENOISER_FILE, one_dtype=True)
+    _load_weights(model.tokenizer.vae, _read_safetensors(path / VAE_FILE), path / VAE_FILE, one_dtype=True)
+    stats = _load_stats(path / STATS_FILE, layout) if STATS_FILE in files else None
     text = TextEmbeddingCache.load(path / TEXT_FILE) if TEXT_FILE in files else None
+    if text is not None and text.shape is not None and text.shape != (config.text.max_length, config.text.embed_dim):
+        # The network cross-attends to (max_length, embed_dim) embeddings: others fail at the first query, far from here.
+        first = text.instructions()[0]
+        raise CheckpointError(f"{path / TEXT_FILE}: key {first!r}: expected shape {(config.text.max_length, config.text.embed_dim)} "
+                              f"(the model config's text max_length, embed_dim), got {text.shape}")
+    model = _materialize(model, device, dtype)
     return LoadedCheckpoint(model=model, stats=stats, text=text, metadata=manifest.get("metadata", {}))
+
+
+def _read_config(path: Path) -> tuple[ModelConfig, LatentLayout]:
+    """A checkpoint's config.yaml: the model config and the layout; errors name the file and the key.
+
+    A file that is not YAML, or whose sections are missing or of the wrong type, is a
+    ``CheckpointError`` here rather than a YAML parser's or a KeyError's traceback."""
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a mapping with keys 'model' and 'layout', got {type(data).__name__}")
+    for key in ("model", "layout"):
+        if not isinstance(data.get(key), dict):
+            what = "missing" if key not in data else f"expected a mapping, got {data[key]!r}"
+            raise CheckpointError(f"{path}: key '{key}': {what}")
+    try:
+        config = model_config_from_dict(data["model"], source=str(path))
+        layout = layout_from_dict(data["layout"])
+    except ConfigError as exc:
+        raise CheckpointError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    return config, layout
 
 
 # ---- NVIDIA files ----------------------------------------------------------------------
@@ -299,12 +325,29 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({exc})") from exc
 
 
-def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Strict load with a readable report of missing, unexpected and mis-shaped tensors."""
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str, one_dtype: bool = False) -> None:
+    """Strict load with a readable report of missing, unexpected, mis-shaped and mis-typed tensors.
+
+    Dtypes: an integer or bool tensor where the model holds floats (or the reverse) would fail
+    inside torch's ``load_state_dict`` with its own traceback. With ``one_dtype`` (our format,
+    where a file is one module's state in one precision) a floating tensor whose dtype differs
+    from the file's other floating tensors is refused too: it would load, and the module would
+    then run in mixed precision and fail (or silently differ) at its first forward pass.
+    """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected if k in state and state[k].shape != expected[k].shape]
+    shared = [k for k in expected if k in state]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shared if state[k].shape != expected[k].shape]
+    floats = collections.Counter(state[k].dtype for k in shared if state[k].is_floating_point())
+    common = floats.most_common(1)[0][0] if floats else None
+    dtypes = []
+    for k in shared:
+        theirs, ours = state[k].dtype, expected[k].dtype
+        if theirs.is_floating_point != ours.is_floating_point or (not ours.is_floating_point and theirs != ours):
+            dtypes.append(f"{k}: file {theirs} vs model {ours}")
+        elif one_dtype and ours.is_floating_point and theirs != common:
+            dtypes.append(f"{k}: file {theirs} vs {common} (the file's other weights)")
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
@@ -312,6 +355,8 @@ def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: Pat
         problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     if shapes:
         problems.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
+    if dtypes:
+        problems.append(f"{len(dtypes)} with other dtypes (e.g. {dtypes[:3]})")
     if problems:
         raise CheckpointError(f"{source}: weights do not match the model config: " + "; ".join(problems))
     module.load_state_dict(state, strict=True, assign=True)
@@ -328,11 +373,20 @@ def _materialize(model: CosmosPolicyModel, device: torch.device | str, dtype: to
     return model.eval()
 
 
-def _load_stats(path: Path) -> NormalizationStats:
+def _load_stats(path: Path, layout: LatentLayout | None = None) -> NormalizationStats:
+    """The statistics file; with ``layout``, its vectors must have the layout's action and proprio sizes (statistics of
+    another robot would load, and then normalize every action and proprio state wrongly or fail at the first query)."""
     try:
-        return NormalizationStats.load(path)
+        stats = NormalizationStats.load(path)
     except StatisticsError as exc:
         raise CheckpointError(str(exc)) from exc
+    if layout is not None:
+        sizes = [("actions", "action_dim", stats.action_dim, layout.action_dim)]
+        sizes += [("proprio", "proprio_dim", stats.proprio_dim, layout.proprio_dim)] if layout.has_proprio else []
+        for group, field_name, have, want in sizes:
+            if have != want:
+                raise CheckpointError(f"{path}: key '{group}_min': expected {want} values (the layout's {field_name}), got {have}")
+    return stats
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,7 +11,11 @@ typo in a config fails at load time with the field's name instead of deep inside
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,18 +199,110 @@ def resolve_config_path(group: str, name_or_path: str | Path) -> Path:
     return path
 
 
+# ---- values checked against a schema's field types, before OmegaConf merges them -------------
+_TRUE, _FALSE = ("true", "yes", "y", "on"), ("false", "no", "n", "off")  # the words OmegaConf reads as a bool
+
+
+def check_field_types(source: str, values: dict[Any, Any], cls: type, prefix: str = "") -> None:
+    """Each value of ``values`` (plain data for the dataclass ``cls``) against the type of its field.
+
+    OmegaConf converts what it can, so a wrong type would pass unnoticed: a bool field takes
+    ``-3`` (as true), a string field ``true`` (as "True"), a float field ``nan``; and a list given
+    where a mapping belongs (or a mapping for a list) fails inside its merge with a TypeError, or
+    a "Merge error", that names no key. Each is a ``ConfigError`` here naming ``source``, the
+    dotted key (``prefix`` + the field path) and what was expected. Unknown keys are left to
+    the merge, whose message suggests the key meant.
+    """
+    types_ = _field_types(cls)
+    for key, value in values.items():
+        if key in types_:
+            _check_value(source, f"{prefix}{key}", value, types_[key])
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(source: str, key: str, value: Any, tp: Any) -> None:
+    if isinstance(value, str) and "${" in value:
+        return  # an interpolation: OmegaConf resolves and checks it
+    args = typing.get_args(tp)
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        optional = len(kinds) < len(args)
+        tp = kinds[0] if len(kinds) == 1 else Any
+        args = typing.get_args(tp)
+    if tp is Any or (value is None and optional):
+        return
+    origin = typing.get_origin(tp)
+    expected = None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            expected = f"a mapping of {tp.__name__}'s fields"
+        else:
+            check_field_types(source, value, tp, f"{key}.")
+    elif origin in (list, tuple):
+        if not isinstance(value, list):
+            expected = "a list"
+        elif origin is tuple and args and Ellipsis not in args and len(value) != len(args):
+            expected = f"a list of {len(args)} values"
+        else:
+            for i, item in enumerate(value):
+                _check_value(source, f"{key}[{i}]", item, args[0] if args else Any)
+    elif origin is dict or tp is dict:
+        expected = None if isinstance(value, dict) else "a mapping"
+    elif tp is bool:
+        ok = isinstance(value, bool) or (isinstance(value, str) and value.lower() in _TRUE + _FALSE)
+        expected = None if ok else "true or false"
+    elif tp is int:
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and _parses(int, value))
+        expected = None if ok else "an integer"
+    elif tp is float:
+        number = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (isinstance(value, str) and _parses(float, value))
+        finite = number and (isinstance(value, int) or math.isfinite(float(value)))  # float(10**400) would overflow
+        expected = None if finite else "a finite number"
+    elif tp is str:
+        expected = None if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "a string"
+    if expected is not None:
+        shown = "null" if value is None else repr(value)
+        raise ConfigError(f"{source}: {key}: expected {expected}{' or null' if optional else ''}, got {shown}")
+
+
+def _parses(kind: type, text: str) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _model_schema() -> DictConfig:
+    """``ModelConfig`` as an OmegaConf config, built once (most of the time a checkpoint's config took to read);
+    ``OmegaConf.merge`` copies its first argument, so this one is never changed."""
+    return OmegaConf.structured(ModelConfig)
+
+
 def model_config_from_dict(
     data: DictConfig | dict[str, Any], overrides: dict[str, Any] | list[str] | None = None, source: str = "config"
 ) -> ModelConfig:
     """Merge plain data (e.g. a checkpoint's saved config) onto the schema and validate it."""
-    schema = OmegaConf.structured(ModelConfig)
+    plain = OmegaConf.to_container(data, resolve=False) if isinstance(data, DictConfig) else data
+    if not isinstance(plain, dict):
+        raise ConfigError(f"{source}: model: expected a mapping of ModelConfig's fields, got {plain!r}")
+    check_field_types(source, plain, ModelConfig, "model.")
+    schema = _model_schema()
     try:
         merged = OmegaConf.merge(schema, data)
         if overrides:
             extra = OmegaConf.from_dotlist(list(overrides)) if isinstance(overrides, list) else OmegaConf.create(overrides)
             merged = OmegaConf.merge(merged, extra)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+    except OmegaConfBaseException as exc:  # one line naming the key (OmegaConf's own message spreads it over several)
+        first = str(exc).splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{source}: model.{key}: {first}" if key else f"{source}: {first}") from exc
     cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     return validate_model_config(cfg)
 
@@ -256,6 +352,8 @@ class PolicyConfig:
                 raise ConfigError(f"policy.{name}: expected >= 1, got {getattr(self, name)}")
         if self.execute is not None and self.execute < 1:
             raise ConfigError(f"policy.execute: expected >= 1 or None, got {self.execute}")
+        if not 0 <= self.seed < 2**63:  # a torch generator's seed
+            raise ConfigError(f"policy.seed: expected an integer in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -313,5 +411,9 @@ class PlannerConfig:
             raise ConfigError(f"planner.depth_value: expected 'last' or 'mean', got {self.depth_value!r}")
         if self.max_batch < 1:
             raise ConfigError(f"planner.max_batch: expected >= 1, got {self.max_batch}")
+        if not 0 <= self.success_threshold <= 1:  # values are in [0, 1]: outside it every candidate (or none) counts as success
+            raise ConfigError(f"planner.success_threshold: expected a value in [0, 1], got {self.success_threshold}")
+        if not self.lcb_k >= 0:  # a negative k ranks by an upper bound: the opposite of what lcb is for
+            raise ConfigError(f"planner.lcb_k: expected >= 0, got {self.lcb_k}")
         if not self.candidate_noise >= 0:
             raise ConfigError(f"planner.candidate_noise: expected a std >= 0, got {self.candidate_noise}")

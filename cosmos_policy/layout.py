@@ -256,30 +256,58 @@ def _validate(layout: LatentLayout) -> None:
         raise ConfigError(f"{where}: slots must be ordered current state, action, future state, value")
 
 
+_LAYOUT_KEYS = ("name", "action_chunk", "action_dim", "proprio_dim", "slots")
+_SLOT_KEYS = ("kind", "time", "camera")
+
+
 def layout_from_dict(data: dict[str, Any]) -> LatentLayout:
-    """Build a layout from plain data (a YAML file or a checkpoint's saved config)."""
-    try:
-        raw_slots = data["slots"]
-        slots = []
-        for i, entry in enumerate(raw_slots):
-            if isinstance(entry, str):
-                entry = {"kind": entry}
-            kind = SlotKind(entry["kind"])
-            time = SlotTime(entry["time"]) if entry.get("time") is not None else None
-            slots.append(Slot(kind=kind, time=time, camera=entry.get("camera")))
-        return LatentLayout(
-            name=str(data.get("name", "custom")),
-            action_chunk=int(data["action_chunk"]),
-            action_dim=int(data["action_dim"]),
-            proprio_dim=int(data.get("proprio_dim", 0)),
-            slots=tuple(slots),
-        )
-    except KeyError as exc:
-        raise ConfigError(f"layout: missing field {exc}") from exc
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"layout: {exc}") from exc
+    """Build a layout from plain data (a YAML file or a checkpoint's saved config).
+
+    Every field is checked here, by name (``layout.slots[2].kind: expected one of [...]``): a
+    damaged checkpoint's config would otherwise surface as a bare KeyError, TypeError or
+    ``'x' is not a valid SlotKind`` that says neither which field nor which slot. Unknown keys are
+    refused too: a misspelt ``proprio_dims`` would silently leave proprio_dim at 0.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"layout: expected a mapping of {list(_LAYOUT_KEYS)}, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in _LAYOUT_KEYS)
+    if unknown:
+        raise ConfigError(f"layout: unknown key(s) {unknown} (expected {list(_LAYOUT_KEYS)})")
+    for key in ("action_chunk", "action_dim", "slots"):
+        if key not in data:
+            raise ConfigError(f"layout: missing field '{key}'")
+    sizes = {}
+    for key in ("action_chunk", "action_dim", "proprio_dim"):
+        value = data.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"layout.{key}: expected an integer, got {value!r}")
+        sizes[key] = value
+    name = data.get("name", "custom")
+    if not isinstance(name, str):
+        raise ConfigError(f"layout.name: expected a string, got {name!r}")
+    raw_slots = data["slots"]
+    if not isinstance(raw_slots, (list, tuple)):
+        raise ConfigError(f"layout.slots: expected a list of slots, got {raw_slots!r}")
+    slots = []
+    for i, entry in enumerate(raw_slots):
+        where = f"layout.slots[{i}]"
+        if isinstance(entry, str):
+            entry = {"kind": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a slot kind or a mapping of {list(_SLOT_KEYS)}, got {entry!r}")
+        unknown = sorted(str(k) for k in entry if k not in _SLOT_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} (expected {list(_SLOT_KEYS)})")
+        if entry.get("kind") not in [k.value for k in SlotKind]:
+            raise ConfigError(f"{where}.kind: expected one of {[k.value for k in SlotKind]}, got {entry.get('kind')!r}")
+        time = entry.get("time")
+        if time is not None and time not in [t.value for t in SlotTime]:
+            raise ConfigError(f"{where}.time: expected one of {[t.value for t in SlotTime]} or null, got {time!r}")
+        camera = entry.get("camera")
+        if camera is not None and not isinstance(camera, str):
+            raise ConfigError(f"{where}.camera: expected a camera name, got {camera!r}")
+        slots.append(Slot(kind=SlotKind(entry["kind"]), time=SlotTime(time) if time is not None else None, camera=camera))
+    return LatentLayout(name=name, slots=tuple(slots), **sizes)
 
 
 def load_layout(name_or_path: str | Path) -> LatentLayout:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import re
 import textwrap
@@ -20,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cosmos_policy.config import resolve_config_path
+from cosmos_policy.config import check_field_types, resolve_config_path
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.layout import load_layout
 from launch.experiment import LEARNER_DERIVED, Experiment
@@ -44,23 +45,40 @@ def load_experiment(name_or_path: str | Path = "quickstart", overrides: list[str
         if isinstance(exc, OmegaConfBaseException):
             raise _one_line("the command line", exc) from None
         raise ConfigError(f"the command line: cannot read the overrides ({' '.join(str(exc).split())})") from None
+    layers = [(source, _yaml_quirks(layer)) for source, layer in layers]
+    for source, layer in layers:
+        _check_values(source, layer)
     plain = OmegaConf.merge(*[layer for _, layer in layers])
-    benchmark = OmegaConf.select(plain, "data.benchmark") or OmegaConf.select(plain, "model.layout") or "libero"
-    preset = resolve_config_path("data", benchmark) if OmegaConf.select(plain, "data.benchmark") else _data_preset(str(benchmark))
+    benchmark = OmegaConf.select(plain, "data.benchmark")
+    if benchmark is not None:
+        try:
+            preset: Path | None = resolve_config_path("data", str(benchmark))
+        except ConfigError as exc:
+            raise ConfigError(f"data.benchmark: {exc}") from None
+    else:
+        preset = _data_preset(str(OmegaConf.select(plain, "model.layout") or "libero"))
     if preset is not None:
         layers.insert(0, (str(preset), OmegaConf.create({"data": OmegaConf.load(preset)})))
-    merged = OmegaConf.structured(Experiment)
+        _check_values(*layers[0])
+    merged = _schema()
     for source, layer in layers:
         try:
-            merged = OmegaConf.merge(merged, _yaml_quirks(layer))
+            merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             raise _one_line(source, exc) from None  # the key, where it came from, and what was wrong: no chain
     data = OmegaConf.to_container(merged, resolve=True)
     _job_rules(data, plain)  # type: ignore[arg-type]
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Experiment), data))  # type: ignore[return-value]
+        return OmegaConf.to_object(OmegaConf.merge(_schema(), data))  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise _one_line("the experiment", exc) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """The schema as an OmegaConf config, built once: building it was half of a load's time, and
+    ``OmegaConf.merge`` copies its first argument, so the one built here is never changed."""
+    return OmegaConf.structured(Experiment)
 
 
 def _one_line(source: str, exc: OmegaConfBaseException) -> ConfigError:
@@ -100,6 +118,15 @@ def _yaml_quirks(layer: DictConfig) -> DictConfig:
     if OmegaConf.select(layer, "learner.float8") is False:
         layer = OmegaConf.merge(layer, {"learner": {"float8": "off"}})
     return layer
+
+
+def _check_values(source: str, layer: DictConfig) -> None:
+    """Each value ``layer`` sets, checked against the type of its schema field before OmegaConf merges it
+    (``cosmos_policy.config.check_field_types``: OmegaConf would convert ``online.plan=-3`` to true and fail a
+    list given for a mapping with a TypeError that names no key)."""
+    values = OmegaConf.to_container(layer, resolve=False)
+    if isinstance(values, dict):
+        check_field_types(source, values, Experiment)
 
 
 def _job_rules(data: dict[str, Any], given: DictConfig) -> None:

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.config import ServerConfig
-from actors.env_process import EnvConfig
+from actors.env_process import ENV_REGISTRY, EnvConfig
 from cosmos_policy.config import PlannerConfig, PolicyConfig, config_names
 from cosmos_policy.data.mixture import MixtureConfig, mixture_preset
 from cosmos_policy.errors import ConfigError
+from launch.monitor import WANDB_MODES
 from learner.config import LearnerConfig
 from replay.config import ReplayConfig
+
+SEEDS = 2**63  # seeds are torch and numpy generators' seeds: integers in [0, 2**63)
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,8 @@ class LearnerSection(LearnerConfig):
             raise ConfigError(f"learner.cpus_per_worker: expected a number > 0, got {self.cpus_per_worker!r}")
         if self.world_size < 1:
             raise ConfigError(f"learner.world_size: expected >= 1, got {self.world_size}")
+        if not self.gpus_per_worker >= 0:
+            raise ConfigError(f"learner.gpus_per_worker: expected a number of GPUs >= 0, got {self.gpus_per_worker!r}")
 
 
 @dataclass(frozen=True)
@@ -384,7 +389,33 @@ class Experiment:
         def integer(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
+        def at_least(x: Any, low: int) -> bool:
+            return integer(x) and x >= low
+
+        # Counts, sizes and seeds that nothing else checks: a negative one would be taken and fail (or do
+        # nothing) far from the config that said it; ``not x > 0`` style also refuses NaN.
         checks = [
+            (0 <= self.seed < SEEDS, "seed", "an integer in [0, 2**63)", self.seed),
+            (self.ray.num_cpus is None or at_least(self.ray.num_cpus, 1), "ray.num_cpus", "an integer >= 1 or null", self.ray.num_cpus),
+            (self.ray.object_store_gb is None or self.ray.object_store_gb > 0, "ray.object_store_gb", "GB > 0 or null",
+             self.ray.object_store_gb),
+            (at_least(self.model.latent_cache, 0), "model.latent_cache", "a number of clips >= 0", self.model.latent_cache),
+            (self.env.name in ENV_REGISTRY, "env.name", f"one of {sorted(ENV_REGISTRY)}", self.env.name),
+            (at_least(self.env.execute, 1), "env.execute", "an integer >= 1", self.env.execute),
+            (self.env.max_steps is None or at_least(self.env.max_steps, 1), "env.max_steps", "an integer >= 1 or null (the task's own)",
+             self.env.max_steps),
+            (at_least(self.demos.episodes, 0), "demos.episodes", "an integer >= 0", self.demos.episodes),
+            (0 <= self.demos.seed < SEEDS, "demos.seed", "an integer in [0, 2**63)", self.demos.seed),
+            (self.demos.max_episodes is None or at_least(self.demos.max_episodes, 1), "demos.max_episodes", "an integer >= 1 or null",
+             self.demos.max_episodes),
+            (at_least(self.offline.policy_steps, 0), "offline.policy_steps", "an integer >= 0", self.offline.policy_steps),
+            (at_least(self.offline.planning_steps, 0), "offline.planning_steps", "an integer >= 0", self.offline.planning_steps),
+            (at_least(self.offline.warmup_steps, 0), "offline.warmup_steps", "an integer >= 0", self.offline.warmup_steps),
+            (at_least(self.offline.patience, 0), "offline.patience", "an integer >= 0", self.offline.patience),
+            (self.offline.lr > 0, "offline.lr", "a learning rate > 0", self.offline.lr),
+            (self.online.lr > 0, "online.lr", "a learning rate > 0", self.online.lr),
+            (all(0 <= s < SEEDS for s in self.eval.seeds), "eval.seeds", "integers in [0, 2**63)", self.eval.seeds),
+            (self.logging.wandb in WANDB_MODES, "logging.wandb", f"one of {WANDB_MODES}", self.logging.wandb),
             (self.demos.source in ("expert", "dataset", "none"), "demos.source", "expert, dataset or none", self.demos.source),
             (self.demos.dataset_format in ("episodes", "libero"), "demos.dataset_format", "episodes or libero", self.demos.dataset_format),
             (0 <= self.demos.expert_success_rate <= 1, "demos.expert_success_rate", "a value in [0, 1]", self.demos.expert_success_rate),
@@ -428,7 +459,8 @@ class Experiment:
              "online.branch_candidates", f"null or an integer from 1 to planner.num_candidates ({self.planner.num_candidates})",
              self.online.branch_candidates),
             (self.online.budget_s is None or self.online.budget_s > 0, "online.budget_s", "null or seconds > 0", self.online.budget_s),
-            (self.offline.batch >= 1 and self.online.batch >= 1, "offline.batch / online.batch", ">= 1", (self.offline.batch, self.online.batch)),
+            (self.offline.batch >= 1, "offline.batch", ">= 1", self.offline.batch),
+            (self.online.batch >= 1, "online.batch", ">= 1", self.online.batch),
             (self.offline.validate_every >= 1, "offline.validate_every", ">= 1", self.offline.validate_every),
             (self.model.device in ("auto", "cpu", "cuda"), "model.device", "auto, cpu or cuda", self.model.device),
         ]

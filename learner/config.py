@@ -97,6 +97,16 @@ class LearnerConfig:
                 raise ConfigError(f"learner.{name}: expected >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"learner.lr: expected > 0, got {self.lr}")
+        # The optimizer's numbers, refused by name when the config loads: torch's AdamW would refuse some only
+        # when a learner builds it, after the job has started, and a negative clipping norm nowhere.
+        if not self.eps > 0:
+            raise ConfigError(f"learner.eps: expected > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"learner.weight_decay: expected >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"learner.grad_clip: expected a gradient norm >= 0 (0: no clipping), got {self.grad_clip}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"learner.betas: expected two values in [0, 1), got {list(self.betas)}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"learner.checkpoint_every: expected >= 0, got {self.checkpoint_every}")
         if not (isinstance(self.checkpoint_every_s, (int, float)) and self.checkpoint_every_s >= 0):

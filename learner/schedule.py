@@ -33,10 +33,14 @@ class ScheduleConfig:
     """Multiplier from then on."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.warmup_steps < self.cycle_steps:
-            raise ConfigError(f"learner.schedule: expected 0 <= warmup_steps < cycle_steps, got {self.warmup_steps}, {self.cycle_steps}")
+        # Each message names the one field that is wrong by its dotted key (an experiment's override names it so);
+        # ``not x >= 0`` also refuses NaN.
+        if not self.warmup_steps >= 0:
+            raise ConfigError(f"learner.schedule.warmup_steps: expected an integer >= 0, got {self.warmup_steps}")
+        if not self.cycle_steps > self.warmup_steps:
+            raise ConfigError(f"learner.schedule.cycle_steps: expected more than warmup_steps ({self.warmup_steps}), got {self.cycle_steps}")
         for name in ("start", "peak", "end_of_cycle", "after"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"learner.schedule.{name}: expected >= 0, got {getattr(self, name)}")
 
 

@@ -137,6 +137,8 @@ class ReplayConfig:
             raise ConfigError(f"replay.backend: expected 'ray' or 'reverb', got {self.backend!r}")
         if self.shards < 1:
             raise ConfigError(f"replay.shards: expected >= 1, got {self.shards}")
+        if not self.checkpoint_every_s >= 0:
+            raise ConfigError(f"replay.checkpoint_every_s: expected seconds >= 0, got {self.checkpoint_every_s}")
         names = [t.name for t in self.tables]
         if len(set(names)) != len(names) or not names:
             raise ConfigError(f"replay.tables: expected distinct table names, got {names}")

@@ -37,7 +37,7 @@ MISTAKES = [
     (["launch/online.py", "online.roundz=2"], r"the command line: online\.roundz: unknown key \(did you mean 'rounds'\?\)"),
     (["launch/online.py", "online.rounds=-1"], r"online\.rounds: expected >= 0, got -1"),
     (["launch/online.py", "planner.num_candidates=0"], r"planner\.num_candidates: expected >= 1, got 0"),
-    (["launch/online.py", "online.rounds=three"], r"the command line: online\.rounds: Value 'three'"),
+    (["launch/online.py", "online.rounds=three"], r"the command line: online\.rounds: expected an integer, got 'three'"),
     (["launch/online.py", "model.checkpoint=/nope/ckpt", "model.text_encoder=/nope/t5"],
      r"model\.checkpoint: /nope/ckpt: checkpoint directory not found; model\.text_encoder: /nope/t5 is not a T5 encoder directory"),
     (["launch/online.py", "--config", "quickstrat"], r"experiment config 'quickstrat': no file .*known: \[.*'quickstart'"),
