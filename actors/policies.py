@@ -63,9 +63,9 @@ class PolicySpec:
         return policy, planner
 
 
-def take_newer(model: CosmosPolicy | Planner, weights: WeightSource, target: Target | str) -> int | None:
-    """Load ``target``'s newest published version into ``model`` if it is newer than the one there; returns it."""
-    got = weights.latest(str(Target(target).value), newer_than=model.version)
+def take_served(model: CosmosPolicy | Planner, weights: WeightSource, target: Target | str) -> int | None:
+    """Load ``target``'s served version into ``model`` unless it is the one there; returns it."""
+    got = weights.latest(str(Target(target).value), have=model.version)
     if got is None:
         return None
     record, state = got
@@ -85,7 +85,7 @@ class LocalPolicy:
     def reset(self) -> None:
         """Between episodes: never change weights inside one (the episode records the versions it acted with)."""
         if self.weights is not None:
-            take_newer(self.model, self.weights, self.target)
+            take_served(self.model, self.weights, self.target)
         self.model.reset()
 
 

@@ -307,6 +307,32 @@ class PolicyServer:
         await self.start_polling()
         return dict(self.server.versions)
 
+    async def serve_versions(self, versions: dict[str, int]) -> dict[str, int | None]:
+        """Serve these published versions (target -> version), candidates included: the promotion gate's own server
+        plays a candidate and the version served to the actors in turn (``launch.promotion``). It must not poll
+        (``poll_weights_s`` 0), or it would go back to the served version. Returns the versions served."""
+        loop = asyncio.get_running_loop()
+        for target, version in versions.items():
+            if self.server.versions.get(target) != version:
+                record, state = await loop.run_in_executor(None, self.weights.version, target, int(version))  # type: ignore[union-attr]
+                self.server.set_weights(record.version, state, target)
+        await self.server.apply_pending()  # a version refused here raises its CheckpointError to the gate
+        return dict(self.server.versions)
+
+    async def publish_served(self, status: str) -> dict[str, int | None]:
+        """Publish the weights this server serves (its checkpoint's) with ``status``, for each target the registry
+        serves nothing of yet: under eval-gated promotion the job's starting weights are the first promoted version,
+        the one a rollback of the first promoted candidate serves again. Returns the versions served."""
+        from cosmos_policy.weights import pack
+
+        loop = asyncio.get_running_loop()
+        for target, model in (("policy", self.server.policy), ("planning", self.server.planner)):
+            if model is None or await loop.run_in_executor(None, self.weights.serving, target) is not None:  # type: ignore[union-attr]
+                continue
+            packed = pack(model.model.denoiser.net.state_dict() if target == "policy" else model.planning.denoiser.net.state_dict())
+            await loop.run_in_executor(None, lambda: self.weights.publish(packed, model.version, 0, target, status))  # type: ignore[union-attr]
+        return dict(self.server.versions)
+
     async def stats(self) -> dict[str, float]:
         return dict(self.server.stats)
 

@@ -153,9 +153,10 @@ class WeightVersion:
 
 
 class WeightSource(Protocol):
-    """Where actors find published weights: the newest version of ``target``, if newer than ``newer_than``."""
+    """Where actors find published weights: the version of ``target`` served now, unless it is ``have`` (the one they
+    hold). Under eval-gated promotion that is the last promoted version, which a rollback makes an older one."""
 
-    def latest(self, target: str, newer_than: int | None = None) -> tuple[WeightVersion, dict[str, Any]] | None: ...
+    def latest(self, target: str, have: int | None = None) -> tuple[WeightVersion, dict[str, Any]] | None: ...
 
 
 class WeightPublisher(Protocol):

@@ -270,9 +270,9 @@ class PublishedWeights:
     def __init__(self) -> None:
         self.published: dict[str, tuple[WeightVersion, dict]] = {}
 
-    def latest(self, target: str, newer_than: int | None = None):
+    def latest(self, target: str, have: int | None = None):
         got = self.published.get(target)
-        if got is None or (newer_than is not None and got[0].version <= newer_than):
+        if got is None or got[0].version == have:
             return None
         record, packed = got
         verify(packed, record, threads=1)
