@@ -28,19 +28,29 @@ ENV_REGISTRY = {
 }
 
 
+def known_env(name: object) -> bool:
+    """A registry name, or ``package.module:Class`` (an environment of the user's own, importable on every node)."""
+    if not isinstance(name, str):
+        return False
+    if name in ENV_REGISTRY:
+        return True
+    module, _, cls = name.partition(":")
+    return bool(module) and cls.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
 @dataclass
 class EnvConfig:
     name: str = "lift"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name not in ENV_REGISTRY:
-            raise ConfigError(f"env.name: expected one of {sorted(ENV_REGISTRY)}, got {self.name!r}")
+        if not known_env(self.name):
+            raise ConfigError(f"env.name: expected one of {sorted(ENV_REGISTRY)} or package.module:Class, got {self.name!r}")
 
 
 def make_env(config: EnvConfig) -> Env:
     """Build the environment in this process."""
-    module, cls = ENV_REGISTRY[config.name].split(":")
+    module, cls = ENV_REGISTRY.get(config.name, config.name).split(":")
     return getattr(importlib.import_module(module), cls)(**config.kwargs)
 
 

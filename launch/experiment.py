@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.config import ServerConfig
-from actors.env_process import ENV_REGISTRY, EnvConfig
+from actors.env_process import ENV_REGISTRY, EnvConfig, known_env
 from cosmos_policy.config import PlannerConfig, PolicyConfig, config_names
 from cosmos_policy.data.mixture import MixtureConfig, mixture_preset
 from cosmos_policy.errors import ConfigError
@@ -67,7 +67,8 @@ class EnvSection:
     """The simulator the EnvRunners play."""
 
     name: str = "lift"
-    """actors.env_process.ENV_REGISTRY: lift (the built-in task) or libero."""
+    """actors.env_process.ENV_REGISTRY: lift (the built-in task) or libero; or package.module:Class, an environment of
+    your own behind the ``Env`` contract (``cosmos_policy.contracts``), importable on every node."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """The environment's own settings (lift: image_size, max_steps, num_initial_states; libero: suite, image_size)."""
     tasks: list[str] | None = None
@@ -247,6 +248,29 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class PromotionSection:
+    """Eval-gated promotion (``launch.promotion``): which published versions the actors are served."""
+
+    enabled: bool = True
+    """Serve a published version only once the gate has played it and found it no worse than the one served, and roll
+    a promoted version back when it fails live; false: every version is served as it is published."""
+    states: int = 20
+    """Initial states per task the gate plays each version on (seeded placements that neither the collection nor the
+    evaluation plays), with planning as eval.plan says."""
+    tolerance: float = 0.05
+    """A candidate is rejected when its success on the gate's states is below the served version's on the same
+    states by more than this (the mean of the paired differences)."""
+    live_window: int = 20
+    """Ordinary collection episodes a promoted version is judged on live (branching episodes play forced candidates:
+    they do not count); 0: no live check."""
+    live_tolerance: float = 0.2
+    """A promoted version is rolled back when its success over its first live_window episodes is below the version
+    before it (that version's last live_window episodes, or its gate success) by more than this."""
+    runners: int = 2
+    """EnvRunners of the gate's own, with a PolicyServer of its own (it serves candidates, which the actors never see)."""
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     """Where metrics go besides run_dir/metrics.jsonl and the plot."""
 
@@ -364,6 +388,8 @@ class Experiment:
     """The online rounds."""
     eval: EvalSection = field(default_factory=EvalSection)
     """The evaluation after every round."""
+    promotion: PromotionSection = field(default_factory=PromotionSection)
+    """Eval-gated promotion and rollback of published versions."""
     logging: LoggingSection = field(default_factory=LoggingSection)
     """W&B settings."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -400,7 +426,7 @@ class Experiment:
             (self.ray.object_store_gb is None or self.ray.object_store_gb > 0, "ray.object_store_gb", "GB > 0 or null",
              self.ray.object_store_gb),
             (at_least(self.model.latent_cache, 0), "model.latent_cache", "a number of clips >= 0", self.model.latent_cache),
-            (self.env.name in ENV_REGISTRY, "env.name", f"one of {sorted(ENV_REGISTRY)}", self.env.name),
+            (known_env(self.env.name), "env.name", f"one of {sorted(ENV_REGISTRY)} or package.module:Class", self.env.name),
             (at_least(self.env.execute, 1), "env.execute", "an integer >= 1", self.env.execute),
             (self.env.max_steps is None or at_least(self.env.max_steps, 1), "env.max_steps", "an integer >= 1 or null (the task's own)",
              self.env.max_steps),
@@ -463,6 +489,13 @@ class Experiment:
             (self.online.batch >= 1, "online.batch", ">= 1", self.online.batch),
             (self.offline.validate_every >= 1, "offline.validate_every", ">= 1", self.offline.validate_every),
             (self.model.device in ("auto", "cpu", "cuda"), "model.device", "auto, cpu or cuda", self.model.device),
+            (at_least(self.promotion.states, 1), "promotion.states", "an integer >= 1", self.promotion.states),
+            (0 <= self.promotion.tolerance <= 1, "promotion.tolerance", "a success difference in [0, 1]", self.promotion.tolerance),
+            (at_least(self.promotion.live_window, 0), "promotion.live_window", "an integer >= 0 (0: no live check)",
+             self.promotion.live_window),
+            (0 <= self.promotion.live_tolerance <= 1, "promotion.live_tolerance", "a success difference in [0, 1]",
+             self.promotion.live_tolerance),
+            (at_least(self.promotion.runners, 1), "promotion.runners", "an integer >= 1", self.promotion.runners),
         ]
         for ok, name, expected, got in checks:
             if not ok:

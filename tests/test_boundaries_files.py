@@ -209,7 +209,7 @@ def test_experiment_overrides_are_accepted_or_name_the_key(case):
     ("offline.lr=-1", "offline.lr: expected a learning rate > 0, got -1.0"),
     ("offline.warmup_steps=-2", "offline.warmup_steps: expected an integer >= 0, got -2"),
     ("data.benchmark=7", "data.benchmark: data config '7': no file"),
-    ("env.name=mars", "env.name: expected one of ['libero', 'lift'], got 'mars'"),
+    ("env.name=mars", "env.name: expected one of ['libero', 'lift'] or package.module:Class, got 'mars'"),
     ("learner.schedule.cycle_steps=0", "learner.schedule.cycle_steps: expected more than warmup_steps"),
     ("learner.betas=[0.9, 1.5]", "learner.betas: expected two values in [0, 1), got [0.9, 1.5]"),
 ])
