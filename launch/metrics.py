@@ -26,6 +26,8 @@ WHEN = {
     "rates": "every logging.rates_every_s during the online rounds (the actors' and the learner's work per interval)",
     "robot": "at each round's end where robots reported episodes since the last (the robots: entries' and robots that joined "
              "with launch/robot.py); launch/robots.py",
+    "promotion": "with promotion.enabled: at each round's end, the gate's decision on the round's versions; and once per promoted "
+                 "version, after its first promotion.live_window live episodes (kept or rolled back); launch/promotion.py",
 }
 
 CALIBRATION = {
@@ -90,6 +92,21 @@ METRICS: dict[str, dict[str, str]] = {
               "policy_version": "acting policy's version at the round's end (an integer)", "seconds": "s for the round"},
     "replay": {"round": "the round"},
     "robot": {"round": "the round at whose end the robots' episodes were counted (those reported since the round before)"},
+    "promotion": {
+        "round": "the round whose versions the gate played", "planning_version": "the planning model's version decided on (an integer)",
+        "policy_version": "the policy's version decided on (an integer; with online.refine_policy)",
+        "status": "promoted, rejected (never served), served (nothing new to decide), kept (live) or rolled_back (live)",
+        "promoted": "1: promoted, 0: rejected", "reason": "why, in words",
+        "episodes": "gate episodes both versions played (the same task, initial state and seed)",
+        "success": "the candidate's success on the gate's episodes", "served_success": "the served version's on the same episodes",
+        "difference": "mean paired difference, candidate minus served (rejected below -promotion.tolerance)",
+        "difference_se": "its standard error", "only_candidate": "gate episodes only the candidate succeeded on",
+        "only_served": "gate episodes only the served version succeeded on",
+        "rolled_back": "1: the served version failed live and was rolled back, 0: kept",
+        "live_success": "the promoted version's success over its first promotion.live_window ordinary collection episodes",
+        "live_reference": "what the version before it showed (its last live window, or its gate success)",
+        "live_episodes": "live episodes judged", "serving_again": "the versions served after the rollback (target -> version)",
+    },
     "rates": {"interval_s": "s the record covers", "env_steps": "simulator steps of collection episodes that ended in the interval",
               "learner_samples": "training samples of the online learners' steps in the interval",
               "env_steps_per_s": "env_steps / interval_s", "learner_samples_per_s": "learner_samples / interval_s"},

@@ -167,6 +167,7 @@ class Monitor:
             for label, key, marker in (("fresh states, with planning", "success_rate", "D"), ("fresh states, policy alone", "success_rate_no_plan", "x")):
                 if isinstance(e.get(key), (int, float)):
                     ax.plot([e["weight_version"]], [100 * e[key]], marker, markersize=9, label=f"{label} ({e.get('episodes')} episodes)")
+        self._plot_promotion(ax)
         tasks = sorted({k[len("task/"):] for e in evals for k in e if k.startswith("task/")})
         if 1 < len(tasks) <= 12:
             for task in tasks:
@@ -202,6 +203,19 @@ class Monitor:
         _save(fig, self.plot_path)
         self.plot_loop()
         return self.plot_path
+
+    def _plot_promotion(self, ax: Any) -> None:
+        """The promotion gate's decisions (``launch.promotion``) at their planning versions: each candidate's success on
+        the gate's states, marked promoted, rejected (never served) or rolled back (failed live)."""
+        marks = {"promoted": ("^", "tab:green"), "rejected": ("X", "tab:red"), "rolled_back": ("v", "tab:purple")}
+        rows = self.records("promotion")
+        for status, (marker, color) in marks.items():
+            pts = [(r.get("planning_version", r.get("policy_version")), r.get("success", r.get("live_success"))) for r in rows
+                   if r.get("status") == status]
+            pts = [p for p in pts if isinstance(p[0], int) and isinstance(p[1], (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker, color=color, markersize=9, linestyle="none",
+                        label=f"gate: {status.replace('_', ' ')}" + (" (live success)" if status == "rolled_back" else ""))
 
     def plot_loop(self) -> Path | None:
         """Redraw ``loop.png``, how the online loop ran, from the ``rates`` and online ``learner`` records: env steps

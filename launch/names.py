@@ -23,6 +23,11 @@ def policy_servers(experiment: str, servers: int) -> list[str]:
     return [f"{experiment}-policy-server-{i}" for i in range(servers)]
 
 
+def gate_server(experiment: str) -> str:
+    """The promotion gate's own PolicyServer (``launch.promotion``)."""
+    return f"{experiment}-policy-server-gate"
+
+
 def robot_hub(experiment: str) -> str:
     """The actor where robots attach to a running job and report their episodes (``launch.robots.RobotHub``)."""
     return f"{experiment}-robot-hub"

@@ -53,12 +53,16 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     exports (same step, version and schedule; a fresh optimizer state).
     """
     from launch.offline import source_kwargs
+    from launch.promotion import Promotion
     from launch.robots import start_gateway, write_job_file
     from launch.rounds import OnlineLearner, Rates, Stop, evaluate_round
     from launch.services import Services
 
     latest = {t: state.get_path(f"{t.value}_latest") or checkpoints[t] for t in Target}
-    services = Services.start(cfg, latest[Target.POLICY], latest[Target.PLANNING])
+    served = dict(latest)
+    if cfg.promotion.enabled:  # the actors are served what was promoted, not the learners' newest candidates
+        served = {t: str(Promotion.promoted_export(run_dir / "checkpoints", t.value) or checkpoints[t]) for t in Target}
+    services = Services.start(cfg, served[Target.POLICY], served[Target.PLANNING])
     gateway = None
     if not state.get("demos_in_replay"):
         state.set(demos_in_replay=services.insert_demos(demos))
@@ -66,6 +70,8 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     kwargs = source_kwargs(cfg, stats, text, cfg.online.batch)
     learners = [OnlineLearner.start(cfg, run_dir, services, t, latest[t], kwargs, exported=bool(state.get(f"{t.value}_latest")))
                 for t in targets]
+    if cfg.promotion.enabled:
+        services.promotion = start_promotion(cfg, run_dir, monitor, services, [t.target.value for t in learners])
     versions = services.versions()
     rates = Rates(monitor, cfg.logging.rates_every_s)
     try:
@@ -93,6 +99,29 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
         services.stop()
         for learner in learners:
             learner.group.stop()
+
+
+def start_promotion(cfg: Experiment, run_dir: Path, monitor: Monitor, services: Services, targets: list[str]) -> Any:
+    """The promotion gate over the job's registry, its own PolicyServer and EnvRunners (``launch.promotion``); the
+    weights served now become the first promoted version."""
+    from launch.promotion import Promotion, PromotionConfig
+
+    p = cfg.promotion
+    config = PromotionConfig(states=p.states, tolerance=p.tolerance, live_window=p.live_window, live_tolerance=p.live_tolerance,
+                             plan=cfg.eval.plan, seed=cfg.seed)
+    promotion = Promotion(config, services.weights, services.gate_server, services.gate_runners, services.tasks, log=monitor.log,
+                          keep=run_dir / "checkpoints", say=say)
+    promotion.begin(targets)
+    return promotion
+
+
+def gate_round(services: Services, run_dir: Path, round_: int, done: dict[str, int], paths: dict[str, str | None]) -> dict[str, int]:
+    """The round's candidates through the promotion gate (when on); returns the versions the servers are to serve."""
+    if services.promotion is None:
+        return done
+    services.promotion.gate(done, round_, paths)
+    (run_dir / "versions.json").write_text(json.dumps(services.promotion.table(), indent=1))
+    return {**done, **services.promotion.served}
 
 
 def end_round(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, services: Services, learners: list[OnlineLearner],
@@ -132,10 +161,11 @@ def synchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor:
                 raise Stop()
             services.replay.checkpoint()
             state.set(collected=round_)
-        for learner in learners:
-            versions[learner.target.value] = learner.refine(round_, monitor, stop, rates)
+        done = {t.target.value: t.refine(round_, monitor, stop, rates) for t in learners}
+        paths = {t.target.value: t.export(run_dir) for t in learners}
+        exported = {f"{target}_latest": state.inside(path) for target, path in paths.items()}
+        versions.update(gate_round(services, run_dir, round_, done, paths))
         services.wait_for({t.target.value: versions[t.target.value] for t in learners})
-        exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}
         last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
         end_round(cfg, run_dir, state, monitor, services, learners, round_, versions, exported, last, time.time() - start)
         if last:
@@ -173,16 +203,18 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
             collector.wait_collected(round_ if round_ == cfg.online.rounds else round_ - cfg.online.collect_ahead, stopping)
             waited = collector.wait_experience(cfg.online.min_experience, round_, stopping)
             done = {t.target.value: t.refine(round_, monitor, stopping, rates, waited_s=waited) for t in learners}
-            exported = {f"{t.target.value}_latest": state.inside(t.export(run_dir)) for t in learners}
+            paths = {t.target.value: t.export(run_dir) for t in learners}
+            exported = {f"{target}_latest": state.inside(path) for target, path in paths.items()}
             collector.finished_learning(round_)
             while evaluating.is_set():  # the round before is still evaluated on the versions the servers hold
                 if stopping():
                     raise Stop()
                 time.sleep(0.2)
-            services.wait_for(done)  # nothing newer is published meanwhile: this thread is the learner
-            services.hold_weights(True)
+            if services.promotion is None:  # (gated, the job's thread gates the round's versions first)
+                services.wait_for(done)  # nothing newer is published meanwhile: this thread is the learner
+                services.hold_weights(True)
             evaluating.set()
-            handed.put((round_, done, exported))
+            handed.put((round_, done, exported, paths))
 
     learning = in_background("learner", learn)
     start = time.time()
@@ -193,12 +225,17 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
                 if stop:
                     raise Stop()
                 try:
-                    _, done, exported = handed.get(timeout=0.5)
+                    _, done, exported, paths = handed.get(timeout=0.5)
                     break
                 except queue.Empty:
                     if learning.done():
                         learning.result()  # raises what the learner raised
                         raise RuntimeError(f"the learner ended before round {round_}")
+            if services.promotion is not None:  # the servers then hold what the gate leaves served while it is evaluated
+                served = gate_round(services, run_dir, round_, done, paths)
+                services.wait_for(served)
+                services.hold_weights(True)
+                done = served
             versions.update(done)
             last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
             if last:  # the last evaluations have the runners and the GPU to themselves

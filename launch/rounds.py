@@ -320,9 +320,11 @@ def collect(cfg: Experiment, services: Services, round_: int, monitor: Monitor, 
     monitor.progress(f"round {round_}: collecting", 0, len(jobs))
     lost = LostEpisodes(f"round {round_}: collecting")
 
-    def done(_: Job, result: EpisodeResult) -> None:
+    def done(job: Job, result: EpisodeResult) -> None:
         if rates is not None:
             rates.add(env_steps=result.steps)
+        if services.promotion is not None and job.branch is None:  # the served version's live record (a branch plays forced candidates)
+            services.promotion.observe([result])
         if result.interrupted:  # its simulator died: the EnvRunner restarted it; the episode is no label
             say(f"warning: round {round_}: collecting: an episode's simulator died ({result.error.strip()[:160]}); the EnvRunner "
                 "restarted it and the episode is counted as interrupted, not used")

@@ -9,6 +9,7 @@ clients and the replay client, and the robot hub (where robots attach: ``launch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ def connect(cfg: Experiment) -> None:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         return
     learners = 2 if cfg.online.refine_policy else 1  # the planning model's learner, and the policy's
-    need = cfg.online.runners + cfg.eval.runners + cfg.online.servers + learners * int(np.ceil(cfg.learner.world_size * cfg.learner.cpus_per_worker)) + 1
+    gate = cfg.promotion.runners + 1 if cfg.promotion.enabled else 0  # the promotion gate's runners and server
+    need = cfg.online.runners + cfg.eval.runners + gate + cfg.online.servers + learners * int(np.ceil(cfg.learner.world_size * cfg.learner.cpus_per_worker)) + 1
     extra: dict[str, Any] = {}
     if cfg.ray.object_store_gb:
         extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
@@ -75,6 +77,9 @@ class Services:
     layout: dict[str, Any] = field(default_factory=dict)  # the served model's cameras, proprio_dim, action_dim, chunk
     spec: Any = None  # the EnvRunners' EnvSpec (image size, control rate)
     robots: Any = None  # launch.robots.JobRobots, once started
+    gate_server: Any = None  # the promotion gate's own PolicyServer (promotion.enabled): it serves candidates ...
+    gate_runners: list[Any] = field(default_factory=list)  # ... to these EnvRunners alone
+    promotion: Any = None  # launch.promotion.Promotion, once the job starts it (it watches the collection's episodes)
 
     def evaluators(self, alone: bool) -> list[Any]:
         """The EnvRunners an evaluation plays on: its own (``eval.runners``) while collection goes on beside it, and
@@ -94,7 +99,8 @@ class Services:
         # The zero-CPU services (the weight registry, the robot hub) on the job's own node: a robot's host joins with no CPU
         # to offer (`ray start --num-cpus=0`), so only a zero-CPU actor could land there, and would die when the robot leaves.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True, scheduling_strategy=here).remote()
+        registry = WeightRegistry.options(name=names.weight_registry(cfg.name), get_if_exists=True, scheduling_strategy=here).remote(
+            gated=cfg.promotion.enabled)
         weights = RegistryWeights(registry, name=names.weight_registry(cfg.name))
         on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
         gpu = cfg.online.server_gpus if on_gpu else 0
@@ -111,8 +117,16 @@ class Services:
             server, name = servers[i % len(servers)], server_names[i % len(servers)]
             runners.append(EnvRunner.options(num_cpus=1).remote(config, ServerPolicy(server, name=name),
                                                                 ServerPolicy(server, plan=True, name=name), replay))
+        gate_server, gate_runners = None, []
+        if cfg.promotion.enabled:  # it serves what the gate asks, never polls: the actors' servers take promoted versions only
+            gate_name = names.gate_server(cfg.name)
+            gate_server = PolicyServer.options(name=gate_name, num_cpus=0 if gpu else 1, num_gpus=gpu).remote(
+                spec, dataclasses.replace(cfg.server, poll_weights_s=0), weights)
+            gate_runners = [EnvRunner.options(num_cpus=1).remote(dataclasses.replace(config, record=False), ServerPolicy(gate_server, name=gate_name),
+                                                                 ServerPolicy(gate_server, plan=True, name=gate_name), None)
+                            for _ in range(cfg.promotion.runners)]
         tasks = list(cfg.env.tasks or ray.get(runners[0].tasks.remote()))
-        ray.get([s.versions.remote() for s in servers])  # every server has built its models
+        ray.get([s.versions.remote() for s in servers + ([gate_server] if gate_server is not None else [])])  # every server has built its models
         layout = load_layout(cfg.model.layout)
         served = {"cameras": list(layout.cameras), "proprio_dim": layout.proprio_dim, "action_dim": layout.action_dim,
                   "chunk": layout.action_chunk}
@@ -120,7 +134,7 @@ class Services:
         hub = RobotHub.options(name=names.robot_hub(cfg.name), get_if_exists=True, scheduling_strategy=here).remote(
             cfg.name, policy, planner, replay, served)
         return cls(replay, weights, servers, runners[: cfg.online.runners], tasks, runners[cfg.online.runners:], hub=hub, policy=policy,
-                   planner=planner, layout=served, spec=ray.get(runners[0].spec.remote()))
+                   planner=planner, layout=served, spec=ray.get(runners[0].spec.remote()), gate_server=gate_server, gate_runners=gate_runners)
 
     def start_robots(self, cfg: Experiment) -> None:
         """The experiment's ``robots:``, each a RobotActor on its host playing beside the collection (``launch.robots``)."""
@@ -178,5 +192,6 @@ class Services:
         if self.robots is not None:  # first: a robot mid-episode stops before its policy goes
             self.robots.stop()
             self.robots = None
-        for actor in self.runners + self.eval_runners + self.servers + ([self.hub] if self.hub is not None else []):
+        gate = self.gate_runners + ([self.gate_server] if self.gate_server is not None else [])
+        for actor in self.runners + self.eval_runners + gate + self.servers + ([self.hub] if self.hub is not None else []):
             ray.kill(actor)

@@ -301,7 +301,7 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
         def submit(job_id: str, *flags: str) -> subprocess.CompletedProcess:
             cmd = [RAY, "job", "submit", f"--address={address}", f"--submission-id={job_id}", *flags, "--working-dir", str(ROOT),
                    f"--runtime-env-json={runtime_env}", "--", sys.executable, "launch/online.py", f"run_dir={run_dir}", "name=jobtest",
-                   *SMALL]
+                   *SMALL, "online.rounds=1"]  # one round: stopped in it, resumed and finished
             for _ in range(30):  # the head answers `job list` a little before its node's job agent takes submissions
                 job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
                 if "No available agent to submit job" not in job.stdout + job.stderr:
@@ -334,7 +334,7 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
             os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=90)
         shutil.rmtree(temp, ignore_errors=True)
-    _check_finished_run(run_dir, rounds=2)
+    _check_finished_run(run_dir, rounds=1)
     runners = {m["runner"] for m in _replay_episodes(run_dir, "experience_*")}
     assert len(runners) >= 2  # episodes from both EnvRunners reached replay
     assert len(_replay_episodes(run_dir, "demos")) == 6
@@ -406,7 +406,8 @@ def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
                  "offline.policy_steps=4", "offline.validate_every=4", "offline.planning_steps=2", "offline.batch=4", "online.rounds=2",
                  "online.episodes_per_round=2", "online.runners=2", "online.servers=2", "online.refine_steps=2", "online.publish_every=2",
                  "online.batch=4", "eval.trials=1", "eval.also_without_planning=false", "planner.num_candidates=2", "planner.value_steps=[1]",
-                 "planner.future_steps=[1]", "policy.action_steps=1", "replay.shards=1", "learner.gpus_per_worker=0", "logging.wandb=offline"]
+                 "planner.future_steps=[1]", "policy.action_steps=1", "replay.shards=1", "learner.gpus_per_worker=0", "logging.wandb=offline",
+                 "promotion.states=1", "promotion.runners=1"]
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "online.py"), "--config", "libero_spatial", *overrides], env=_env(RAY_AUTH_MODE="disabled"),
                           capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -417,6 +418,15 @@ def test_libero_spatial_experiment_scaled_down(tmp_path: Path) -> None:
     assert versions[0] == 0 and versions[1] < versions[2], versions
     runners = {m["runner"] for m in _replay_episodes(run_dir, "experience_*")}
     assert len(runners) == 2
+    # Eval-gated promotion (on in libero_spatial): each round's version was played by the gate before it was served
+    # (the tiny model ties its predecessor at 0 %: promoted), and the registry's table says so.
+    gates = _records(run_dir, "promotion")
+    assert [(g["round"], g["planning_version"], g["status"]) for g in gates] == [(1, versions[1], "promoted"), (2, versions[2], "promoted")]
+    from launch.metrics import documented
+
+    assert all(documented("promotion", k) for g in gates for k in g), gates
+    table = {(row["target"], row["version"]): row["status"] for row in json.loads((run_dir / "versions.json").read_text())}
+    assert table[("planning", 0)] == table[("planning", versions[2])] == "promoted"
 
 
 @pytest.mark.slow
