@@ -14,9 +14,14 @@ learner_rank          round 5: collecting             kill -9 the planning learn
 sigterm               round 5: success                SIGTERM to the job (``ray job stop``): exit 0
 driver                the next run's first progress   kill -9 of the job's driver
 sigint                the next run's first success    SIGINT (Ctrl-C): exit 0
+full_disk             the next run's first progress   the run directory's filesystem filled up: the job
+                                                      stops with one line naming the path and what was
+                                                      kept; the space is freed and the command run again
 ====================  ==============================  =============================================
 
-A blow that ends the job is answered as a user would: the same command again, which resumes.
+A blow that ends the job is answered as a user would: the same command again, which resumes. With
+``full_disk`` the run directory lies on a small tmpfs the bench mounts (root may; elsewhere the drill
+is reported as not run, with the reason).
 
 Per drill: ``acknowledged`` (the episode files in replay when it struck: an insert is acknowledged
 once its file is renamed into place), ``present_after`` (those of them readable at the very end,
@@ -29,9 +34,6 @@ it runs) and ``left_behind`` (processes of the job's tree, seen while it ran, st
 its last run ended).
 
     python bench/chaos.py [--drills a,b,...] [--out bench/results/chaos.json] [--keep DIR] [override ...]
-
-A full disk is not among these drills yet: tests/test_online.py runs it (a job whose writes fail
-with ENOSPC through /dev/full).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Drill:
     run: int  # which run of the command it strikes in (a stop or a killed driver ends a run)
     strike: Callable[[subprocess.Popen], str]  # does it; returns what it hit
     ends_run: bool = False
+    heal: Callable[[], None] | None = None  # what a user does before running the command again (free the disk)
+    says: re.Pattern = SAYS  # the line the job says of it
     acknowledged: list[str] = field(default_factory=list)
     struck_at: float | None = None
     hit: str = ""
@@ -135,6 +139,38 @@ def kill_driver(job: subprocess.Popen) -> str:
     return f"kill -9 of the job's driver (pid {job.pid})"
 
 
+class SmallDisk:
+    """The run directory's own small filesystem (a tmpfs; mounting one needs root), which ``fill`` fills up."""
+
+    def __init__(self, where: Path, size_mb: int = 256) -> None:
+        self.where, self.filler = where, where / "filler"
+        where.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(where)], capture_output=True, text=True)
+        self.error = "" if done.returncode == 0 else " ".join((done.stderr or done.stdout or "mount failed").split())[:200]
+
+    def fill(self, job: subprocess.Popen) -> str:
+        free = shutil.disk_usage(self.where).free
+        with open(self.filler, "wb", buffering=0) as f:  # unbuffered: nothing left to write at close
+            try:
+                os.posix_fallocate(f.fileno(), 0, free)
+                while True:  # what rounding left, to the last block
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        return f"filled the run directory's filesystem ({free / 2**20:.0f} MB were free; {shutil.disk_usage(self.where).free} bytes now)"
+
+    def heal(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if not self.error:
+            subprocess.run(["umount", "-l", str(self.where)], capture_output=True)
+
+
+def fill_disk(job: subprocess.Popen) -> str:
+    raise AssertionError("bound to the run's SmallDisk in main()")
+
+
 BLOWS: dict[str, tuple[str, Callable[[subprocess.Popen], str], bool]] = {  # name -> (its line, the blow, whether it ends the run)
     "simulator": ("collecting", simulator, False),
     "env_runner": ("collecting", titled("ray::EnvRunner.run", "an EnvRunner playing an episode"), False),
@@ -144,6 +180,7 @@ BLOWS: dict[str, tuple[str, Callable[[subprocess.Popen], str], bool]] = {  # nam
     "sigterm": ("success", send(signal.SIGTERM), True),
     "driver": ("collecting", kill_driver, True),
     "sigint": ("success", send(signal.SIGINT), True),
+    "full_disk": ("collecting", fill_disk, True),
 }
 ALL = list(BLOWS)
 
@@ -284,7 +321,7 @@ def play(cmd: list[str], run_dir: Path, run: int, plan: list[Drill], log: list[s
             if d.recovery_s is None and PROGRESS.search(line) and now - (d.struck_at or now) > 0.5 and (d.run < run or not d.ends_run):
                 d.recovery_s = round(now - (d.struck_at or now), 1)
         latest = max(struck, key=lambda d: d.struck_at or 0.0, default=None)  # what the job says is of the last blow
-        if latest is not None and not latest.message and SAYS.search(line):
+        if latest is not None and not latest.message and latest.says.search(line):
             latest.message = line.strip()[:300]
         if pending and re.search(pending[0].trigger, line):
             seen.update(process_tree(job.pid))
@@ -311,15 +348,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
-    run_dir = work / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
     seen: dict[int, str] = {}
     started = time.time()
     plan, rounds = drills([n.strip() for n in args.drills.split(",") if n.strip()])
+    disk = None
+    run_dir = work / "run"
+    for d in [d for d in plan if d.strike is fill_disk]:
+        disk = SmallDisk(work / "small")
+        run_dir = disk.where / "run"
+        d.strike, d.heal, d.says = disk.fill, disk.heal, re.compile("disk filled up")
+        if disk.error:  # not here: reported as not run, with the reason
+            plan.remove(d)
+            unsupported = {"drill": d.name, "hit": f"(not run: cannot mount a tmpfs for the run directory: {disk.error})",
+                           "recovered": False}
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "launch" / "online.py"), *JOB, f"online.rounds={rounds}", *tiny_checkpoints(work / "checkpoints"),
            f"run_dir={run_dir}", "name=chaos", *args.overrides]
     log, listening, codes = [], [], []
     for run in range(1, 2 + sum(d.ends_run for d in plan)):
+        for d in plan:
+            if d.run == run - 1 and d.heal is not None:  # what the job's message asked for: free space, then the same command
+                d.heal()
         codes.append(play(cmd, run_dir, run, plan, log, listening, args.timeout_s, seen))
         state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
         if state.get("finished"):
@@ -335,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         present = readable(run_dir, d.acknowledged)
         # Recovered: the run it struck went on to its end (an actor's death) or stopped cleanly (a signal: exit 0), and the
         # command, run again as often as it took, finished every round. A killed driver's run ends with -9 by design.
-        if d.ends_run:
+        if d.heal is not None:  # a full disk: the run stops (exit 1) with one line that names the disk and the path
+            run_ok = d.run <= len(codes) and codes[d.run - 1] != 0 and "disk filled up" in d.message and str(run_dir) in d.message
+        elif d.ends_run:
             run_ok = d.run <= len(codes) and (codes[d.run - 1] == 0 or d.strike is kill_driver)
         else:  # the job went on after it (until its run ended: at its end, or by a later drill of that run)
             run_ok = d.recovery_s is not None and d.run <= len(codes) and (
@@ -351,13 +402,15 @@ def main(argv: list[str] | None = None) -> int:
         "bench_s": round(time.time() - started, 1),
         "rounds": rounds, "runs": len(codes), "exit_codes": codes, "finished": finished,
         "rounds_evaluated": sorted({e["round"] for e in evals}), "final_version": evals[-1]["weight_version"] if evals else None,
-        "drills": results,
+        "drills": results + ([unsupported] if disk is not None and disk.error else []),
         "lost": sum(r["lost"] for r in results),
         "listening_beyond_loopback": [x for x in listening if x != "none"],
         "left_behind": left,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if disk is not None:
+        disk.close()
     if args.keep:
         (work / "job.log").write_text("".join(log))
     else:
@@ -365,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "drills"}), flush=True)
     for r in results:
         print(json.dumps(r), flush=True)
-    ok = finished and report["lost"] == 0 and all(r["recovered"] for r in results) and not report["listening_beyond_loopback"] \
+    ok = finished and report["lost"] == 0 and all(r["recovered"] for r in report["drills"]) and not report["listening_beyond_loopback"] \
         and not report["left_behind"]
     return 0 if ok else 1
 
