@@ -45,6 +45,9 @@ EVALUATION = {
     "planning": "whether success_rate was measured with planning", "seconds": "s for the evaluation",
     "episodes_lost": "episodes whose EnvRunner (or the actor it called) died mid-episode; each was played again (both evaluations)",
     "runners": "EnvRunners it played on (eval.runners between the asynchronous loop's rounds, else every runner)",
+    "forgetting": "mean over the tasks evaluated before of their best earlier success less their success now (0 where none "
+                  "dropped): what later versions forgot",
+    "forgetting_max": "the largest of those per-task drops",
     **CALIBRATION,
 }
 

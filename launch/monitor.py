@@ -169,6 +169,8 @@ class Monitor:
                     ax.plot([e["weight_version"]], [100 * e[key]], marker, markersize=9, label=f"{label} ({e.get('episodes')} episodes)")
         self._plot_promotion(ax)
         tasks = sorted({k[len("task/"):] for e in evals for k in e if k.startswith("task/")})
+        if len(tasks) > 12:  # too many for lines: a map of every task's success at every version evaluated
+            self.plot_tasks(evals, tasks)
         if 1 < len(tasks) <= 12:
             for task in tasks:
                 pts = [(e["weight_version"], e[f"task/{task}"]) for e in evals if f"task/{task}" in e]
@@ -203,6 +205,25 @@ class Monitor:
         _save(fig, self.plot_path)
         self.plot_loop()
         return self.plot_path
+
+    def plot_tasks(self, evals: list[dict[str, Any]], tasks: list[str]) -> Path:
+        """``tasks.png``: per task (rows) its success at each evaluated version (columns), so a task that later versions
+        forgot shows as a row that darkens (multi-task LIBERO's 40 tasks are too many for the curve's lines)."""
+        import matplotlib
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        grid = np.array([[e.get(f"task/{t}", np.nan) for e in evals] for t in tasks], dtype=float)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(evals) + 4), max(4.0, 0.22 * len(tasks) + 1.5)))
+        image = ax.imshow(100 * grid, aspect="auto", vmin=0, vmax=100, cmap=matplotlib.colormaps["viridis"])
+        ax.set_xticks(range(len(evals)), [str(e.get("weight_version")) for e in evals])
+        ax.set_yticks(range(len(tasks)), [t[:60] for t in tasks], fontsize=6)
+        ax.set_xlabel("weight version of the planning model (each evaluation)")
+        fig.colorbar(image, ax=ax, label="success rate (%)")
+        fig.suptitle(f"{self.run_dir.name}: success per task at each evaluated version")
+        path = self.run_dir / "tasks.png"
+        _save(fig, path)
+        return path
 
     def _plot_promotion(self, ax: Any) -> None:
         """The promotion gate's decisions (``launch.promotion``) at their planning versions: each candidate's success on

@@ -451,6 +451,8 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
                                 on_lost=lost)
         record["success_rate_no_plan"] = policy_alone["success_rate"]
         record.update({f"paired/{k}": v for k, v in paired_outcomes(report, policy_alone).items()})
+    if not fresh:
+        record.update(forgetting(monitor.records("eval"), record))
     record["seconds"] = time.time() - start
     record["episodes_lost"] = len(lost.jobs)
     record["runners"] = len(runners)
@@ -460,6 +462,19 @@ def evaluate_round(cfg: Experiment, services: Services, monitor: Monitor, round_
         f"(weight version {versions.get('planning')})"
         + (f", {100 * record['success_rate_no_plan']:.1f} % policy alone" if "success_rate_no_plan" in record else ""))
     return record
+
+
+def forgetting(earlier: list[dict[str, Any]], now: dict[str, Any]) -> dict[str, float]:
+    """What the versions since each task's best evaluation lost on it (continual learning's forgetting): per task, its best
+    success in the earlier evaluations less its success now (0 where it did not drop), averaged over the tasks evaluated
+    before; absent at the first evaluation."""
+    drops = []
+    for key, value in now.items():
+        if key.startswith("task/"):
+            seen = [e[key] for e in earlier if isinstance(e.get(key), (int, float))]
+            if seen:
+                drops.append(max(0.0, max(seen) - value))
+    return {"forgetting": float(np.mean(drops)), "forgetting_max": float(max(drops))} if drops else {}
 
 
 def paired_outcomes(planned: dict[str, Any], alone: dict[str, Any]) -> dict[str, int]:

@@ -263,6 +263,25 @@ def test_monitor_writes_jsonl_wandb_offline_and_the_plot_and_resumes(tmp_path: P
     assert Monitor(tmp_path / "x", {}, "disabled").plot() is None
 
 
+def test_forgetting_is_each_tasks_drop_from_its_best_and_many_tasks_get_a_map(tmp_path: Path) -> None:
+    """Continual learning's forgetting curve: per task, its best earlier success less its success now; with more tasks
+    than the curve's lines (multi-task LIBERO's 40), tasks.png maps every task's success at every evaluated version."""
+    from launch.rounds import forgetting
+
+    tasks = [f"task {i}" for i in range(13)]
+    evals = [{"weight_version": v, **{f"task/{t}": rate for t, rate in zip(tasks, rates)}}
+             for v, rates in enumerate([[0.5] * 13, [1.0] + [0.5] * 12, [0.0] + [0.75] * 12])]
+    assert forgetting([], evals[0]) == {}
+    assert forgetting(evals[:1], evals[1]) == {"forgetting": 0.0, "forgetting_max": 0.0}
+    assert forgetting(evals[:2], evals[2]) == {"forgetting": 1.0 / 13, "forgetting_max": 1.0}  # task 0 fell from 1.0 to 0
+    m = Monitor(tmp_path, {}, "disabled")
+    for e in evals:
+        m.log("eval", {"round": e["weight_version"], "success_rate": 0.5, "episodes": 13, **e})
+    m.plot()
+    m.close()
+    assert (tmp_path / "tasks.png").stat().st_size > 1000
+
+
 # ---- whole runs -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> None:
