@@ -150,14 +150,23 @@ class SmallDisk:
 
     def fill(self, job: subprocess.Popen) -> str:
         free = shutil.disk_usage(self.where).free
-        with open(self.filler, "wb", buffering=0) as f:  # unbuffered: nothing left to write at close
-            try:
-                os.posix_fallocate(f.fileno(), 0, free)
-                while True:  # what rounding left, to the last block
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
-        return f"filled the run directory's filesystem ({free / 2**20:.0f} MB were free; {shutil.disk_usage(self.where).free} bytes now)"
+        said: list[str] = []
+        with open(self.filler, "ab", buffering=0) as f:  # unbuffered: nothing left to write at close
+            for _ in range(20):  # the job writes and deletes meanwhile (checkpoint rotation): until nothing is left
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size + shutil.disk_usage(self.where).free)
+                except OSError as exc:
+                    said.append(exc.strerror or str(exc))
+                try:
+                    while True:  # what rounding left, to the last block
+                        f.write(b"\0" * 4096)
+                except OSError as exc:
+                    said.append(exc.strerror or str(exc))
+                if shutil.disk_usage(self.where).free < 1 << 16:
+                    break
+        left = shutil.disk_usage(self.where).free
+        return (f"filled the run directory's filesystem ({free / 2**20:.0f} MB were free; {left} bytes now"
+                + (f"; {sorted(set(said))}" if left >= 1 << 16 else "") + ")")
 
     def heal(self) -> None:
         self.filler.unlink(missing_ok=True)
