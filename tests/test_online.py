@@ -186,6 +186,9 @@ def test_every_experiment_config_loads() -> None:
         (["online.min_experience=-5"], r"online.min_experience: expected an integer >= 0 \(experience items; 0: no wait\), got -5"),
         (["eval.runners=-1"], r"eval.runners: expected an integer >= 0 \(0: the collection's runners\), got -1"),
         (["logging.wandb=sometimes"], r"logging.wandb: expected one of \('auto', 'online', 'offline', 'disabled'\), got 'sometimes'"),
+        (["promotion.tolerance=2"], r"promotion.tolerance: expected a success difference in \[0, 1\], got 2"),
+        (["promotion.live_window=-1"], r"promotion.live_window: expected an integer >= 0 \(0: no live check\), got -1"),
+        (["env.name=my sim:Env"], r"env.name: expected one of \['libero', 'lift'\] or package.module:Class, got 'my sim:Env'"),
     ],
 )
 def test_bad_experiment_configs_are_clear_errors(overrides: list[str], message: str, tmp_path: Path) -> None:
