@@ -162,6 +162,8 @@ def synchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor:
             services.replay.checkpoint()
             state.set(collected=round_)
         done = {t.target.value: t.refine(round_, monitor, stop, rates) for t in learners}
+        if services.promotion is not None:
+            services.promotion.pin(done)
         paths = {t.target.value: t.export(run_dir) for t in learners}
         exported = {f"{target}_latest": state.inside(path) for target, path in paths.items()}
         versions.update(gate_round(services, run_dir, round_, done, paths))
@@ -203,6 +205,8 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
             collector.wait_collected(round_ if round_ == cfg.online.rounds else round_ - cfg.online.collect_ahead, stopping)
             waited = collector.wait_experience(cfg.online.min_experience, round_, stopping)
             done = {t.target.value: t.refine(round_, monitor, stopping, rates, waited_s=waited) for t in learners}
+            if services.promotion is not None:  # the gate plays them later, while this thread publishes the next round's
+                services.promotion.pin(done)
             paths = {t.target.value: t.export(run_dir) for t in learners}
             exported = {f"{target}_latest": state.inside(path) for target, path in paths.items()}
             collector.finished_learning(round_)

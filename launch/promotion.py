@@ -100,6 +100,13 @@ class Promotion:
         self.served = {t: v for t in targets if (v := self.weights.serving(t)) is not None}
         return dict(self.served)
 
+    def pin(self, candidates: Versions) -> None:
+        """Keep these candidates' weights until the gate has played them: the learner's thread calls it as a round's
+        refinement ends, before it publishes the next round's versions (the registry keeps only the newest few)."""
+        for target, version in candidates.items():
+            if self.served.get(target) != version:
+                self.weights.pin(target, version)
+
     def gate(self, candidates: Versions, round_: int, exported: dict[str, str | None] | None = None) -> dict[str, Any]:
         """Play ``candidates`` (target -> version) against the versions served, on the gate states; promote or reject
         them together. Returns the ``promotion`` record (also logged)."""

@@ -65,7 +65,8 @@ class WeightRegistry:
         if known is not None and known["record"].checksum == version.checksum and status is not Status.PROMOTED:
             known["ref"] = ref  # the same weights again (a resumed learner's last version): as decided before
             return known["status"].value
-        entries[version.version] = {"record": version, "ref": ref, "status": status, "evaluation": {}, "since": time.time()}
+        entries[version.version] = {"record": version, "ref": ref, "status": status, "evaluation": {}, "since": time.time(),
+                                    "pinned": False}
         if status is Status.PROMOTED:
             self._promote(version.target, version.version)
         self._drop_refs(version.target)
@@ -88,12 +89,16 @@ class WeightRegistry:
         entry = self.entries.get(target, {}).get(version)
         return None if entry is None or entry["ref"] is None else (entry["record"], entry["ref"])
 
+    def pin(self, target: str, version: int) -> None:
+        """Keep a candidate's weights until it is decided: the learner publishes on while the gate waits to play it."""
+        self._entry(target, version)["pinned"] = True
+
     def decide(self, target: str, version: int, status: str, evaluation: dict[str, Any]) -> int | None:
         """A candidate promoted or rejected, with the evaluation that decided it; returns the version served now."""
         entry = self._entry(target, version)
         if entry["status"] is not Status.CANDIDATE:
             raise ValueError(f"{target} version {version} is {entry['status'].value}, not a candidate: it was decided before")
-        entry["status"], entry["since"] = Status(status), time.time()
+        entry["status"], entry["since"], entry["pinned"] = Status(status), time.time(), False
         entry["evaluation"].update(evaluation)
         if entry["status"] is Status.PROMOTED:
             self._promote(target, version)
@@ -137,12 +142,12 @@ class WeightRegistry:
 
     def _drop_refs(self, target: str) -> None:
         """Keep the weights of the served version and of the ``keep`` - 1 promoted before it (what a rollback serves),
-        and of the newest ``keep`` candidates; let the others go (their records stay)."""
+        of the newest ``keep`` candidates and of pinned ones; let the others go (their records stay)."""
         entries = self.entries[target]
         promoted = [v for v in self.promoted.get(target, []) if entries[v]["status"] is Status.PROMOTED][-self.keep:]
         candidates = sorted(v for v, e in entries.items() if e["status"] is Status.CANDIDATE)[-self.keep:]
         for v, entry in entries.items():
-            if v not in promoted and v not in candidates:
+            if v not in promoted and v not in candidates and not (entry["pinned"] and entry["status"] is Status.CANDIDATE):
                 entry["ref"] = None
 
 
@@ -201,6 +206,9 @@ class RegistryWeights:
 
     def serving(self, target: str) -> int | None:
         return ray.get(self.registry.serving.remote(target))
+
+    def pin(self, target: str, version: int) -> None:
+        ray.get(self.registry.pin.remote(target, version))
 
     def decide(self, target: str, version: int, status: str, evaluation: dict[str, Any]) -> int | None:
         return ray.get(self.registry.decide.remote(target, version, status, evaluation))

@@ -53,6 +53,12 @@ def test_the_registry_serves_promoted_versions_only_and_rolls_back_to_the_one_be
     with pytest.raises(ray.exceptions.RayTaskError, match="not a candidate"):
         weights.decide("policy", 1, "promoted", {})
     weights.publish(_packed(2.0), 2, 20, "policy")
+    weights.pin("policy", 2)  # the round's last version: the gate plays it after the learner published more
+    for v in (3, 4, 5):
+        weights.publish(_packed(float(v)), v, 10 * v, "policy")
+    assert weights.version("policy", 5) and weights.version("policy", 2)
+    with pytest.raises(KeyError, match="policy version 3: not published, or its weights were let go"):
+        weights.version("policy", 3)  # neither pinned nor among the newest two candidates
     assert weights.decide("policy", 2, "promoted", {"success": 0.9}) == 2
     assert weights.latest("policy", have=0)[0].version == 2
     assert weights.roll_back("policy", 2, {"live_success": 0.0}) == 0
@@ -61,7 +67,8 @@ def test_the_registry_serves_promoted_versions_only_and_rolls_back_to_the_one_be
     with pytest.raises(ray.exceptions.RayTaskError, match="no policy version promoted before 0"):
         weights.roll_back("policy", 0, {})
     table = {row["version"]: row for row in weights.table("policy")}
-    assert {v: r["status"] for v, r in table.items()} == {0: "promoted", 1: "rejected", 2: "rolled_back"}
+    assert {v: r["status"] for v, r in table.items()} == {0: "promoted", 1: "rejected", 2: "rolled_back", 3: "candidate", 4: "candidate",
+                                                          5: "candidate"}
     assert table[1]["evaluation"] == {"success": 0.1} and table[2]["evaluation"] == {"success": 0.9, "live_success": 0.0}
     ungated = RegistryWeights(WeightRegistry.remote(), verify_threads=1)  # promotion.enabled false: served as published
     ungated.publish(_packed(3.0), 3, 30, "policy")
