@@ -18,7 +18,8 @@ if [ "$what" = start ]; then
     ''|*[!0-9]*) echo "gpu_call.sh start: expected the device budget left (seconds, from the device tool's status) after the wait's seconds, got '${1:-}'" >&2; exit 2;;
   esac
   budget=$(( $1 - 210 )); shift
-  [ "$budget" -ge 600 ] || { echo "gpu_call.sh start: the device budget leaves $budget s for the job: too little for a run" >&2; exit 2; }
+  # Run 6 (944 s, three rounds) stopped where every run's judge was still at chance: a shorter run tells nothing.
+  [ "$budget" -ge 1200 ] || { echo "gpu_call.sh start: the device budget leaves $budget s for the job (1200 needed: a shorter run stops before the judge learns, research/lift_learning run 6); run it in a session with the device budget whole" >&2; exit 2; }
 fi
 run=runs/lift_learning
 out=${OUT:-/tmp/out}
