@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cosmos_policy.errors import ConfigError
 
@@ -15,6 +15,9 @@ class ServerConfig:
     """Requests per batched query (the experiment's default: max(8, online.runners))."""
     max_wait_ms: float = 5.0
     """How long the first request of a batch waits for company."""
+    batch_sizes: list[int] = field(default_factory=list)
+    """Sizes a batch is padded up to (the smallest that holds it, repeating its last request; the padding's replies are
+    dropped): a network compiled into CUDA graphs then has one graph per size for every batch; empty: no padding."""
     poll_weights_s: float = 0.5
     """How often the Ray actor asks its weight source for a newer version (0: never)."""
     lease_max_s: float = 60.0
@@ -25,6 +28,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ConfigError(f"server.max_batch: expected >= 1, got {self.max_batch}")
+        sizes = list(self.batch_sizes)
+        if sizes and (any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes) or sizes != sorted(set(sizes))
+                      or sizes[-1] < self.max_batch):
+            raise ConfigError(f"server.batch_sizes: expected increasing integers >= 1 whose last holds server.max_batch "
+                              f"({self.max_batch}), or [], got {sizes}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"server.max_wait_ms: expected >= 0, got {self.max_wait_ms}")
         if not self.poll_weights_s >= 0:

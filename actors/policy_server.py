@@ -55,7 +55,10 @@ class BatchingServer:
         self._queues: dict[str, asyncio.Queue[_Request]] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._lock: asyncio.Lock | None = None
-        self.stats = {"requests": 0, "batches": 0, "act_batches": 0, "plan_batches": 0, "busy_s": 0.0, "refused_weights": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the batching tasks run on
+        self.stats = {"requests": 0, "batches": 0, "act_batches": 0, "plan_batches": 0, "busy_s": 0.0, "refused_weights": 0,
+                      "padded_rows": 0}
+        self.batch_sizes: dict[int, int] = {}  # batches formed, by their size before padding
         self.refused: list[str] = []  # why staged weight versions were refused at the swap (the latest few)
 
     @property
@@ -88,6 +91,8 @@ class BatchingServer:
         self.policy.validate(observation)  # a bad request fails alone, before it can spoil a batch
         seed = _seed(seed)
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (asyncio.run again): the batching tasks of the last one died with it
+            self._loop, self._queues, self._workers, self._lock = loop, {}, {}, None
         if kind not in self._queues:
             self._queues[kind] = asyncio.Queue()
             self._workers[kind] = loop.create_task(self._serve(kind))
@@ -148,9 +153,22 @@ class BatchingServer:
         observations, seeds = [r.observation for r in batch], [r.seed for r in batch]
         self.stats["batches"] += 1
         self.stats[f"{kind}_batches"] += 1
+        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+        pad = padded_size(len(batch), self.config.batch_sizes) - len(batch)
+        if pad:  # the last request again (each row samples from its own seed: the real rows' replies are unchanged)
+            observations, seeds = observations + [observations[-1]] * pad, seeds + [seeds[-1]] * pad
+            self.stats["padded_rows"] += pad
         if kind == "act":
-            return self.policy.predict(observations, seeds)
-        return self.planner.plan_batch(observations, seeds)  # type: ignore[union-attr]
+            return self.policy.predict(observations, seeds)[: len(batch)]
+        return self.planner.plan_batch(observations, seeds)[: len(batch)]  # type: ignore[union-attr]
+
+    def warm_up(self, observation: Observation, kinds: tuple[str, ...] = ("act",)) -> None:
+        """One batch of each padded size (``config.batch_sizes``) and kind, so that a compiled network captures its
+        graphs before the first caller waits for them (a capture takes seconds)."""
+        for kind in kinds:
+            for size in self.config.batch_sizes or [1]:
+                requests = [_Request(observation, i, None) for i in range(size)]  # type: ignore[arg-type]
+                self._run(kind, requests)
 
     def _apply_weights(self) -> list[CheckpointError]:
         """Load the staged versions; returns the refusals (the models keep their versions, the batch runs on them).
@@ -169,6 +187,11 @@ class BatchingServer:
                 print(f"policy server: refused {target} weights: {exc}", flush=True)
                 refused.append(exc)
         return refused
+
+
+def padded_size(n: int, sizes: list[int]) -> int:
+    """The smallest of ``sizes`` that holds ``n`` rows (``n`` itself without sizes, or beyond the largest)."""
+    return next((size for size in sizes if size >= n), n)
 
 
 def _seed(seed: object) -> int:
@@ -333,8 +356,9 @@ class PolicyServer:
             await loop.run_in_executor(None, lambda: self.weights.publish(packed, model.version, 0, target, status))  # type: ignore[union-attr]
         return dict(self.server.versions)
 
-    async def stats(self) -> dict[str, float]:
-        return dict(self.server.stats)
+    async def stats(self) -> dict[str, object]:
+        """The batching counters, and the batches formed by size (before padding)."""
+        return {**self.server.stats, "batch_sizes": dict(self.server.batch_sizes)}
 
 
 if ray is not None:  # the Ray actor; without Ray, BatchingServer and PolicySpec serve in-process

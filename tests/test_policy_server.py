@@ -13,9 +13,9 @@ from actors.policies import PolicySpec, ServerPolicy
 from actors.policy_server import BatchingServer, PolicyServer, ServerConfig
 from cosmos_policy.checkpoint import save_checkpoint
 from cosmos_policy.codec import NormalizationStats
-from cosmos_policy.errors import InputError
+from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.model import CosmosPolicyModel
-from cosmos_policy.planner import PlannerConfig
+from cosmos_policy.planner import Planner, PlannerConfig
 from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache
 
@@ -70,6 +70,66 @@ def test_a_malformed_request_fails_alone(parts):
     good, err = asyncio.run(main())
     assert good.actions.shape == (16, 7)
     assert isinstance(err, InputError) and "observation.proprio: non-finite" in str(err)
+
+
+class SizesSeen(CosmosPolicy):
+    """The real policy, noting the size of every batch it is given (what padding must make of the batches formed)."""
+
+    sizes: list[int]
+
+    def predict(self, observations, seeds=None):
+        self.sizes.append(len(observations))
+        return super().predict(observations, seeds)
+
+
+def test_batches_are_padded_to_the_captured_sizes_and_the_padding_is_dropped(parts):
+    """server.batch_sizes: every batch the network sees has one of the sizes (one CUDA graph each), the replies are the
+    real requests' own (each row samples from its own seed), and the batches formed are counted before padding."""
+    model, stats, text = parts
+    policy = SizesSeen(model, stats, text, PolicyConfig(action_steps=1))
+    policy.sizes = []
+    server = BatchingServer(policy, config=ServerConfig(max_batch=6, max_wait_ms=100, batch_sizes=[1, 4, 8]))
+
+    async def burst(seeds):
+        return await asyncio.gather(*[server.act(observation(s), seed=s) for s in seeds])
+
+    replies = asyncio.run(burst([0, 1, 2])) + asyncio.run(burst([3, 4, 5, 6, 7, 8]))  # a second event loop: it batches there too
+    assert policy.sizes and set(policy.sizes) <= {1, 4, 8}, policy.sizes
+    formed = sum(n * k for n, k in server.batch_sizes.items())
+    assert formed == 9 and server.stats["padded_rows"] == sum(policy.sizes) - 9 > 0, (server.batch_sizes, policy.sizes)
+    plain = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=1))
+    for seed, reply in enumerate(replies):
+        assert np.allclose(reply.actions, plain.infer(observation(seed), seed=seed).actions, atol=1e-4), seed
+    server.warm_up(observation(0))  # one batch of each size before the first caller
+    assert policy.sizes[-3:] == [1, 4, 8]
+
+
+def test_act_and_plan_requests_mixed_get_their_own_replies(parts, tiny_config, libero):
+    """Act and plan requests arriving together: each kind is batched with its own kind, one batch on the device at a
+    time, and every caller gets the reply it would get alone."""
+    model, stats, text = parts
+    policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=1))
+    planner = Planner(policy, CosmosPolicyModel.build(tiny_config, libero, seed=5).eval(),
+                      PlannerConfig(num_candidates=2, future_steps=[1], value_steps=[1]))
+    server = BatchingServer(policy, planner, ServerConfig(max_batch=8, max_wait_ms=50, batch_sizes=[2, 4, 8]))
+
+    async def main():
+        calls = [server.plan(observation(i), seed=10 * i) if i % 3 == 0 else server.act(observation(i), seed=i) for i in range(7)]
+        return await asyncio.gather(*calls)
+
+    replies = asyncio.run(main())
+    for i, reply in enumerate(replies):
+        alone = planner.infer(observation(i), seed=10 * i) if i % 3 == 0 else policy.infer(observation(i), seed=i)
+        assert np.allclose(reply.actions, alone.actions, atol=1e-4), i
+        assert (reply.planner is not None) == (i % 3 == 0)
+    assert server.stats["plan_batches"] >= 1 and server.stats["act_batches"] >= 1 and server.stats["batches"] < 7
+
+
+def test_batch_sizes_must_hold_the_largest_batch() -> None:
+    with pytest.raises(ConfigError, match=r"server.batch_sizes: expected increasing integers >= 1 whose last holds server.max_batch \(8\)"):
+        ServerConfig(max_batch=8, batch_sizes=[1, 4])
+    with pytest.raises(ConfigError, match="server.batch_sizes"):
+        ServerConfig(max_batch=2, batch_sizes=[4, 2])
 
 
 @pytest.fixture(scope="module")
