@@ -239,7 +239,10 @@ class PolicyServer:
                     self._refused(target.value, exc)
         with warnings.catch_warnings():  # the property reads Ray's deprecated actor_id (Ray 2.60 warns at every start)
             warnings.simplefilter("ignore")
-            restarted = ray is not None and ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+            try:
+                restarted = ray is not None and ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+            except AssertionError:  # not an actor: the class used in-process by a driver of a cluster
+                restarted = False
         if restarted:  # Ray restarted it: say so in the job's log
             staged = {t: v[0] for t, v in self.server._pending_weights.items()}
             print(f"warning: a PolicyServer was restarted (its process died); it serves {dict(self.server.versions, **staged)} "
