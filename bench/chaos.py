@@ -11,7 +11,7 @@ env_runner            round 2: collecting             kill -9 an EnvRunner playi
 policy_server         round 3: collecting             kill -9 a PolicyServer
 replay_shard          round 4: collecting             kill -9 the replay shard
 learner_rank          round 5: collecting             kill -9 the planning learner's rank at work
-sigterm               round 5: success                SIGTERM to the job (``ray job stop``): exit 0
+sigterm               round 5 or later: success       SIGTERM to the job (``ray job stop``): exit 0
 driver                the next run's first progress   kill -9 of the job's driver
 sigint                the next run's first success    SIGINT (Ctrl-C): exit 0
 full_disk             the next run's first progress   the run directory's filesystem filled up: the job
@@ -84,6 +84,11 @@ class Drill:
     hit: str = ""
     recovery_s: float | None = None
     message: str = ""
+    from_round: int = 0  # and its round (the trigger's first group) is this one or later
+
+    def sets_off(self, line: str) -> bool:
+        found = re.search(self.trigger, line)
+        return bool(found) and (not self.from_round or int(found.group(1)) >= self.from_round)
 
 
 # ---- the blows ---------------------------------------------------------------------------------------------------
@@ -196,7 +201,7 @@ ALL = list(BLOWS)
 
 def drills(names: list[str]) -> tuple[list[Drill], int]:
     """The drills in order and the rounds the job needs. In the first run each strikes while the next round is collected,
-    a signal when the round of the drill before it is evaluated (``round k: success``); each blow that ends a run starts
+    a signal when the round of the drill before it, or a later one, is evaluated (``round k: success``); each blow that ends a run starts
     the next, whose drill strikes at its first progress line (a signal: its first evaluation), wherever the resumed run
     is (the asynchronous loop collects up to two rounds ahead of the evaluations)."""
     plan, round_, run = [], 0, 1
@@ -204,12 +209,16 @@ def drills(names: list[str]) -> tuple[list[Drill], int]:
         if name not in BLOWS:
             raise SystemExit(f"--drills: unknown drill {name!r} (known: {', '.join(ALL)})")
         line, strike, ends = BLOWS[name]
-        if run == 1:
-            round_ = max(round_, 1) if line == "success" else round_ + 1
+        from_round = 0
+        if run == 1 and line == "success":  # the round's evaluation, or a later one's: on a slow machine the collection
+            round_ = from_round = max(round_, 1)  # may fall behind, so the round's evaluation comes before its collection
+            trigger = r"round (\d+): success"
+        elif run == 1:
+            round_ += 1
             trigger = f"round {round_}: {line}"
         else:
             trigger = r"round \d+: success" if line == "success" else r"round \d+: .*\b\d+/\d+\b"
-        plan.append(Drill(name, trigger, run, strike, ends_run=ends))
+        plan.append(Drill(name, trigger, run, strike, ends_run=ends, from_round=from_round))
         run += ends
     # Rounds enough for every drill: the first run's, two it may collect ahead, one for each drill of a later run.
     return plan, round_ + 2 + sum(d.run > 1 for d in plan)
@@ -332,7 +341,7 @@ def play(cmd: list[str], run_dir: Path, run: int, plan: list[Drill], log: list[s
         latest = max(struck, key=lambda d: d.struck_at or 0.0, default=None)  # what the job says is of the last blow
         if latest is not None and not latest.message and latest.says.search(line):
             latest.message = line.strip()[:300]
-        if pending and re.search(pending[0].trigger, line):
+        if pending and pending[0].sets_off(line):
             seen.update(process_tree(job.pid))
             d = pending.pop(0)
             if not listening and run == 1:
@@ -400,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the job went on after it (until its run ended: at its end, or by a later drill of that run)
             run_ok = d.recovery_s is not None and d.run <= len(codes) and (
                 codes[d.run - 1] == 0 or any(e.ends_run and e.run == d.run for e in plan))
-        results.append({"drill": d.name, "when": d.trigger, "run": d.run, "hit": d.hit or "(never struck)", "acknowledged": len(d.acknowledged),
+        when = d.trigger.replace(r"(\d+)", f"{d.from_round} or later") if d.from_round else d.trigger
+        results.append({"drill": d.name, "when": when, "run": d.run, "hit": d.hit or "(never struck)", "acknowledged": len(d.acknowledged),
                         "present_after": present, "lost": len(d.acknowledged) - present, "recovered": bool(d.hit) and run_ok and finished,
                         "recovery_s": d.recovery_s, "message": d.message})
     report = {
