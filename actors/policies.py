@@ -14,18 +14,16 @@ the learner's export; 0 for a checkpoint without one), then from each version lo
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from cosmos_policy.checkpoint import load_checkpoint
+from cosmos_policy.config import PlannerConfig, PolicyConfig
 from cosmos_policy.contracts import ActionChunk, Observation, Target, WeightSource
 from cosmos_policy.errors import CheckpointError
-from cosmos_policy.planner import Planner, PlannerConfig
-from cosmos_policy.policy import CosmosPolicy, PolicyConfig
-from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
+
+if TYPE_CHECKING:  # the model's modules (torch, diffusers) load where a model is built, not in every EnvRunner
+    from cosmos_policy.planner import Planner
+    from cosmos_policy.policy import CosmosPolicy
 
 
 @dataclass
@@ -43,6 +41,13 @@ class PolicySpec:
     text_encoder: str | None = None
 
     def build(self) -> tuple[CosmosPolicy, Planner | None]:
+        import torch
+
+        from cosmos_policy.checkpoint import load_checkpoint
+        from cosmos_policy.planner import Planner
+        from cosmos_policy.policy import CosmosPolicy
+        from cosmos_policy.text import RandomTextEncoder, T5TextEncoder, TextEmbeddingCache
+
         dtype = getattr(torch, self.dtype) if self.dtype else None
         ckpt = load_checkpoint(self.checkpoint, device=self.device, dtype=dtype)
         if ckpt.stats is None or (ckpt.text is None and self.text_encoder is None):

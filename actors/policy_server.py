@@ -21,20 +21,24 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 try:
     import ray
 except ImportError:  # optional where only the Ray-free parts run (e.g. a GPU machine without the Ray wheel)
     ray = None
-import torch
 
 from actors.config import ServerConfig
 from actors.policies import PolicySpec
 from cosmos_policy.contracts import ActionChunk, Observation, Target, WeightSource
 from cosmos_policy.errors import CheckpointError, ConfigError, InputError
-from cosmos_policy.planner import Planner
-from cosmos_policy.policy import CosmosPolicy
+
+if TYPE_CHECKING:  # the server builds its models in its own process; a process holding a handle to it (Ray imports the
+    # actor's module to make one: every EnvRunner, the RobotHub) must not load torch and diffusers for that
+    import torch
+
+    from cosmos_policy.planner import Planner
+    from cosmos_policy.policy import CosmosPolicy
 
 
 @dataclass

@@ -12,19 +12,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cosmos_policy.atomic import atomic_write_bytes
 from cosmos_policy.errors import InputError, StatisticsError, existing_file
 
 # Normalized proprio is clipped to this bound. The official code does not clip, and its datasets'
@@ -189,33 +185,6 @@ def _scale(x: torch.Tensor, lo: np.ndarray, hi: np.ndarray, name: str, forward: 
     x64 = x.to(torch.float64)
     out = 2.0 * (x64 - lo_t) / (hi_t - lo_t) - 1.0 if forward else 0.5 * (x64 + 1.0) * (hi_t - lo_t) + lo_t
     return out.to(x.dtype if x.is_floating_point() else torch.float32)
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` to write; on success it is fsynced and renamed onto ``path``, on failure removed.
-
-    Readers see either the old or the complete new content, even after a crash (a leftover
-    ``.<name>.*.tmp`` was never renamed: never acknowledged).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old or the complete new content."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 # ---- tiling ----------------------------------------------------------------------------

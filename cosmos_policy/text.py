@@ -21,7 +21,7 @@ from typing import Iterable, Protocol, Sequence
 
 import torch
 
-from cosmos_policy.codec import atomic_write_bytes
+from cosmos_policy.atomic import atomic_write_bytes
 from cosmos_policy.errors import CheckpointError, InputError, existing_file
 
 

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first
 
 import reverb  # noqa: E402
 
-from cosmos_policy.codec import atomic_write_bytes  # noqa: E402
+from cosmos_policy.atomic import atomic_write_bytes  # noqa: E402
 from replay.reverb_server import SERVER_READY  # noqa: E402
 
 SERVER_SCRIPT = Path(__file__).resolve().parent / "reverb_server.py"

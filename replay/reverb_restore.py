@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cosmos_policy.codec import atomic_write_bytes
+from cosmos_policy.atomic import atomic_write_bytes
 from replay.files import EpisodeFiles
 from replay.reverb_book import ReverbBook, limiter_spec, table_spec
 from replay.reverb_process import ReverbServerProcess

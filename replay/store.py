@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmos_policy.codec import atomic_write_bytes
+from cosmos_policy.atomic import atomic_write_bytes
 from cosmos_policy.contracts import SampledItem
 from cosmos_policy.episode import Episode
 from cosmos_policy.errors import ConfigError

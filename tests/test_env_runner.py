@@ -321,3 +321,22 @@ def test_a_local_policy_takes_published_weights_between_episodes(ray_local, tiny
         assert policy.model.version == 5 and runner.run("lift", seed=1).policy_version == 5  # taken once
     finally:
         runner.close()
+
+
+def test_an_env_runner_and_a_policy_server_handle_load_no_model_stack() -> None:
+    """An EnvRunner's process (one per simulator: many per node) imports its own module, its replay client's and, to
+    hold a PolicyServer handle, the server's (Ray imports an actor's module to make a handle): none of them loads
+    torch or diffusers, which the process never uses (it would cost each runner ~400 MB and seconds of start-up)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    modules = ["actors.env_runner", "actors.policy_server", "actors.policies", "replay.ray_backend", "launch.robots"]
+    code = f"import importlib, json, sys; [importlib.import_module(m) for m in {modules!r}]; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    heavy = sorted({m.split(".")[0] for m in json.loads(out.stdout)} & {"torch", "diffusers", "transformers", "deepspeed"})
+    assert not heavy, f"{modules} import {heavy}"

@@ -27,7 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cosmos_policy.codec import atomic_path
+from cosmos_policy.atomic import atomic_path
 from cosmos_policy.episode import Episode, ImageSequence, PlannerQuery, Source
 from cosmos_policy.errors import InputError
 
