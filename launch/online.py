@@ -53,6 +53,7 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     exports (same step, version and schedule; a fresh optimizer state).
     """
     from launch.offline import source_kwargs
+    from launch.phases import in_background
     from launch.promotion import Promotion
     from launch.robots import start_gateway, write_job_file
     from launch.rounds import OnlineLearner, Rates, Stop, evaluate_round
@@ -68,8 +69,10 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
         state.set(demos_in_replay=services.insert_demos(demos))
     targets = [Target.PLANNING] + ([Target.POLICY] if cfg.online.refine_policy else [])
     kwargs = source_kwargs(cfg, stats, text, cfg.online.batch)
-    learners = [OnlineLearner.start(cfg, run_dir, services, t, latest[t], kwargs, exported=bool(state.get(f"{t.value}_latest")))
-                for t in targets]
+    # Side by side: each learner's start (its processes, model, DeepSpeed, data) is independent of the other's.
+    starting = [in_background(f"online-{t.value}-learner", OnlineLearner.start, cfg, run_dir, services, t, latest[t], kwargs,
+                              bool(state.get(f"{t.value}_latest"))) for t in targets]
+    learners = [future.result() for future in starting]
     if cfg.promotion.enabled:
         services.promotion = start_promotion(cfg, run_dir, monitor, services, [t.target.value for t in learners])
     versions = services.versions()
