@@ -32,7 +32,7 @@ from launch.config import check_inputs, load_experiment  # noqa: E402
 from launch.experiment import Experiment  # noqa: E402
 from launch.monitor import Monitor, say  # noqa: E402
 from launch.run_state import RunState  # noqa: E402
-from launch.signals import StopRequest  # noqa: E402
+from launch.signals import Stop, StopRequest  # noqa: E402
 
 if TYPE_CHECKING:
     from cosmos_policy.codec import NormalizationStats
@@ -56,7 +56,7 @@ def online(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, de
     from launch.phases import in_background
     from launch.promotion import Promotion
     from launch.robots import start_gateway, write_job_file
-    from launch.rounds import OnlineLearner, Rates, Stop, evaluate_round
+    from launch.rounds import OnlineLearner, Rates, evaluate_round
     from launch.services import Services
 
     latest = {t: state.get_path(f"{t.value}_latest") or checkpoints[t] for t in Target}
@@ -152,7 +152,7 @@ def end_round(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor,
 def synchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor: Monitor, services: Services,
                        learners: list[OnlineLearner], versions: dict[str, int | None], rates: Rates, stop: StopRequest) -> None:
     """Each round collects, then refines and publishes, then evaluates: the actors and the learner take turns."""
-    from launch.rounds import Budget, Stop, collect
+    from launch.rounds import Budget, collect
 
     budget = Budget(cfg, monitor)
     for round_ in range(state.get("round", 0) + 1, cfg.online.rounds + 1):
@@ -192,7 +192,7 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
     import queue
 
     from launch.phases import in_background
-    from launch.rounds import Budget, Collector, Stop
+    from launch.rounds import Budget, Collector
 
     budget = Budget(cfg, monitor)
     first = state.get("round", 0) + 1
@@ -264,13 +264,25 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
     collector.check()
 
 
+def _load_job_modules() -> None:
+    """Import what the job's phases need; a module that fails to import raises again where it is used."""
+    import importlib
+
+    for module in ("launch.phases", "launch.services", "launch.rounds"):
+        try:
+            importlib.import_module(module)
+        except BaseException:  # noqa: BLE001 - reported by the import where it is used
+            return
+
+
 def run(cfg: Experiment) -> dict[str, Any]:
     """The whole job for one experiment config; returns the last evaluation record."""
     # Imported here, not at the top: a mistake in the command line is reported before Ray, torch and diffusers load.
-    from launch.phases import demonstrations, offline, statistics_and_text
+    # They load (seconds) in a thread while this one starts the cluster, whose processes start on the other cores.
+    loading = threading.Thread(target=_load_job_modules, name="imports", daemon=True)
+    loading.start()
+    from launch.cluster import cluster_gpus, connect
     from launch.robots import JOB_FILE, write_job_file
-    from launch.rounds import Stop
-    from launch.services import cluster_gpus, connect
 
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,6 +294,8 @@ def run(cfg: Experiment) -> dict[str, Any]:
             connect(cfg)
             write_job_file(cfg, run_dir, services=False)  # robots may start joining: launch/robot.py waits for the services
             stop.install()  # over Ray's native SIGTERM handler (launch/signals.py)
+            loading.join()
+            from launch.phases import demonstrations, offline, statistics_and_text
             monitor.log("start", {"command": shlex.join(["python", *sys.argv]), "resuming": bool(state.data), "gpus": cluster_gpus()})
             say(f"run directory {run_dir}" + (" (resuming)" if state.data else ""))
             demos = demonstrations(cfg, run_dir, state, monitor)

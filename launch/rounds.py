@@ -24,12 +24,9 @@ from launch.experiment import Experiment
 from launch.monitor import Monitor, say
 from launch.phases import learner_group
 from launch.services import Services
+from launch.signals import Stop
 from learner.group import LearnerGroup, PublishConfig
 from learner.sources import ReplaySource
-
-
-class Stop(Exception):
-    """Ctrl-C or a job stop (SIGTERM): finish cleanly with a final checkpoint."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The job's services, built from the experiment config and handed to the roles that use them.
 
-``connect`` joins or starts the Ray cluster. ``Services`` starts the concrete ones: the replay
+``launch.cluster.connect`` joins or starts the Ray cluster. ``Services`` starts the concrete ones: the replay
 service (the config's backend), the weight registry, the PolicyServers (the policy and its
 planner, on GPUs where the cluster has them), the EnvRunners, each runner given its server's
 clients and the replay client, and the robot hub (where robots attach: ``launch.robots``); then
@@ -10,12 +10,10 @@ clients and the replay client, and the robot hub (where robots attach: ``launch.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -23,7 +21,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.env_runner import EnvRunner, RunnerConfig
 from actors.policies import PolicySpec, ServerPolicy
 from actors.policy_server import PolicyServer
-from actors.robots.actor import resource
 from cosmos_policy.contracts import ReplayClient, TableName
 from cosmos_policy.layout import load_layout
 from launch import names
@@ -32,33 +29,6 @@ from launch.monitor import say
 from launch.robots import JobRobots, RobotHub
 from learner.publish import RegistryWeights, WeightRegistry
 from replay.service import make_replay
-
-
-def connect(cfg: Experiment) -> None:
-    """Join the configured cluster, or start a local one on 127.0.0.1 sized for every actor the job asks for."""
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
-    if address:
-        ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
-        return
-    learners = 2 if cfg.online.refine_policy else 1  # the planning model's learner, and the policy's
-    gate = cfg.promotion.runners + 1 if cfg.promotion.enabled else 0  # the promotion gate's runners and server
-    need = cfg.online.runners + cfg.eval.runners + gate + cfg.online.servers + learners * int(np.ceil(cfg.learner.world_size * cfg.learner.cpus_per_worker)) + 1
-    extra: dict[str, Any] = {}
-    if cfg.ray.object_store_gb:
-        extra["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
-    if cfg.robots:  # a cluster of this machine alone: the robots: entries' robots are attached to it
-        extra["resources"] = {resource(cfg.robot_config(i).id): 1 for i in range(len(cfg.robots))}
-    # address="local": a new cluster of our own, even where `ray start` or another job runs one on this
-    # machine (a bare ray.init() would join that one and then refuse num_cpus).
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.ray.num_cpus or need), include_dashboard=False,
-             _node_ip_address="127.0.0.1", namespace=cfg.ray.namespace, log_to_driver=True, **extra)
-
-
-def cluster_gpus() -> float:
-    """The GPUs of the cluster the job runs on (what its GPU-minutes are counted in)."""
-    return float(ray.cluster_resources().get("GPU", 0))
 
 
 @dataclass

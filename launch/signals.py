@@ -17,6 +17,10 @@ from typing import Any
 from launch.monitor import say
 
 
+class Stop(Exception):
+    """Ctrl-C or a job stop (SIGTERM): finish cleanly with a final checkpoint."""
+
+
 class StopRequest:
     """``bool(stop)`` / ``stop()``: whether a stop was asked for."""
 

@@ -379,7 +379,7 @@ def test_a_local_run_starts_its_own_cluster_beside_a_ray_start_one() -> None:
         while not (marker.exists() and f":{port}" in marker.read_text()):
             assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        code = ("import ray; from launch.config import load_experiment; from launch.services import connect; "
+        code = ("import ray; from launch.config import load_experiment; from launch.cluster import connect; "
                 "connect(load_experiment('quickstart', ['ray.num_cpus=3'])); "
                 "print('GCS', ray.get_runtime_context().gcs_address, 'CPUS', ray.cluster_resources()['CPU']); ray.shutdown()")
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
