@@ -25,8 +25,12 @@ from typing import TYPE_CHECKING, Callable
 
 try:
     import ray
+    from ray.exceptions import RayError
 except ImportError:  # optional where only the Ray-free parts run (e.g. a GPU machine without the Ray wheel)
     ray = None
+
+    class RayError(Exception):  # type: ignore[no-redef]  (nothing raises it without Ray)
+        pass
 
 from actors.config import ServerConfig
 from actors.policies import PolicySpec
@@ -230,8 +234,8 @@ class PolicyServer:
         self._leases: dict[str, float] = {}  # holder -> when its episode began (time.monotonic)
         # Restarted by Ray after a crash (max_restarts), the server is built from its first checkpoint again: the
         # newest published weights go in before its first batch, so no request is served with older ones.
-        # A published version refused here (checksum, shapes...) leaves it on its checkpoint's: raising would make Ray
-        # restart it into the same refusal, forever.
+        # A published version refused here (checksum, shapes...) or out of reach (the registry restarting) leaves it on
+        # its checkpoint's: raising would make Ray restart it into the same refusal, forever.
         self._refusal: dict[str, str] = {}  # target -> why its newest published version was last refused
         if weights is not None:
             for target in [Target.POLICY] + ([Target.PLANNING] if planner is not None else []):
@@ -239,7 +243,7 @@ class PolicyServer:
                     got = weights.latest(target.value, self.server.versions[target.value])
                     if got is not None:
                         self.server.set_weights(got[0].version, got[1], target.value)
-                except CheckpointError as exc:
+                except (CheckpointError, RayError) as exc:
                     self._refused(target.value, exc)
         with warnings.catch_warnings():  # the property reads Ray's deprecated actor_id (Ray 2.60 warns at every start)
             warnings.simplefilter("ignore")
@@ -273,18 +277,24 @@ class PolicyServer:
                     record, state = got
                     self.server.set_weights(record.version, state, target.value)
                     await self.server.apply_pending()
-            except CheckpointError as exc:  # a damaged version: serve on with the one we have, take the next one published
-                self._refused(target.value, exc)
+                    self._refusal.pop(target.value, None)  # taken: a later failure is news again
+            except (CheckpointError, RayError) as exc:  # a damaged version, or the registry out of reach: serve on with
+                self._refused(target.value, exc)  # the version we have, take the next one published
 
-    def _refused(self, target: str, exc: CheckpointError) -> None:
-        """Note a refused published version (printed once per reason, not on every poll that finds it again).
+    def _refused(self, target: str, exc: CheckpointError | RayError) -> None:
+        """Note a published version refused (``CheckpointError``: its checksum, shapes...) or out of reach (``RayError``:
+        the registry restarting after a crash), printed once per reason, not on every poll that finds it again.
 
-        The poller goes on: raised out of it, the refusal would end the polling task, and the server would never
+        The poller goes on: raised out of it, the error would end the polling task, and the server would never
         take another version."""
-        if self._refusal.get(target) != str(exc):
-            print(f"policy server: refused the published {target} weights, serving version "
-                  f"{self.server.versions[target]} on: {exc}", flush=True)
-        self._refusal[target] = str(exc)
+        if isinstance(exc, CheckpointError):
+            reason, said = str(exc), f"refused the published {target} weights"
+        else:  # a Ray error's text names object ids and runs over many lines: its first line, once per kind
+            reason, said = type(exc).__name__, f"could not read the published {target} weights ({type(exc).__name__})"
+        if self._refusal.get(target) != reason:
+            detail = str(exc) if isinstance(exc, CheckpointError) else (str(exc).strip().splitlines() or [""])[0]
+            print(f"policy server: {said}, serving version {self.server.versions[target]} on: {detail}", flush=True)
+        self._refusal[target] = reason
 
     def _leased(self) -> bool:
         """Whether a robot's episode holds the served versions now (a lease past ``lease_max_s`` is let go: a robot that
@@ -298,6 +308,15 @@ class PolicyServer:
     async def start_polling(self) -> None:
         if self.weights is not None and self.server.config.poll_weights_s > 0 and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_weights())
+            self._poller.add_done_callback(self._poller_ended)
+
+    def _poller_ended(self, task: asyncio.Task) -> None:
+        """An error the poller does not expect ends its task: say so, and let the next call start it again (else the
+        server would serve its versions for ever, in silence)."""
+        self._poller = None
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            print(f"policy server: taking published weights failed ({type(exc).__name__}: {exc}); polling again", flush=True)
 
     async def act(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         await self.start_polling()

@@ -160,6 +160,10 @@ class WeightSource(Protocol):
 
 
 class WeightPublisher(Protocol):
-    """Where the learner puts a version (packed by ``cosmos_policy.weights.Packer``); returns its record."""
+    """Where the learner puts a version (packed by ``cosmos_policy.weights.Packer``): ``publish`` returns its record;
+    ``register`` takes a version already in the object store by reference (a learner rank's return: the learner group
+    owns it, so it outlives the rank) and returns its status."""
 
     def publish(self, packed: dict[str, Any], version: int, step: int, target: str) -> WeightVersion: ...
+
+    def register(self, record: WeightVersion, ref: Any) -> str: ...

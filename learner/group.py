@@ -2,7 +2,8 @@
 
 Each ``LearnerWorker`` sets the distributed environment (rank, world size, a loopback or head-node
 address and a free port), builds its ``Learner`` and resumes from the latest checkpoint. The
-group drives all ranks in lockstep; rank 0 publishes weights every ``publish_every`` steps. If a
+group drives all ranks in lockstep and publishes weights every ``publish_every`` steps (rank 0 packs them; the
+group, which lives as long as the job, owns them in the object store and registers them). If a
 worker dies (a crash, SIGKILL, a lost node), the group tears the others down, starts a fresh
 set and they resume from the last checkpoint, while actors keep acting on the last published
 weights.
@@ -19,7 +20,8 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
-from cosmos_policy.contracts import Target, WeightPublisher
+from cosmos_policy.contracts import Target, WeightPublisher, WeightVersion
+from cosmos_policy.weights import Packed, checksum, nbytes
 from learner.engine import Learner, LearnerConfig
 
 
@@ -47,29 +49,34 @@ class LearnerWorker:
         self.publish_cfg, self.publisher = publish_cfg, publisher
 
     def train(self, steps: int) -> list[dict[str, float]]:
+        """``steps`` optimizer steps. A step that ends on a publication (the group publishes right after it) is
+        checkpointed by ``pack``, after its version: a rank restarted from it goes on from that version."""
         out = []
+        every = self.publish_cfg.every
         for _ in range(steps):
-            metrics = self.learner.train_step(save=False)
-            every = self.publish_cfg.every
-            if every and self.learner.step % every == 0:
-                metrics.update(self.publish())
-            if self.learner.checkpoint_due():  # after the publication: a rank restarted from it goes on from that version
+            out.append(self.learner.train_step(save=False))
+            if self.learner.checkpoint_due() and not (every and self.learner.step % every == 0):
                 self.learner.save()
-            out.append(metrics)
         return out
 
-    def publish(self, bump: bool = True) -> dict[str, float]:
-        """Rank 0 puts the weights into the object store once; the others only help gather (ZeRO-3).
+    @ray.method(num_returns=2)
+    def pack(self, bump: bool = True) -> tuple[WeightVersion | None, Packed | None]:
+        """The weights packed for publication (every rank takes part: ZeRO-3 gathers), returned by rank 0 with their
+        record, to the group, which registers them: a task's return belongs to its caller, so a version outlives
+        the rank that packed it (killed right after, its group restarting it), where a ``ray.put`` of its own would
+        be lost with it, while readers fetch it.
 
-        ``bump``: as a new version (the next integer); without it, as the version they already are (a
-        resumed job's servers get the weights its learner published before the stop)."""
+        ``bump``: as a new version (the next integer); without it, as the version they already are (a resumed
+        job's servers get the weights its learner published before the stop)."""
         packed = self.learner.packed_weights()
         self.learner.version += int(bump)
+        if bump and self.learner.checkpoint_due():  # (without a new version, ``train`` saved this step as it is)
+            self.learner.save()
         if self.learner.rank != 0 or self.publisher is None:
-            return {}
-        start = time.perf_counter()
-        record = self.publisher.publish(packed, self.learner.version, self.learner.step, self.publish_cfg.target)
-        return {"published_version": record.version, "publish_s": time.perf_counter() - start}
+            return None, None
+        record = WeightVersion(version=self.learner.version, step=self.learner.step, checksum=checksum(packed),
+                               nbytes=nbytes(packed), target=self.publish_cfg.target)
+        return record, packed
 
     def save(self) -> str:
         return str(self.learner.save())
@@ -152,9 +159,11 @@ class LearnerGroup:
         while (step := self.step()) < target:
             if should_stop is not None and should_stop():
                 break
-            n = min(chunk, target - step)
+            every = self.publish_cfg.every
+            n = min(chunk, target - step, every - step % every if every else chunk)  # a chunk ends at a publication
             try:
                 results = ray.get([w.train.remote(n) for w in self.workers])
+                packed = self._pack(bump=True) if every and (step + n) % every == 0 else None
             except (RayActorError, ActorDiedError) as exc:
                 if self.restarts >= self.max_restarts:
                     raise
@@ -162,6 +171,8 @@ class LearnerGroup:
                     self.on_restart(exc)
                 self.restart()  # the fresh workers resume from the last checkpoint
                 continue
+            if packed is not None:
+                results[0][-1].update(self._register(*packed))
             if on_metrics is not None:
                 on_metrics(results[0])
             if self.config.checkpoint_every_s and time.monotonic() - self.saved_at >= self.config.checkpoint_every_s:
@@ -171,8 +182,24 @@ class LearnerGroup:
     def publish(self, bump: bool = True) -> int:
         """Publish the current weights now (every rank takes part: ZeRO-3 gathers); returns their version
         (a new one, or with ``bump`` false the one they have)."""
-        ray.get([w.publish.remote(bump) for w in self.workers])
+        self._register(*self._pack(bump))
         return ray.get(self.workers[0].progress.remote())["version"]
+
+    def _pack(self, bump: bool) -> tuple[WeightVersion | None, Any, float]:
+        """Every rank packs (``LearnerWorker.pack``); returns rank 0's record, the reference to its weights (which
+        this process owns: they stay in the object store after the rank is gone) and when the publication began."""
+        start = time.perf_counter()
+        returned = [w.pack.remote(bump) for w in self.workers]
+        records = ray.get([record for record, _ in returned])
+        return records[0], returned[0][1], start
+
+    def _register(self, record: WeightVersion | None, ref: Any, start: float) -> dict[str, float]:
+        """The packed version registered with the publisher (outside the ranks' restarts: a registry that cannot be
+        reached is not a learner's death); returns the publication's metrics."""
+        if self.publisher is None or record is None:
+            return {}
+        self.publisher.register(record, ref)
+        return {"published_version": record.version, "publish_s": time.perf_counter() - start}
 
     def step(self) -> int:
         return ray.get(self.workers[0].progress.remote())["step"]

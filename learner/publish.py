@@ -176,9 +176,15 @@ class RegistryWeights:
         start = time.perf_counter()
         ref = ray.put(packed)
         record = WeightVersion(version=version, step=step, checksum=checksum(packed), nbytes=nbytes(packed), target=target)
-        ray.get(self.registry.publish.remote(record, [ref], status))
+        self.register(record, ref, status)
         self.publish_s.append(time.perf_counter() - start)
         return record
+
+    def register(self, record: WeightVersion, ref: Any, status: str | None = None) -> str:
+        """Register weights already in the object store (``ref``, their ``record``'s checksum computed where they were
+        packed); returns their status. They live as long as the process that owns ``ref`` (Ray's ownership): the
+        learner group's, not a rank's (``learner.group``)."""
+        return ray.get(self.registry.publish.remote(record, [ref], status))
 
     def latest(self, target: str, have: int | None = None) -> tuple[WeightVersion, dict[str, Any]] | None:
         """The version served now (the newest published, or under eval-gated promotion the last promoted), unless it

@@ -243,6 +243,30 @@ def test_published_weights_reach_two_policy_servers(ray_local, tmp_path):
     while served(servers[1]) != 4 and time.time() < leased_at + 30:
         time.sleep(0.3)
     assert served(servers[1]) == 4 and time.time() - leased_at > 8.0
+    # kill -9 of the registry: Ray restarts it, empty. The servers poll on through its absence and serve version 4
+    # until the learner publishes the next one, which they take.
+    registry_pid = ray.get(weights.registry.__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(registry_pid, signal.SIGKILL)
+    time.sleep(1.0)  # polls meeting the dead registry, then the restarted one with nothing published
+    assert served(servers[0]) == 4 and served(servers[1]) == 4
+    group.train(2)
+    deadline = time.time() + 30
+    while {served(s) for s in servers} != {5} and time.time() < deadline:
+        time.sleep(0.3)
+    assert {served(s) for s in servers} == {5}
+    # kill -9 of the learner's rank just after it published (its group would restart it): the version's weights are
+    # the registry's, not the dead rank's, and servers that had not fetched them yet still do.
+    for s in servers:
+        ray.get(s.hold_weights.remote(True))
+    group.train(2)
+    os.kill(group.states()[0]["pid"], signal.SIGKILL)
+    time.sleep(1.0)  # the rank's process is gone before the servers read version 6
+    for s in servers:
+        ray.get(s.hold_weights.remote(False))
+    deadline = time.time() + 30
+    while {served(s) for s in servers} != {6} and time.time() < deadline:
+        time.sleep(0.3)
+    assert {served(s) for s in servers} == {6}
     group.stop()
     for s in servers:
         ray.kill(s)

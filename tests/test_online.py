@@ -325,7 +325,9 @@ def test_ray_job_submit_runs_the_quickstart_with_token_auth(tmp_path: Path) -> N
         def submit(job_id: str, *flags: str) -> subprocess.CompletedProcess:
             cmd = [RAY, "job", "submit", f"--address={address}", f"--submission-id={job_id}", *flags, "--working-dir", str(ROOT),
                    f"--runtime-env-json={runtime_env}", "--", sys.executable, "launch/online.py", f"run_dir={run_dir}", "name=jobtest",
-                   *SMALL, "online.rounds=1"]  # one round: stopped in it, resumed and finished
+                   *SMALL, "online.rounds=1", "online.refine_steps=400", "online.publish_every=100"]
+            # One round, whose refinement (400 steps, minutes) the stop always lands in: on a fast machine a round of
+            # SMALL's 4 steps was over, and the job finished, before `ray job stop` struck.
             for _ in range(30):  # the head answers `job list` a little before its node's job agent takes submissions
                 job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
                 if "No available agent to submit job" not in job.stdout + job.stderr:
