@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cosmos_policy.config import INFERENCE_FLOAT8
 from cosmos_policy.errors import ConfigError
 
 
@@ -20,12 +21,26 @@ class ServerConfig:
     dropped): a network compiled into CUDA graphs then has one graph per size for every batch; empty: no padding."""
     poll_weights_s: float = 0.5
     """How often the Ray actor asks its weight source for a newer version (0: never)."""
+    compile: bool = False
+    """On a GPU, compile the networks: the acting network whole into CUDA graphs, one per size of ``batch_sizes``
+    (captured when the server starts, a few minutes), the planning network block by block; several times faster per
+    query. Needs ``batch_sizes``. A server on a CPU runs eagerly and says so."""
+    float8: str = "off"
+    """float8 products in the blocks' token-wise layers (``cosmos_policy.float8``): off, auto (rowwise on a GPU with
+    float8 tensor cores, off elsewhere), rowwise or tensorwise. Outputs change by float8's rounding (``python
+    bench/inference_speed.py --float8 rowwise`` measures it against bf16)."""
     lease_max_s: float = 60.0
     """The longest a robot's episode may keep the server on the versions it began with (a lease, ``PolicyServer.lease``):
     newer published weights wait until no robot is mid-episode, or this long; an episode that outlasts it records the
     versions it acted with (``versions_changed``)."""
 
     def __post_init__(self) -> None:
+        if self.float8 is False:  # YAML 1.1 reads a bare `off` (server.float8: off) as false
+            object.__setattr__(self, "float8", "off")
+        if self.float8 not in INFERENCE_FLOAT8:
+            raise ConfigError(f"server.float8: expected one of {INFERENCE_FLOAT8}, got {self.float8!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"server.compile: expected true or false, got {self.compile!r}")
         if self.max_batch < 1:
             raise ConfigError(f"server.max_batch: expected >= 1, got {self.max_batch}")
         sizes = list(self.batch_sizes)
@@ -33,6 +48,9 @@ class ServerConfig:
                       or sizes[-1] < self.max_batch):
             raise ConfigError(f"server.batch_sizes: expected increasing integers >= 1 whose last holds server.max_batch "
                               f"({self.max_batch}), or [], got {sizes}")
+        if self.compile and not sizes:
+            raise ConfigError("server.compile: needs server.batch_sizes, the batch sizes whose CUDA graphs are captured at the "
+                              "start (e.g. [1, 2, 4, 8, 16]); without them every new size would be compiled while callers wait")
         if self.max_wait_ms < 0:
             raise ConfigError(f"server.max_wait_ms: expected >= 0, got {self.max_wait_ms}")
         if not self.poll_weights_s >= 0:

@@ -197,6 +197,37 @@ class BatchingServer:
         return refused
 
 
+def accelerate(policy: CosmosPolicy, planner: Planner | None, config: ServerConfig) -> str:
+    """Apply ``config.float8`` and ``config.compile`` to the served models; returns what was done, for the log.
+
+    The acting network is compiled whole into CUDA graphs (one per padded batch size; ``BatchingServer.warm_up``
+    captures them), its VAE encoder too, batches of up to 16 clips per call; a separate planning network is compiled
+    block by block (its row counts vary with the plan's stages). On a CPU nothing is compiled.
+    """
+    model = policy.model
+    on_gpu = model.device.type == "cuda"
+    recipe = model.accelerate(config.float8, "graphs" if config.compile and on_gpu else "off")
+    if config.compile and on_gpu and policy.config.prefix_encode:
+        model.enable_prefix_encoder(max_clips=min(16, config.batch_sizes[-1]), compile=True, channels_last=True)
+    if planner is not None and planner.planning is not model:
+        planner.planning.accelerate(config.float8, "blocks" if config.compile and on_gpu else "off")
+    done = [f"float8 {recipe}" if recipe != "off" else "bf16" if on_gpu else str(next(model.parameters()).dtype).replace("torch.", "")]
+    if config.compile:
+        done.append(f"CUDA graphs for batches of {config.batch_sizes}" if on_gpu else "eager (server.compile needs a GPU)")
+    return ", ".join(done)
+
+
+def warm_up_observation(policy: CosmosPolicy) -> Observation:
+    """A valid observation for capturing graphs: black images at the model's size, zero proprio, a known instruction."""
+    import numpy as np
+
+    layout, size = policy.model.layout, policy.model.config.image_size
+    known = policy.text.instructions()
+    return Observation(images={c: np.zeros((size, size, 3), np.uint8) for c in layout.cameras},
+                       proprio=np.zeros(layout.proprio_dim, np.float32) if layout.has_proprio else None,
+                       instruction=known[0] if known else "warm up")
+
+
 def padded_size(n: int, sizes: list[int]) -> int:
     """The smallest of ``sizes`` that holds ``n`` rows (``n`` itself without sizes, or beyond the largest)."""
     return next((size for size in sizes if size >= n), n)
@@ -228,6 +259,13 @@ class PolicyServer:
         os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
         policy, planner = spec.build() if isinstance(spec, PolicySpec) else spec()
         self.server = BatchingServer(policy, planner, config)
+        config = self.server.config
+        if config.compile or config.float8 != "off":
+            start = time.perf_counter()
+            done = accelerate(policy, planner, config)
+            if config.compile and policy.model.device.type == "cuda":
+                self.server.warm_up(warm_up_observation(policy))
+            print(f"policy server: {done} ({time.perf_counter() - start:.0f} s)", flush=True)
         self.weights = weights
         self._poller: asyncio.Task | None = None
         self.held = False

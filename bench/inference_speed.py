@@ -11,10 +11,13 @@ Prints and writes bench/results/inference_speed.json:
     planning_gpu_s_per_chunk      GPU-seconds of one best-of-8 plan with 3 future-state x 5 value
                                   ensembles on ALOHA-shaped inputs (10 / 5 / 5 steps; 11 latent
                                   frames; about 510 network evaluations), on one GPU. Target <= 10.
+    float8_output_error           with --float8: actions, value and future proprio of the float8 network
+                                  against bf16 on 8 fixed observations and seeds, next to the spread of
+                                  bf16 against itself with other seeds.
 The planner's planning model is the policy model itself here (weights do not change the speed),
 so its network is compiled once. Random weights.
 
-    python bench/inference_speed.py [--skip-planning] [--no-compile] [--out PATH]
+    python bench/inference_speed.py [--float8 rowwise] [--skip-planning] [--no-compile] [--out PATH]
 """
 
 from __future__ import annotations
@@ -67,6 +70,23 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def gemm_peaks(device: torch.device) -> None:
+    """The measured matrix-product peaks of this GPU (8192^3, bf16 and float8 tensorwise) and the bf16 limit of a chunk."""
+    if device.type != "cuda":
+        return
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    bf16 = 2 * n**3 / timed(lambda: a @ b, device, 3, 20) / 1e12
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+    fp8 = 2 * n**3 / timed(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True),
+                           device, 3, 20) / 1e12
+    emit("gemm_bf16_tflops", round(bf16, 1))
+    emit("gemm_fp8_tflops", round(fp8, 1))
+    # bench/model_speed.py's FLOPs of a 2b LIBERO forward (9 latent frames): 7.47 TFLOP; a chunk is 5 forwards
+    emit("action_chunk_network_limit_s_bf16", round(5 * 7.47 / bf16, 4))
+
+
 def parts(layout_name: str, model_cfg: str, device: torch.device):
     layout = load_layout(layout_name)
     cfg = load_model_config(model_cfg)
@@ -90,10 +110,37 @@ def observation(layout, size: int, seed: int = 0) -> Observation:
     )
 
 
+def float8_error(model, stats, text, recipe: str, device) -> None:
+    """Actions, value and future proprio of float8 against bf16, on the same 8 observations and seeds, eagerly (before
+    the network is compiled). The scale is the sampling's own spread: bf16 against bf16 with other seeds."""
+    policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5, prefix_encode=True))
+    obs = [observation(model.layout, 256, seed=100 + i) for i in range(8)]
+    seeds = list(range(8))
+
+    def outputs(seed_offset: int = 0) -> dict[str, np.ndarray]:
+        chunks = policy.predict(obs, [s + seed_offset for s in seeds])
+        return {"actions": np.stack([c.actions for c in chunks]), "value": np.array([c.value for c in chunks]),
+                "future_proprio": np.stack([c.future_proprio for c in chunks])}
+
+    bf16, other_seeds = outputs(), outputs(1000)
+    used = model.accelerate(recipe, "off", field="bench")
+    f8 = outputs()
+    report = {"recipe": used, "observations": len(obs)}
+    for name in bf16:
+        err = float(np.abs(f8[name] - bf16[name]).mean())
+        spread = float(np.abs(other_seeds[name] - bf16[name]).mean())
+        report[name] = {"mean_abs_error": round(err, 5), "max_abs_error": round(float(np.abs(f8[name] - bf16[name]).max()), 5),
+                        "seed_spread": round(spread, 5), "error_over_seed_spread": round(err / max(spread, 1e-12), 4)}
+    emit("float8_output_error", report)
+
+
 def bench_policy(args, device) -> tuple:
     model, stats, text = parts("libero", args.config, device)
+    if args.float8 != "off":
+        float8_error(model, stats, text, args.float8, device)
+    emit("float8", args.float8)
     if args.compile:
-        model.denoiser.net.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
+        model.accelerate("off", "graphs")
     if args.prefix_encode:  # the constant leading frames' VAE state once; 8 of 13 pixel frames encoded per query
         model.enable_prefix_encoder(max_clips=8, compile=args.compile, channels_last=device.type == "cuda")
     elif args.compile:
@@ -125,12 +172,9 @@ def bench_policy(args, device) -> tuple:
 
 def bench_planning(args, device) -> None:
     model, stats, text = parts("aloha", args.config, device)
-    if args.compile and args.compile_planning:
-        # Block by block: the 28 identical blocks share one graph per batch size (a plan uses a few
-        # row counts), which compiles in seconds where a dynamic whole-network graph did not finish.
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        for block in model.denoiser.net.transformer_blocks:
-            block.compile(dynamic=False)
+    # Block by block: the 28 identical blocks share one graph per batch size (a plan uses a few
+    # row counts), which compiles in seconds where a dynamic whole-network graph did not finish.
+    model.accelerate(args.float8, "blocks" if args.compile and args.compile_planning else "off", field="bench")
     emit("planning_compiled", bool(args.compile and args.compile_planning))
     policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=10, jpeg_round_trip=False))
     cfg = PlannerConfig(num_candidates=8, future_steps=[1, 3, 5], value_steps=[1, 2, 3, 4, 5], max_batch=args.max_batch)
@@ -157,6 +201,8 @@ def main() -> None:
     parser.add_argument("--no-prefix-encode", dest="prefix_encode", action="store_false", help="encode all 13 conditioning frames")
     parser.add_argument("--no-compile-planning", dest="compile_planning", action="store_false")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one action chunk")
+    parser.add_argument("--float8", default="off", help="server.float8 for the policy and the plan: off, rowwise, tensorwise "
+                        "(with a recipe, the float8 outputs' error against bf16 is measured first)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -169,6 +215,7 @@ def main() -> None:
     emit("device", torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")
     emit("config", args.config)
     emit("compiled", args.compile)
+    gemm_peaks(device)
     if not args.skip_policy:
         model = bench_policy(args, device)
         del model

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from actors.config import ServerConfig  # noqa: E402
-from actors.policy_server import BatchingServer  # noqa: E402
+from actors.policy_server import BatchingServer, accelerate  # noqa: E402
 from cosmos_policy.planner import Planner, PlannerConfig  # noqa: E402
 from cosmos_policy.policy import CosmosPolicy, PolicyConfig  # noqa: E402
 from inference_speed import observation, parts  # noqa: E402
@@ -126,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="2b", help="configs/model/<config>.yaml (2b on the GPU host; tiny for a CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--clients", default="1,4,16,32,64", help="the N of concurrent clients to measure, comma-separated")
+    parser.add_argument("--clients", default="1,4,8,16,32,64", help="the N of concurrent clients to measure, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="the clock per N")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="unclocked queries per N first")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="server.batch_sizes: the padded (captured) sizes")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server.max_wait_ms")
     parser.add_argument("--plan-every", type=int, default=0, help="one query in k is a best-of-8 plan (0: none)")
     parser.add_argument("--image-size", type=int, default=256, help="the cameras' raw images (LIBERO: 256)")
-    parser.add_argument("--vae-clips", type=int, default=16, help="queries' clips per VAE encoder call (a batch's encode in chunks)")
+    parser.add_argument("--float8", default="off", help="server.float8: off, auto, rowwise, tensorwise")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--queries-per-episode", type=float, default=20.0,
                         help="the projection's assumption: LIBERO episodes of about 320 steps at 16 actions per chunk (the paper's "
@@ -146,14 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     model, stats, text = parts("libero", args.config, device)
-    if args.compile:  # CUDA graphs: one per batch size, captured by the warm-up below
-        model.denoiser.net.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
-    model.enable_prefix_encoder(max_clips=args.vae_clips, compile=args.compile, channels_last=device.type == "cuda")
     policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5, prefix_encode=True))
     planner = Planner(policy, model, PlannerConfig(num_candidates=8, future_steps=[1, 3, 5], value_steps=[1, 2, 3, 4, 5])) \
         if args.plan_every else None
-    server = BatchingServer(policy, planner, ServerConfig(max_batch=sizes[-1], max_wait_ms=args.max_wait_ms, batch_sizes=sizes))
+    config = ServerConfig(max_batch=sizes[-1], max_wait_ms=args.max_wait_ms, batch_sizes=sizes, compile=args.compile, float8=args.float8)
+    server = BatchingServer(policy, planner, config)
     start = time.perf_counter()
+    print(f"serving with {accelerate(policy, planner, config)}", flush=True)  # the PolicyServer's own: CUDA graphs, float8
     server.warm_up(observation(model.layout, args.image_size), ("act", "plan") if planner is not None else ("act",))
     warm_s = time.perf_counter() - start
     table = []
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python bench/serving.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
         "date": time.strftime("%Y-%m-%d"), "model": args.config, "compiled": args.compile, "batch_sizes": sizes,
-        "max_wait_ms": args.max_wait_ms, "plan_every": args.plan_every, "vae_clips": args.vae_clips, "warm_up_s": round(warm_s, 1),
+        "max_wait_ms": args.max_wait_ms, "plan_every": args.plan_every, "float8": args.float8, "warm_up_s": round(warm_s, 1),
         "queries_per_s_libero": best["queries_per_s"], "p99_latency_s": best["p99_latency_s"], "best_clients": best["clients"],
         "table": table,
         "full_libero_protocol_min_projected": round(max(serving_min, env_min), 1),

@@ -317,6 +317,10 @@ AGGREGATIONS = ("majority_mean", "mean", "lcb", "success_vote")
 VALUE_KINDS = ("value_sprime", "value", "q_value")
 
 
+INFERENCE_FLOAT8 = ("off", "auto", "rowwise", "tensorwise")
+"""float8 recipes of a query's network (``server.float8``; ``cosmos_policy.float8`` runs them)."""
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """How the policy queries the model. Defaults are LIBERO's (method 4.2, 4.3)."""

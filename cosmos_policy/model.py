@@ -57,6 +57,30 @@ class CosmosPolicyModel(nn.Module):
         """
         self._prefix_encoder = PrefixCachedEncoder(self, max_clips, compile, channels_last)
 
+    def accelerate(self, float8: str = "off", compile: str = "off", field: str = "server") -> str:
+        """Make queries faster without changing the method: float8 products, compiled network; returns the float8
+        recipe in use (``auto`` resolved for this device).
+
+        ``float8`` (``cosmos_policy.float8``): the blocks' token-wise layers in float8, weights quantized once per
+        loaded version. ``compile``: ``graphs`` compiles the whole network for fixed shapes into CUDA graphs (one per
+        batch size: the policy server pads its batches to a few sizes, so each is captured once), ``blocks`` compiles
+        each transformer block (the identical blocks share a graph per row count: what the planner's varied batches
+        need, compiled in seconds), ``off`` runs eagerly. Call once, before the first query.
+        """
+        from cosmos_policy.float8 import convert_inference_float8, resolve_inference_float8
+
+        if compile not in ("off", "graphs", "blocks"):
+            raise ConfigError(f"{field}.compile: expected 'off', 'graphs' or 'blocks', got {compile!r}")
+        recipe = resolve_inference_float8(float8, self.device, f"{field}.float8")
+        convert_inference_float8(self.denoiser.net, recipe, f"{field}.float8")  # before compiling: the graphs hold its buffers
+        if compile == "graphs":
+            self.denoiser.net.compile(fullgraph=True, dynamic=False, mode="reduce-overhead" if self.device.type == "cuda" else None)
+        elif compile == "blocks":
+            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)  # a graph per row count
+            for block in self.denoiser.net.transformer_blocks:
+                block.compile(dynamic=False)
+        return recipe
+
     def enable_latent_cache(self, max_items: int) -> None:
         """Remember the VAE latents of up to ``max_items`` clips, keyed by their pixels (0 turns it off).
 

@@ -114,9 +114,10 @@ def _data_preset(benchmark: str) -> Path | None:
 
 
 def _yaml_quirks(layer: DictConfig) -> DictConfig:
-    """YAML 1.1 reads a bare ``off`` as false: ``learner.float8: off`` means the string."""
-    if OmegaConf.select(layer, "learner.float8") is False:
-        layer = OmegaConf.merge(layer, {"learner": {"float8": "off"}})
+    """YAML 1.1 reads a bare ``off`` as false: ``learner.float8: off`` (``server.float8: off``) means the string."""
+    for section in ("learner", "server"):
+        if OmegaConf.select(layer, f"{section}.float8") is False:
+            layer = OmegaConf.merge(layer, {section: {"float8": "off"}})
     return layer
 
 

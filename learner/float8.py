@@ -12,7 +12,7 @@ there, and they set the conditioning that every token depends on.
 Recipes (torchao's names; ``auto`` is ``tensorwise`` on a float8 GPU and ``off`` elsewhere): ``tensorwise`` (one scale per tensor, the fastest), ``rowwise`` (one
 scale per row, more accurate), ``rowwise_with_gw_hp`` (rowwise, weight gradient in bf16: the most
 accurate). The training loss differs from bf16 training by the float8 rounding; the inference
-path never uses float8.
+path has float8 of its own, with the same layers (``cosmos_policy.float8``, ``server.float8``).
 """
 
 from __future__ import annotations
@@ -20,24 +20,8 @@ from __future__ import annotations
 import torch
 
 from cosmos_policy.errors import ConfigError
+from cosmos_policy.float8 import float8_layer  # the layers inference converts too (cosmos_policy.float8)
 from learner.config import FLOAT8_RECIPES
-
-# Linear layers inside a transformer block whose rows are tokens (image/action tokens, or text
-# tokens for the cross-attention keys and values). Everything under norm*/ is modulation.
-_TOKEN_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-                 "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
-
-
-def float8_layer(module: torch.nn.Module, name: str) -> bool:
-    """Whether the linear layer ``name`` (a name inside the network) takes float8 matrix products.
-
-    A token-wise layer of a transformer block whose sizes the float8 kernels accept (multiples of 16).
-    """
-    if not isinstance(module, torch.nn.Linear) or not name.startswith("transformer_blocks."):
-        return False
-    if not any(name.endswith("." + suffix) for suffix in _TOKEN_LAYERS):
-        return False
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def resolve_float8(recipe: str) -> str:
