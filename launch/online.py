@@ -185,9 +185,11 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
     The PolicyServers hold the round's versions while it is evaluated (so the evaluation sees one version
     throughout, and the collection beside it acts on that version too), while the learner trains and publishes
     on; it waits only if it finishes the next round before that evaluation ends. The learner's last round
-    (online.rounds) starts once every round is collected, so no episode goes untrained; a round the budget makes
-    the last instead halts the collection and the learner before the last evaluations, which then have the
-    runners to themselves.
+    (online.rounds) runs beside that round's collection, as every round does, and the last evaluations wait for
+    both: the same env steps and learner steps as the synchronous loop, the final version refined on what replay
+    holds meanwhile (all rounds but the last, and as much of the last as has arrived). A round the time budget
+    makes the last instead halts the collection and the learner before the last evaluations. The last
+    evaluations have the runners to themselves.
     """
     import queue
 
@@ -204,8 +206,7 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
 
     def learn() -> None:
         for round_ in range(first, cfg.online.rounds + 1):
-            # The last round waits for its own episodes: the final version is refined on everything collected.
-            collector.wait_collected(round_ if round_ == cfg.online.rounds else round_ - cfg.online.collect_ahead, stopping)
+            collector.wait_collected(round_ - cfg.online.collect_ahead, stopping)
             waited = collector.wait_experience(cfg.online.min_experience, round_, stopping)
             done = {t.target.value: t.refine(round_, monitor, stopping, rates, waited_s=waited) for t in learners}
             if services.promotion is not None:  # the gate plays them later, while this thread publishes the next round's
@@ -245,6 +246,8 @@ def asynchronous_rounds(cfg: Experiment, run_dir: Path, state: RunState, monitor
                 done = served
             versions.update(done)
             last = round_ == cfg.online.rounds or not budget.fits_another_round(time.time() - start)
+            if round_ == cfg.online.rounds:  # the whole budget of env steps is collected before the job ends
+                collector.wait_collected(round_, lambda: bool(stop))
             if last:  # the last evaluations have the runners and the GPU to themselves
                 halt.set()
                 collector.halt()
