@@ -38,7 +38,9 @@ class Status(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+# max_task_retries=-1: a call that meets the registry while Ray restarts it (after its process died) waits for the new one
+# instead of failing with ActorUnavailableError; the learner's publication must not fail because the registry restarts.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class WeightRegistry:
     """The versions published per target ('policy', 'planning'): each one's record, status and evaluation, and the
     object refs of those a reader may still be handed (the served one, the one a rollback would serve, the newest
