@@ -480,28 +480,35 @@ def test_a_robot_behind_a_failing_network_holds_then_stops_and_plays_on_after_a_
     from actors.robots.remote import run_robot_over_gateway
     from actors.robots.station import OperatorSpec
 
-    _, planner, _, _ = models
-    data = yaml.safe_load((ROOT / "configs" / "robot" / "dummy_lift.yaml").read_text())
-    data.update(id="arm-4", control_hz=10, image_size=[SIZE, SIZE])
-    data["driver"]["kwargs"]["image_size"] = [SIZE, SIZE]
-    data["chunking"] = {"request_threshold": 0.5, "deadline_s": 1.5, "stale_s": 3.0, "hold_s": 2.5, "watchdog_s": 2.0}
-    config = robot_config_from_dict(data)
+    _, _, spec, chunk = models
     proxy = Proxy(gateway.port)
     c = client(gateway, keys, "arm-4", address=f"127.0.0.1:{proxy.port}", timeout_s=5.0)
     try:
-        asked = planner.calls
+        # The test's clocks follow this machine's time for one chunk (0.5 s on a quiet 2-core machine, several seconds on
+        # a loaded one): a chunk lasts at least 4 answers, a request may take 3, so only the silence makes the robot hold.
+        c.hello(list(spec.cameras), 9, 7)
+        started = time.monotonic()
+        c.plan(**obs(0, spec), timeout_s=60.0)
+        answer_s = time.monotonic() - started
+        control_hz = min(10.0, chunk / (4 * answer_s))
+        data = yaml.safe_load((ROOT / "configs" / "robot" / "dummy_lift.yaml").read_text())
+        data.update(id="arm-4", control_hz=control_hz, image_size=[SIZE, SIZE])
+        data["driver"]["kwargs"]["image_size"] = [SIZE, SIZE]
+        deadline_s = max(1.5, 3 * answer_s)
+        data["chunking"] = {"request_threshold": 0.5, "deadline_s": deadline_s, "stale_s": 2 * deadline_s,
+                            "hold_s": deadline_s + 1.0, "watchdog_s": max(2.0, 3.0 / control_hz)}
+        config = robot_config_from_dict(data)
+        plan = c.plan
 
-        def go_silent() -> None:  # once the episode's first chunk is answered (the robot acts on it), traffic stops
-            deadline = time.monotonic() + 60
-            while planner.calls == asked and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(0.3)
-            proxy.mode = "blackhole"
+        def plan_then_go_silent(*args, **kwargs):  # the robot's first chunk that arrives in time to act on; then silence
+            reply = plan(*args, **kwargs)
+            if time.monotonic() - kwargs["observed_at"] < chunk / control_hz / 2:
+                proxy.mode = "blackhole"
+            return reply
 
-        silence = threading.Thread(target=go_silent, daemon=True)
-        silence.start()
+        c.plan = plan_then_go_silent  # the client the robot's loop calls
         (cut,) = run_robot_over_gateway(c, config, OperatorSpec(kind="scripted"), "lift the cube", 1, max_steps=300)
-        silence.join(timeout=5)
+        c.plan = plan
         first_session = c.session
         assert cut["interrupted"] and cut["success"] is None and not cut["inserted"], cut
         assert cut["reason"].startswith("late chunk: nothing to execute"), cut
@@ -533,7 +540,7 @@ def test_the_gateway_caps_every_call_at_its_own_deadline(models, keys):
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 1.2, details  # no client deadline: the cap
         assert "act: the model did not answer within the call's deadline" in details
         with pytest.raises(GatewayError, match="plan: UNIMPLEMENTED: plan: this gateway serves no planner"):
-            c.plan(**obs(0, spec))
+            c.plan(**obs(0, spec), timeout_s=60.0)
         with pytest.raises(GatewayError, match="put_episode: UNIMPLEMENTED: put_episode: this gateway has no replay"):
             c.put_episode({cam: np.zeros((1, SIZE, SIZE, 3), np.uint8) for cam in spec.cameras}, np.zeros((1, 9)), np.zeros((1, 7)), "x", True)
         c.close()

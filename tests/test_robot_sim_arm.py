@@ -149,9 +149,15 @@ def test_the_task_expert_lifts_the_cube_through_the_control_loop_and_the_envelop
     # arm hold between late commands before the cube crossed the task's height (1.9 cm at a load of 27 on 2 cores).
     assert rec.proprio[-1, 4] > rec.proprio[:, 4].min() + 0.01
     assert rec.actions[-1, 6] == 1.0 and rec.versions() == [{"policy": 0}]  # the gripper closed on the cube
-    # 20 Hz: never faster (the schedule is drift-free); slower only when this shared machine cannot step, render
-    # and run the loop within a period (physics and two cameras take about 20 ms of a core)
-    assert 0.045 < rec.timing()["mean_period_s"] < 0.1
+    # 20 Hz: never faster (the schedule is drift-free); slower only where this shared machine cannot observe (physics
+    # and two cameras, about 20 ms of a quiet core) and act within a period: that work is timed here, after the episode
+    # (a loaded CI machine took 0.17 s a step)
+    started = time.monotonic()
+    for _ in range(10):
+        expert(robot_observation(arm.get_observation(), CONFIG, "lift the red cube", 0.0))
+        arm.send_action(HOLD)
+    work_s = (time.monotonic() - started) / 10
+    assert 0.045 < rec.timing()["mean_period_s"] < max(0.1, 2 * work_s + CONFIG.period_s), (rec.timing(), work_s)
 
 
 # ---- stops ----------------------------------------------------------------------------------------------------------
