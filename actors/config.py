@@ -29,6 +29,10 @@ class ServerConfig:
     """float8 products in the blocks' token-wise layers (``cosmos_policy.float8``): off, auto (rowwise on a GPU with
     float8 tensor cores, off elsewhere), rowwise or tensorwise. Outputs change by float8's rounding (``python
     bench/inference_speed.py --float8 rowwise`` measures it against bf16)."""
+    prepare_ahead: bool | None = None
+    """Prepare the next batch (JPEG round trips, resize, the VAE encode) while the current one runs its network passes;
+    None: on a GPU, where it runs on a CUDA stream of its own. On a CPU both would share the same cores, and a batch
+    gathered once the running one has ended holds everyone who waited for it (fuller batches), so it is off there."""
     lease_max_s: float = 60.0
     """The longest a robot's episode may keep the server on the versions it began with (a lease, ``PolicyServer.lease``):
     newer published weights wait until no robot is mid-episode, or this long; an episode that outlasts it records the
@@ -41,6 +45,8 @@ class ServerConfig:
             raise ConfigError(f"server.float8: expected one of {INFERENCE_FLOAT8}, got {self.float8!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"server.compile: expected true or false, got {self.compile!r}")
+        if self.prepare_ahead is not None and not isinstance(self.prepare_ahead, bool):
+            raise ConfigError(f"server.prepare_ahead: expected true, false or null (on a GPU), got {self.prepare_ahead!r}")
         if self.max_batch < 1:
             raise ConfigError(f"server.max_batch: expected >= 1, got {self.max_batch}")
         sizes = list(self.batch_sizes)

@@ -3,7 +3,9 @@
 Environments on CPUs send ``act`` (one chunk) and ``plan`` (best-of-N) requests; the server
 collects them for up to ``max_wait_ms`` or until ``max_batch`` have arrived, runs them as one
 batched query, and routes each reply back to its caller as an ``ActionChunk`` that names the
-weight versions that produced it. A malformed request
+weight versions that produced it. A batch is prepared (JPEG round trips, crop, resize, the VAE encode: on a CUDA
+stream of its own) while the batch before it runs its network passes, which always run on one thread (a compiled
+network's CUDA graphs belong to the thread that captured them). A malformed request
 fails alone: it is validated (observation and seed) before it joins a batch. New weights are staged by ``set_weights``
 (or taken from a ``WeightSource`` by the actor) and swapped in between batches, never during one. Damaged weights
 are refused whole and the models go on serving the versions they have: ``set_weights`` refuses wrong names, shapes
@@ -20,6 +22,7 @@ import numbers
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -42,7 +45,7 @@ if TYPE_CHECKING:  # the server builds its models in its own process; a process 
     import torch
 
     from cosmos_policy.planner import Planner
-    from cosmos_policy.policy import CosmosPolicy
+    from cosmos_policy.policy import CosmosPolicy, PreparedBatch
 
 
 @dataclass
@@ -53,7 +56,13 @@ class _Request:
 
 
 class BatchingServer:
-    """Dynamic batching of act / plan requests around a policy and an optional planner."""
+    """Dynamic batching of act / plan requests around a policy and an optional planner.
+
+    Two threads of its own: one prepares batches (``CosmosPolicy.prepare``, on a second CUDA stream on a GPU), one
+    runs their network passes, one batch at a time. With ``config.prepare_ahead`` (on a GPU by default) the next batch
+    is gathered and prepared while one runs, so a busy server's device goes from one batch's passes to the next without
+    waiting for preprocessing or the VAE; without it a batch is prepared on the passes' thread, as part of its passes.
+    """
 
     def __init__(self, policy: CosmosPolicy, planner: Planner | None = None, config: ServerConfig | None = None) -> None:
         self.policy = policy
@@ -62,10 +71,14 @@ class BatchingServer:
         self._pending_weights: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
         self._queues: dict[str, asyncio.Queue[_Request]] = {}
         self._workers: dict[str, asyncio.Task] = {}
+        self._running: set[asyncio.Task] = set()  # batches on the device (at most one) and their replies
         self._lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the event loop the batching tasks run on
-        self.stats = {"requests": 0, "batches": 0, "act_batches": 0, "plan_batches": 0, "busy_s": 0.0, "refused_weights": 0,
-                      "padded_rows": 0}
+        self._device = ThreadPoolExecutor(1, thread_name_prefix="policy-server-passes")
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="policy-server-prepare")
+        self._stream: torch.cuda.Stream | None = None  # the preparing thread's CUDA stream (made there on first use)
+        self.stats = {"requests": 0, "batches": 0, "act_batches": 0, "plan_batches": 0, "busy_s": 0.0, "prepare_s": 0.0,
+                      "refused_weights": 0, "padded_rows": 0}
         self.batch_sizes: dict[int, int] = {}  # batches formed, by their size before padding
         self.refused: list[str] = []  # why staged weight versions were refused at the swap (the latest few)
 
@@ -100,7 +113,7 @@ class BatchingServer:
         seed = _seed(seed)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new event loop (asyncio.run again): the batching tasks of the last one died with it
-            self._loop, self._queues, self._workers, self._lock = loop, {}, {}, None
+            self._loop, self._queues, self._workers, self._running, self._lock = loop, {}, {}, set(), None
         if kind not in self._queues:
             self._queues[kind] = asyncio.Queue()
             self._workers[kind] = loop.create_task(self._serve(kind))
@@ -109,36 +122,63 @@ class BatchingServer:
         await self._queues[kind].put(request)
         return await request.future
 
+    async def _gather(self, queue: asyncio.Queue[_Request]) -> list[_Request]:
+        """The next batch: the first request, and those that come within ``max_wait_ms`` of it (up to ``max_batch``)."""
+        loop = asyncio.get_running_loop()
+        batch = [await queue.get()]
+        deadline = loop.time() + self.config.max_wait_ms / 1000.0
+        while len(batch) < self.config.max_batch:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), timeout))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
     async def _serve(self, kind: str) -> None:
+        """Gather a batch, prepare it (beside the batch running now), wait for the device, start its passes; again."""
         queue = self._queues[kind]
         loop = asyncio.get_running_loop()
         if self._lock is None:
             self._lock = asyncio.Lock()  # one batch at a time on the device, act and plan alike
+        ahead = self.config.prepare_ahead
+        if ahead is None:
+            ahead = self.policy.model.device.type == "cuda"
         while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + self.config.max_wait_ms / 1000.0
-            while len(batch) < self.config.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            async with self._lock:
+            batch = await self._gather(queue)
+            prepared = None
+            if ahead:
                 start = time.perf_counter()
                 try:
-                    results = await loop.run_in_executor(None, self._run, kind, batch)
-                except Exception as exc:  # the whole batch failed (e.g. non-finite outputs): tell every caller
-                    for r in batch:
-                        if not r.future.done():
-                            r.future.set_exception(exc)
+                    prepared = await loop.run_in_executor(self._preparer, self._prepare, batch)
+                except Exception as exc:  # e.g. a VAE that failed: every caller of the batch is told
+                    _fail(batch, exc)
                     continue
                 finally:
-                    self.stats["busy_s"] += time.perf_counter() - start
-            for r, res in zip(batch, results):
-                if not r.future.done():
-                    r.future.set_result(res)
+                    self.stats["prepare_s"] += time.perf_counter() - start
+            await self._lock.acquire()
+            task = loop.create_task(self._generate(kind, batch, prepared))  # releases the lock when its passes end
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            if not ahead:  # prepared in the passes: the next batch is gathered once this one is done
+                await task
+
+    async def _generate(self, kind: str, batch: list[_Request], prepared: PreparedBatch | None) -> None:
+        assert self._lock is not None and self._lock.locked()
+        start = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._device, self._run, kind, batch, prepared)
+        except Exception as exc:  # the whole batch failed (e.g. non-finite outputs): tell every caller
+            _fail(batch, exc)
+            return
+        finally:
+            self.stats["busy_s"] += time.perf_counter() - start
+            self._lock.release()
+        for r, res in zip(batch, results):
+            if not r.future.done():
+                r.future.set_result(res)
 
     async def apply_pending(self) -> None:
         """Swap staged weights in now if no batch is running (else the next batch does it first).
@@ -152,31 +192,47 @@ class BatchingServer:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            refused = await asyncio.get_running_loop().run_in_executor(None, self._apply_weights)
+            refused = await asyncio.get_running_loop().run_in_executor(self._device, self._apply_weights)
         if refused:
             raise refused[0]
 
-    def _run(self, kind: str, batch: list[_Request]) -> list[ActionChunk]:
-        self._apply_weights()
+    def _padded(self, batch: list[_Request]) -> tuple[list[Observation], list[int]]:
+        """The batch's observations and seeds, padded up to the next of ``config.batch_sizes`` with the last request
+        again (each row samples from its own seed: the real rows' replies are unchanged)."""
         observations, seeds = [r.observation for r in batch], [r.seed for r in batch]
+        pad = padded_size(len(batch), self.config.batch_sizes) - len(batch)
+        return observations + [observations[-1]] * pad, seeds + [seeds[-1]] * pad
+
+    def _prepare(self, batch: list[_Request]) -> PreparedBatch:
+        """The batch's inputs and conditioning latents (on the preparing thread, on its own CUDA stream on a GPU)."""
+        device = self.policy.model.device
+        if self._stream is None and device.type == "cuda":
+            import torch
+
+            self._stream = torch.cuda.Stream(device)
+        return self.policy.prepare(self._padded(batch)[0], self._stream)
+
+    def _run(self, kind: str, batch: list[_Request], prepared: PreparedBatch | None = None) -> list[ActionChunk]:
+        """The network passes of one batch (on the passes' thread), after any staged weights were swapped in."""
+        self._apply_weights()
+        observations, seeds = self._padded(batch)
         self.stats["batches"] += 1
         self.stats[f"{kind}_batches"] += 1
         self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
-        pad = padded_size(len(batch), self.config.batch_sizes) - len(batch)
-        if pad:  # the last request again (each row samples from its own seed: the real rows' replies are unchanged)
-            observations, seeds = observations + [observations[-1]] * pad, seeds + [seeds[-1]] * pad
-            self.stats["padded_rows"] += pad
+        self.stats["padded_rows"] += len(observations) - len(batch)
         if kind == "act":
-            return self.policy.predict(observations, seeds)[: len(batch)]
-        return self.planner.plan_batch(observations, seeds)[: len(batch)]  # type: ignore[union-attr]
+            return self.policy.predict(observations, seeds, prepared)[: len(batch)]
+        return self.planner.plan_batch(observations, seeds, prepared)[: len(batch)]  # type: ignore[union-attr]
 
     def warm_up(self, observation: Observation, kinds: tuple[str, ...] = ("act",)) -> None:
-        """One batch of each padded size (``config.batch_sizes``) and kind, so that a compiled network captures its
-        graphs before the first caller waits for them (a capture takes seconds)."""
+        """One batch of each padded size (``config.batch_sizes``) and kind, on the threads that serve them, so that a
+        compiled network captures its graphs (for the passes' thread: CUDA graphs are per thread) before the first
+        caller waits for them (a capture takes seconds)."""
         for kind in kinds:
             for size in self.config.batch_sizes or [1]:
                 requests = [_Request(observation, i, None) for i in range(size)]  # type: ignore[arg-type]
-                self._run(kind, requests)
+                prepared = self._preparer.submit(self._prepare, requests).result()
+                self._device.submit(self._run, kind, requests, prepared).result()
 
     def _apply_weights(self) -> list[CheckpointError]:
         """Load the staged versions; returns the refusals (the models keep their versions, the batch runs on them).
@@ -226,6 +282,12 @@ def warm_up_observation(policy: CosmosPolicy) -> Observation:
     return Observation(images={c: np.zeros((size, size, 3), np.uint8) for c in layout.cameras},
                        proprio=np.zeros(layout.proprio_dim, np.float32) if layout.has_proprio else None,
                        instruction=known[0] if known else "warm up")
+
+
+def _fail(batch: list[_Request], exc: BaseException) -> None:
+    for r in batch:
+        if not r.future.done():
+            r.future.set_exception(exc)
 
 
 def padded_size(n: int, sizes: list[int]) -> int:

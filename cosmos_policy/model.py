@@ -288,7 +288,7 @@ class CosmosPolicyModel(nn.Module):
         earlier (e.g. a generated action frame, for autoregressive world-model queries): they
         are used as they are, nothing is encoded.
         """
-        self.validate(batch, kinds_need_targets=False, latents_given=clean_latents is not None)
+        self.validate(batch, kinds_need_targets=False, latents_given=True)  # the frames' inputs: in ``conditioning``
         cfg = self.config.sampler
         kinds = [SampleKind(k) for k in batch.kinds]
         b = len(kinds)
@@ -296,8 +296,7 @@ class CosmosPolicyModel(nn.Module):
         if len(seeds) != b:
             raise InputError(f"seed: expected one seed or {b} seeds, got {len(seeds)}")
         if clean_latents is None:
-            prefix = max(self.layout.clean_prefix(k) for k in kinds)
-            clean_latents = self.inject(self.encode(batch, prefix), batch)
+            clean_latents = self.conditioning(batch)
         elif tuple(clean_latents.shape) != (b, *self._latent_shape()):
             raise InputError(f"clean_latents: expected shape {(b, *self._latent_shape())}, got {tuple(clean_latents.shape)}")
         clean_latents = clean_latents.to(self.device).float()
@@ -322,6 +321,15 @@ class CosmosPolicyModel(nn.Module):
         if not torch.isfinite(x0).all():
             raise FloatingPointError("sampling produced non-finite latents")
         return self.read_outputs(x0)
+
+    @torch.no_grad()
+    def conditioning(self, batch: ModelBatch) -> torch.Tensor:
+        """The latents ``sample`` conditions on: the VAE encode of the clean prefix of each row's kind (zeros after it)
+        with the batch's proprio (and any given action or value) injected. A function of the frozen VAE and the batch
+        only, not of the network's weights: a server computes it for its next batch while the current one runs."""
+        self.validate(batch, kinds_need_targets=False)
+        kinds = [SampleKind(k) for k in batch.kinds]
+        return self.inject(self.encode(batch, max(self.layout.clean_prefix(k) for k in kinds)), batch)
 
     def read_outputs(self, latents: torch.Tensor) -> Prediction:
         """Decode actions, future proprio and value from latent frames (no VAE needed)."""

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from cosmos_policy.codec import tile_into_frame, untile_from_frame
-from cosmos_policy.errors import ConfigError
+from cosmos_policy.errors import ConfigError, InputError
 from cosmos_policy.layout import SampleKind, SlotKind, SlotTime
 from cosmos_policy.model import CosmosPolicyModel, ModelBatch
 from cosmos_policy.config import AGGREGATIONS, PlannerConfig
 from cosmos_policy.contracts import ActionChunk, Observation
 from cosmos_policy.episode import PlannerQuery
-from cosmos_policy.policy import CosmosPolicy
+from cosmos_policy.policy import CosmosPolicy, PreparedBatch
 from cosmos_policy.weights import check_state, version_number
 
 
@@ -109,23 +109,25 @@ class Planner:
             self.forward_rows += sum(steps[sl])
         return torch.cat(out)
 
-    def _conditioning(self, model: CosmosPolicyModel, batch: ModelBatch) -> torch.Tensor:
-        prefix = model.layout.clean_prefix(SampleKind.POLICY)
-        return model.inject(model.encode(batch, prefix), batch)
-
     # ---- planning ------------------------------------------------------------------------
     @torch.no_grad()
     def infer(self, observation: Observation, seed: int | None = None) -> ActionChunk:
         return self.plan_batch([observation], [0 if seed is None else seed])[0]
 
     @torch.no_grad()
-    def plan_batch(self, observations: Sequence[Observation], seeds: Sequence[int]) -> list[ActionChunk]:
+    def plan_batch(self, observations: Sequence[Observation], seeds: Sequence[int],
+                   prepared: PreparedBatch | None = None) -> list[ActionChunk]:
+        """One plan per observation; ``prepared``: their inputs made ahead by ``CosmosPolicy.prepare`` (else here)."""
         cfg = self.config
         n, obs_count = cfg.num_candidates, len(observations)
-        batch = self.policy.batch(observations)
-        cond = self._conditioning(self.policy.model, batch)
+        if prepared is None:
+            prepared = self.policy.prepare(observations)
+        elif prepared.batch.batch_size != obs_count:
+            raise InputError(f"prepared: expected a batch of {obs_count} observations, got {prepared.batch.batch_size}")
+        prepared.use()
+        batch, cond = prepared.batch, prepared.conditioning
         shared_vae = self.planning.tokenizer.vae is self.policy.model.tokenizer.vae
-        plan_cond = cond if shared_vae else self._conditioning(self.planning, batch)
+        plan_cond = cond if shared_vae else self.planning.conditioning(batch)
 
         rep = torch.arange(obs_count).repeat_interleave(n)  # row -> observation
         cand_seeds = [int(seeds[o]) + c for o in range(obs_count) for c in range(n)]

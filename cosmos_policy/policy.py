@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -47,6 +49,32 @@ def _pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="jpeg")
     return _POOL
+
+
+@dataclass
+class PreparedBatch:
+    """A batch's model inputs and the latents it is conditioned on, made before its network passes.
+
+    What ``CosmosPolicy.prepare`` does (JPEG round trips, crop and resize, the VAE encode) depends on the frozen VAE and
+    the observations only, so a server prepares its next batch, on a CUDA stream of its own, while the current batch's
+    passes run; ``ready`` is the event that stream recorded at the end, which the passes wait for (None: made on the
+    stream that uses it, or on a CPU).
+    """
+
+    batch: ModelBatch
+    conditioning: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def use(self) -> None:
+        """Make the current stream wait for the preparation, and tell the allocator that the prepared tensors are used
+        on it (else their memory could be handed out again on the preparing stream while the passes still read it)."""
+        if self.ready is None:
+            return
+        stream = torch.cuda.current_stream(self.conditioning.device)
+        stream.wait_event(self.ready)
+        for t in (self.conditioning, *self.batch.images.values()):
+            if t.is_cuda:
+                t.record_stream(stream)
 
 
 class CosmosPolicy:
@@ -185,14 +213,34 @@ class CosmosPolicy:
 
     # ---- queries -------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, observations: Sequence[Observation], seeds: Sequence[int] | None = None) -> list[ActionChunk]:
-        """One query per observation, batched into as few passes as the mode allows."""
+    @torch.no_grad()
+    def prepare(self, observations: Sequence[Observation], stream: torch.cuda.Stream | None = None) -> PreparedBatch:
+        """The model inputs of ``observations`` and their conditioning latents (``PreparedBatch``), made on ``stream``
+        when given (an event marks their end there) so that they can be made while another batch's passes run."""
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            batch = self.batch(observations)
+            conditioning = self.model.conditioning(batch)
+            ready = None
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        return PreparedBatch(batch, conditioning, ready)
+
+    def predict(self, observations: Sequence[Observation], seeds: Sequence[int] | None = None,
+                prepared: PreparedBatch | None = None) -> list[ActionChunk]:
+        """One query per observation, batched into as few passes as the mode allows; ``prepared``: their inputs made
+        ahead by ``prepare`` (else made here)."""
         if not observations:
             return []
         cfg = self.config
         seeds = list(seeds) if seeds is not None else [cfg.seed] * len(observations)
-        batch = self.batch(observations)
-        pred = self.model.sample(batch, steps=cfg.action_steps, seed=seeds)
+        if prepared is None:
+            prepared = self.prepare(observations)
+        elif prepared.batch.batch_size != len(observations):
+            raise InputError(f"prepared: expected a batch of {len(observations)} observations, got {prepared.batch.batch_size}")
+        prepared.use()
+        batch = prepared.batch
+        pred = self.model.sample(batch, steps=cfg.action_steps, seed=seeds, clean_latents=prepared.conditioning)
         if cfg.mode == "autoregressive":
             pred = self.continue_autoregressively(batch, pred, seeds)
         self.queries += len(observations)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -77,9 +78,9 @@ class SizesSeen(CosmosPolicy):
 
     sizes: list[int]
 
-    def predict(self, observations, seeds=None):
+    def predict(self, observations, seeds=None, prepared=None):
         self.sizes.append(len(observations))
-        return super().predict(observations, seeds)
+        return super().predict(observations, seeds, prepared)
 
 
 def test_batches_are_padded_to_the_captured_sizes_and_the_padding_is_dropped(parts):
@@ -102,6 +103,59 @@ def test_batches_are_padded_to_the_captured_sizes_and_the_padding_is_dropped(par
         assert np.allclose(reply.actions, plain.infer(observation(seed), seed=seed).actions, atol=1e-4), seed
     server.warm_up(observation(0))  # one batch of each size before the first caller
     assert policy.sizes[-3:] == [1, 4, 8]
+
+
+class Overlapping(CosmosPolicy):
+    """The real policy; the first batch's passes wait until the batch after it has been prepared (a server that
+    prepared a batch only once the one before it had finished would leave them waiting out the timeout), and every
+    batch's passes note the thread they ran on."""
+
+    def arm(self) -> None:
+        self.prepared: list[int] = []
+        self.next_prepared = threading.Event()
+        self.overlapped: bool | None = None
+        self.armed = True
+
+    def prepare(self, observations, stream=None):
+        out = super().prepare(observations, stream)
+        if getattr(self, "armed", False):
+            self.prepared.append(len(observations))
+            if len(self.prepared) >= 2:
+                self.next_prepared.set()
+        return out
+
+    def predict(self, observations, seeds=None, prepared=None):
+        self.pass_threads.add(threading.get_ident())
+        if getattr(self, "armed", False) and self.overlapped is None:
+            self.overlapped = self.next_prepared.wait(timeout=30)
+        return super().predict(observations, seeds, prepared)
+
+
+def test_the_next_batch_is_prepared_while_a_batch_runs_and_the_passes_keep_one_thread(parts):
+    """server.prepare_ahead: preprocessing and the VAE encode of batch k+1 happen beside batch k's network passes (on a
+    GPU: on a second CUDA stream), and the passes of every batch run on one thread: a compiled network's CUDA graphs belong to the
+    thread that captured them (``warm_up`` captures on it too). The replies are the ones made one by one."""
+    model, stats, text = parts
+    policy = Overlapping(model, stats, text, PolicyConfig(action_steps=1))
+    policy.pass_threads = set()
+    config = ServerConfig(max_batch=2, max_wait_ms=100, batch_sizes=[1, 2], prepare_ahead=True)  # a GPU's default
+    server = BatchingServer(policy, config=config)
+    server.warm_up(observation(0))  # one batch of each size, on the passes' thread
+    assert len(policy.pass_threads) == 1
+    policy.arm()
+
+    async def burst():
+        return await asyncio.gather(*[server.act(observation(s), seed=s) for s in range(6)])
+
+    replies = asyncio.run(burst())
+    assert policy.overlapped is True and policy.prepared == [2, 2, 2], policy.prepared
+    assert len(policy.pass_threads) == 1 and threading.get_ident() not in policy.pass_threads
+    assert server.stats["prepare_s"] > 0 and server.stats["act_batches"] >= 3
+    plain = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=1))
+    for seed, reply in enumerate(replies):
+        assert np.allclose(reply.actions, plain.infer(observation(seed), seed=seed).actions, atol=1e-4), seed
+    with pytest.raises(ConfigError, match=r"server.prepare_ahead: expected true, false or null \(on a GPU\), got 'yes'"):
+        ServerConfig(prepare_ahead="yes")
 
 
 def test_act_and_plan_requests_mixed_get_their_own_replies(parts, tiny_config, libero):
