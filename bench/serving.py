@@ -122,6 +122,18 @@ def measure(server: BatchingServer, clients: int, args: argparse.Namespace, layo
             "gpu_utilization_pct": gpu.mean(), "seconds": round(wall, 1)}
 
 
+def profile_kernels(server: BatchingServer, clients: int, args: argparse.Namespace, layout, device: torch.device) -> None:
+    """Where the device's time goes while serving: the kernels of 2 s of closed-loop serving, by their total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    asyncio.run(closed_loop(server, clients, 1.0, args.plan_every, args.image_size, layout))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        asyncio.run(closed_loop(server, clients, 2.0, args.plan_every, args.image_size, layout))
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="2b", help="configs/model/<config>.yaml (2b on the GPU host; tiny for a CPU smoke run)")
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-cores", type=int, default=16, help="the GPU host's cores for simulators")
     parser.add_argument("--env-steps-per-s-per-core", type=float, default=None,
                         help="LIBERO env steps/s per core (default: bench/results/env_speed.json's)")
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of 2 s of serving at N = the largest batch size")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -155,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving with {accelerate(policy, planner, config)}", flush=True)  # the PolicyServer's own: CUDA graphs, float8
     server.warm_up(observation(model.layout, args.image_size), ("act", "plan") if planner is not None else ("act",))
     warm_s = time.perf_counter() - start
+    if args.profile:
+        profile_kernels(server, sizes[-1], args, model.layout, device)
     table = []
     for n in [int(c) for c in args.clients.split(",") if c]:
         row = measure(server, n, args, model.layout, device)
