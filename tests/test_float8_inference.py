@@ -19,7 +19,7 @@ from actors.policy_server import BatchingServer, accelerate, warm_up_observation
 from cosmos_policy.codec import NormalizationStats
 from cosmos_policy.errors import ConfigError
 from cosmos_policy.float8 import Float8InferenceLinear, convert_inference_float8, float8_layer, resolve_inference_float8
-from cosmos_policy.model import CosmosPolicyModel
+from cosmos_policy.model import GRAPHS_OPTIONS, CosmosPolicyModel
 from cosmos_policy.policy import CosmosPolicy, Observation, PolicyConfig
 from cosmos_policy.text import RandomTextEncoder, TextEmbeddingCache
 from launch.config import load_experiment
@@ -128,3 +128,6 @@ def test_float8_and_compile_settings_are_checked(tiny_config, libero):
         model.accelerate("off", "cuda")
     with pytest.raises(ConfigError, match="bench.float8: expected one of"):
         model.accelerate("fp8", field="bench")
+    # The graphs' inductor options name settings this torch has (a name it lacks would fail every GPU server's start).
+    with torch._inductor.config.patch({**GRAPHS_OPTIONS, "triton.cudagraphs": True}):
+        assert torch._inductor.config.triton.multi_kernel == 1 and torch._inductor.config.fx_graph_cache is False
