@@ -90,7 +90,7 @@ def products(batch: int, device: torch.device) -> None:
     from cosmos_policy.float8 import _quantize, _scale
 
     rows = batch * TOKENS
-    for k, n in ((WIDTH, WIDTH), (WIDTH, MLP), (MLP, WIDTH)):
+    for k, n in ((WIDTH, WIDTH), (WIDTH, 3 * WIDTH), (WIDTH, MLP), (MLP, WIDTH)):  # 3 x WIDTH: q, k and v as one product
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
         flops = 2 * rows * k * n

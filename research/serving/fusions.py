@@ -1,0 +1,311 @@
+"""Two fusions of the float8 network, to measure on a GPU before either goes into the product.
+
+research/serving's kernel profile of a served batch (batch 8, float8 rowwise, CUDA graphs) puts the 2048 x 2048
+products at 785 TFLOP/s against 1,181 for the MLP's 2048 x 8192, and the MLP's GELU-and-quantize kernel at 263 us a
+block where its bytes (the 8,192-wide rows read once, their float8 copy written) take about 130 us:
+
+- ``qkv``: the self-attention's q, k and v as one float8 product (2048 -> 6144) on one quantized input, instead of
+  three 2048 -> 2048 products. Each output row keeps its own weight scale, so the numbers are the three products'.
+- ``ffn``: the MLP's GELU and the row-wise float8 quantization of its output in one Triton kernel, one row per
+  program: the 8,192-wide row is read once, straight from the first product's output.
+
+Both keep the network's state dict as it is (the bf16 weights stay the modules' parameters; the float8 copies are
+buffers outside it, refreshed by a ``load_state_dict`` post-hook, as ``cosmos_policy.float8`` does), so published
+weights load unchanged.
+
+On a GPU (``python research/serving/fusions.py``) for each variant (``--variants none,qkv,ffn,qkv+ffn``) it builds the 2b
+policy at LIBERO shapes, converts it to float8 rowwise, measures the fused outputs against the unfused ones on 8 fixed
+observations and seeds (eagerly; next to the seed-to-seed spread), compiles it into CUDA graphs as the policy server
+does and serves N = ``--batch`` closed-loop clients for ``--seconds`` (bench/serving.py's loop). One JSON line each.
+``--cpu-check`` runs the same output check with the tiny network on a CPU, where the GELU kernel's torch twin stands
+in for Triton: Triton 3.6's interpreter (``TRITON_INTERPRET=1``) casts to float8 wrongly when rounding carries into the
+next power of two (127.7 -> 64 where the GPU and torch give 128), so it cannot check the kernel's numbers. On a GPU
+the kernel's numbers are checked against inductor's twin (``max_dequantized_difference``) and the network's actions
+against the unfused network's.
+
+Not yet run on a GPU (written 2026-12-07 after the session's GPU time was spent); the first thing to run:
+
+    python research/serving/fusions.py --variants none,qkv+ffn     # about 5 minutes on an H100
+    python research/serving/fusions.py --cpu-check --variants qkv,ffn,qkv+ffn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cosmos_policy.float8 import Float8InferenceLinear, _quantize, _scale  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU machine without triton: the torch twin below
+    triton = None
+
+
+# ---- the GELU and its row-wise float8 quantization, fused --------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _gelu_quantize_rows_kernel(h_ptr, q_ptr, scale_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        x = tl.load(h_ptr + row * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # GELU(x), exact (erf), as diffusers' "gelu"
+        amax = tl.max(tl.abs(y), axis=0)  # masked lanes are GELU(0) = 0
+        scale = tl.maximum(amax, 1e-12) / 448.0
+        q = tl.clamp(y / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * n_cols + offs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+
+def gelu_quantize_rows_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of the kernel: GELU in float32, then one float8 scale per row."""
+    y = F.gelu(h.float())
+    scale = _scale(y, rowwise=True)
+    return _quantize(y, scale), scale
+
+
+@torch.library.custom_op("cosmos_research::gelu_quantize_rows", mutates_args=())
+def gelu_quantize_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) bf16 -> (rows, n) float8 e4m3 and (rows, 1) float32 scales of GELU(h)."""
+    if triton is None or (h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return gelu_quantize_rows_reference(h)
+    rows, n = h.shape
+    h = h.contiguous()
+    q = torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=h.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
+    _gelu_quantize_rows_kernel[(rows,)](h, q, scale, n, BLOCK=triton.next_power_of_2(n), num_warps=8)
+    return q, scale
+
+
+@gelu_quantize_rows.register_fake
+def _(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=h.device), torch.empty((h.shape[0], 1), dtype=torch.float32, device=h.device)
+
+
+def _product(q: torch.Tensor, scale: torch.Tensor, layer: Float8InferenceLinear | Float8QKV, dtype: torch.dtype) -> torch.Tensor:
+    out_dtype = torch.bfloat16 if dtype == torch.float32 and q.device.type == "cuda" else dtype
+    out = torch._scaled_mm(q, layer.weight_f8.t(), scale_a=scale, scale_b=layer.weight_scale, out_dtype=out_dtype, use_fast_accum=True)
+    return out.to(dtype)
+
+
+class FusedFloat8FeedForward(torch.nn.Module):
+    """diffusers' ``FeedForward`` (GELU, bias-free in Cosmos) whose two float8 products meet through one fused kernel.
+
+    Made by swapping the class of an instance whose ``net[0].proj`` and ``net[2]`` are ``Float8InferenceLinear``: its
+    modules, parameters and state dict stay as they are."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        first, second = self.net[0].proj, self.net[2]
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scale = _scale(rows, rowwise=True)
+        h = _product(_quantize(rows, scale), scale, first, hidden_states.dtype)
+        if first.bias is not None:
+            h = h + first.bias
+        q, q_scale = gelu_quantize_rows(h)
+        out = _product(q, q_scale, second, hidden_states.dtype)
+        if second.bias is not None:
+            out = out + second.bias
+        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+
+
+def fuse_feed_forward(net: torch.nn.Module) -> int:
+    from diffusers.models.attention import FeedForward
+
+    fused_class = type("FusedFloat8FeedForward", (FusedFloat8FeedForward, FeedForward), {})
+    count = 0
+    for module in net.modules():
+        if isinstance(module, FeedForward) and isinstance(module.net[0].proj, Float8InferenceLinear) and isinstance(module.net[2], Float8InferenceLinear):
+            if not module.net[0].proj.rowwise or getattr(module.net[0], "approximate", "none") != "none":
+                raise ValueError("the fused feed-forward is written for rowwise float8 and the exact GELU")
+            module.__class__ = fused_class
+            count += 1
+    return count
+
+
+# ---- q, k and v as one product -------------------------------------------------------------------------------------
+class Float8QKV(torch.nn.Module):
+    """The float8 copies of an attention's q, k and v weights side by side (rowwise), with no parameters of its own."""
+
+    weight_f8: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, attn: torch.nn.Module) -> None:
+        super().__init__()
+        weights = [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]
+        rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+        device = weights[0].device
+        self.register_buffer("weight_f8", torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=device), persistent=False)
+        self.register_buffer("weight_scale", torch.ones((1, rows), dtype=torch.float32, device=device), persistent=False)
+        self.refresh(attn)
+
+    @torch.no_grad()
+    def refresh(self, attn: torch.nn.Module) -> None:
+        weight = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()
+        scale = _scale(weight, rowwise=True)
+        self.weight_f8.copy_(_quantize(weight, scale))
+        self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
+
+
+class FusedQKVProcessor:
+    """diffusers' ``CosmosAttnProcessor2_0`` for self-attention with q, k and v from one float8 product."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None) -> torch.Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        assert encoder_hidden_states is None and attention_mask is None, "self-attention only"
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scale = _scale(rows, rowwise=True)
+        qkv = _product(_quantize(rows, scale), scale, attn.fused_qkv, hidden_states.dtype)
+        qkv = qkv.reshape(*hidden_states.shape[:-1], qkv.shape[-1])
+        query, key, value = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, use_real=True, use_real_unbind_dim=-2)
+            key = apply_rotary_emb(key, image_rotary_emb, use_real=True, use_real_unbind_dim=-2)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def fuse_qkv(net: torch.nn.Module) -> int:
+    count = 0
+    for block in net.transformer_blocks:
+        attn = block.attn1
+        if not all(isinstance(getattr(attn, n), Float8InferenceLinear) for n in ("to_q", "to_k", "to_v")):
+            continue
+        if any(getattr(attn, n).bias is not None for n in ("to_q", "to_k", "to_v")) or not attn.to_q.rowwise:
+            raise ValueError("the fused q, k, v product is written for bias-free rowwise float8 layers")
+        attn.fused_qkv = Float8QKV(attn)
+        attn.register_load_state_dict_post_hook(lambda mod, _keys: mod.fused_qkv.refresh(mod))
+        attn.set_processor(FusedQKVProcessor())
+        count += 1
+    return count
+
+
+FUSIONS = {"qkv": fuse_qkv, "ffn": fuse_feed_forward}
+
+
+# ---- the measurements ------------------------------------------------------------------------------------------------
+def outputs(policy, observations, seeds) -> np.ndarray:
+    return np.stack([c.actions for c in policy.predict(observations, seeds)])
+
+
+def check(config: str, device: torch.device, fusions: list[str]) -> dict[str, object]:
+    """The fused network's actions against the unfused float8 network's, same observations and seeds, eagerly."""
+    from inference_speed import observation, parts
+
+    from cosmos_policy.policy import CosmosPolicy, PolicyConfig
+
+    model, stats, text = parts("libero", config, device)
+    model.accelerate("rowwise", "off", field="research")
+    policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5, prefix_encode=True))
+    obs = [observation(model.layout, 256, seed=100 + i) for i in range(8)]
+    seeds = list(range(8))
+    unfused, other = outputs(policy, obs, seeds), outputs(policy, obs, [s + 1000 for s in seeds])
+    counts = {name: FUSIONS[name](model.denoiser.net) for name in fusions}
+    fused = outputs(policy, obs, seeds)
+    state = {k: v.clone() for k, v in model.denoiser.net.state_dict().items()}
+    model.denoiser.net.load_state_dict(state)  # the post-hooks refresh the fused copies: the same numbers again
+    again = outputs(policy, obs, seeds)
+    spread = float(np.abs(other - unfused).mean())
+    return {"fused": counts, "mean_abs_action_error": round(float(np.abs(fused - unfused).mean()), 5),
+            "max_abs_action_error": round(float(np.abs(fused - unfused).max()), 5), "seed_spread": round(spread, 5),
+            "error_over_seed_spread": round(float(np.abs(fused - unfused).mean()) / max(spread, 1e-12), 4),
+            "same_after_reload": bool(np.array_equal(fused, again)), "state_dict_keys_unchanged": sorted(state) == sorted(model.denoiser.net.state_dict())}
+
+
+def serve(variant: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    """The variant compiled into CUDA graphs as the policy server does, and N = ``args.batch`` clients served."""
+    from inference_speed import observation, parts
+    from serving import measure
+
+    from actors.config import ServerConfig
+    from actors.policy_server import BatchingServer
+    from cosmos_policy.model import GRAPHS_OPTIONS
+    from cosmos_policy.policy import CosmosPolicy, PolicyConfig
+
+    model, stats, text = parts("libero", "2b", device)
+    model.accelerate("rowwise", "off", field="research")
+    counts = {name: FUSIONS[name](model.denoiser.net) for name in variant}
+    model.denoiser.net.compile(fullgraph=True, dynamic=False, options={**GRAPHS_OPTIONS, "triton.cudagraphs": True})
+    model.enable_prefix_encoder(max_clips=args.batch, compile=True, channels_last=True)
+    policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5, prefix_encode=True))
+    server = BatchingServer(policy, config=ServerConfig(max_batch=args.batch, max_wait_ms=2.0, batch_sizes=[args.batch]))
+    start = time.perf_counter()
+    server.warm_up(observation(model.layout, 256))
+    warm = time.perf_counter() - start
+    args.warmup_s, args.plan_every, args.image_size = 2.0, 0, 256
+    row = measure(server, args.batch, args, model.layout, device)
+    return {"fused": counts, "warm_up_s": round(warm, 1), **row}
+
+
+def kernel_times(device: torch.device, rows: int = 8 * 1764) -> dict[str, float]:
+    """The fused GELU-and-quantize kernel against inductor's (multi_kernel) on the MLP's rows at batch 8, in us."""
+    from cosmos_policy.model import GRAPHS_OPTIONS
+
+    h = torch.randn(rows, 8192, device=device, dtype=torch.bfloat16)
+    compiled = torch.compile(gelu_quantize_rows_reference, dynamic=False, options={k: v for k, v in GRAPHS_OPTIONS.items()})
+    fused = torch.ops.cosmos_research.gelu_quantize_rows
+    (q1, s1), (q2, s2) = compiled(h), fused(h)
+    mismatch = float((q1.float() * s1 - q2.float() * s2).abs().max())
+
+    def us(fn) -> float:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - start) / 50 * 1e6, 1)
+
+    return {"inductor_us": us(lambda: compiled(h)), "triton_us": us(lambda: fused(h)), "max_dequantized_difference": round(mismatch, 5),
+            "bytes_time_us_at_3TBps": round((h.numel() * 2 + h.numel()) / 3e12 * 1e6, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="none,qkv+ffn", help="comma-separated; each a '+'-joined set of fusions, or none")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--cpu-check", action="store_true", help="the output check alone, tiny network, on a CPU")
+    args = parser.parse_args()
+    variants = [[] if v == "none" else v.split("+") for v in args.variants.split(",")]
+    for v in variants:
+        for name in v:
+            if name not in FUSIONS:
+                parser.error(f"--variants: unknown fusion {name!r} (known: {sorted(FUSIONS)})")
+    if args.cpu_check:
+        for v in [v for v in variants if v]:
+            print(json.dumps({"check": "+".join(v), "config": "tiny", **check("tiny", torch.device("cpu"), v)}), flush=True)
+        return 0
+    device = torch.device("cuda")
+    print(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "gelu_quantize_kernel": kernel_times(device)}), flush=True)
+    for v in [v for v in variants if v]:
+        print(json.dumps({"check": "+".join(v), "config": "2b", **check("2b", device, v)}), flush=True)
+        torch.cuda.empty_cache()
+    for v in variants:
+        print(json.dumps({"serve": "+".join(v) or "none", **serve(v, args, device)}), flush=True)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
