@@ -16,6 +16,12 @@ LIBERO figure by default): the larger of the two, as the two overlap.
 
     python bench/serving.py                                   # on the GPU host: bench/results/serving.json
     python bench/serving.py --config tiny --clients 1,4 --seconds 3 --no-compile --out /tmp/serving.json   # a CPU smoke run
+
+A run that must be cut short (each captured size compiles for about 100 s) is split by N: the later run names the
+earlier one's file with ``--merge`` (same machine and settings), and its rows join that table.
+
+    python bench/serving.py --float8 rowwise --batch-sizes 1,4 --clients 1,4 --out bench/results/serving_1_4.json
+    python bench/serving.py --float8 rowwise --batch-sizes 8,16 --clients 8,16,32,64 --merge bench/results/serving_1_4.json
 """
 
 from __future__ import annotations
@@ -134,6 +140,26 @@ def profile_kernels(server: BatchingServer, clients: int, args: argparse.Namespa
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
 
 
+def check_mergeable(earlier: dict, settings: dict, path: str) -> None:
+    """An earlier call's result (``--merge``) must share the machine and the settings that change a row's meaning."""
+    for field, value in settings.items():
+        if earlier.get(field) != value:
+            raise SystemExit(f"--merge {path}: its {field} is {earlier.get(field)!r}, this run's is {value!r}: "
+                             "rows of different machines or settings do not form one table")
+    if not isinstance(earlier.get("table"), list):
+        raise SystemExit(f"--merge {path}: expected a 'table' list of rows (a bench/serving.py result), got {type(earlier.get('table')).__name__}")
+
+
+def merged_table(earlier: dict, table: list[dict], calls: list[dict]) -> tuple[list[dict], list[dict]]:
+    """This call's rows joined to an earlier call's (``--merge``, checked by ``check_mergeable``); this call's row of an N
+    replaces the earlier one. Returns the table by N and the calls that made it."""
+    before = earlier.get("calls") or [{"command": earlier.get("command"), "batch_sizes": earlier.get("batch_sizes"),
+                                       "warm_up_s": earlier.get("warm_up_s"), "date": earlier.get("date")}]
+    rows = {r["clients"]: {"batch_sizes": before[-1]["batch_sizes"], **r} for r in earlier["table"]}
+    rows.update({r["clients"]: r for r in table})
+    return [rows[n] for n in sorted(rows)], before + calls
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="2b", help="configs/model/<config>.yaml (2b on the GPU host; tiny for a CPU smoke run)")
@@ -154,9 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-steps-per-s-per-core", type=float, default=None,
                         help="LIBERO env steps/s per core (default: bench/results/env_speed.json's)")
     parser.add_argument("--profile", action="store_true", help="print the GPU kernels of 2 s of serving at N = the largest batch size")
+    parser.add_argument("--merge", default=None, help="an earlier call's serving.json (same machine and settings): its rows join "
+                        "this run's table, this run's replacing those of the same N")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    settings = {"machine": machine, "model": args.config, "compiled": args.compile, "max_wait_ms": args.max_wait_ms,
+                "plan_every": args.plan_every, "float8": args.float8}
+    if args.merge and not Path(args.merge).is_file():
+        parser.error(f"--merge: expected an earlier run's result file, {args.merge!r} does not exist")
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else None
+    if earlier is not None:  # before the minutes of compiling
+        check_mergeable(earlier, settings, args.merge)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     model, stats, text = parts("libero", args.config, device)
     policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5, prefix_encode=True))
@@ -172,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         profile_kernels(server, sizes[-1], args, model.layout, device)
     table = []
     for n in [int(c) for c in args.clients.split(",") if c]:
-        row = measure(server, n, args, model.layout, device)
+        row = {**measure(server, n, args, model.layout, device), "batch_sizes": sizes}
         table.append(row)
         print(json.dumps(row), flush=True)
+    command = " ".join(["python bench/serving.py", *(argv if argv is not None else sys.argv[1:])])
+    calls = [{"command": command, "batch_sizes": sizes, "warm_up_s": round(warm_s, 1), "date": time.strftime("%Y-%m-%d")}]
+    if earlier is not None:
+        table, calls = merged_table(earlier, table, calls)
     fits = [r for r in table if r["p99_latency_s"] is not None and r["p99_latency_s"] <= 0.5] or table
     best = max(fits, key=lambda r: r["queries_per_s"])
     per_core = args.env_steps_per_s_per_core
@@ -187,10 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "what": "policy queries served by one GPU to N closed-loop clients (raw LIBERO observations), through the PolicyServer's "
                 "batching; the LIBERO protocol's wall time projected from it",
-        "command": " ".join(["python bench/serving.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        "date": time.strftime("%Y-%m-%d"), "model": args.config, "compiled": args.compile, "batch_sizes": sizes,
-        "max_wait_ms": args.max_wait_ms, "plan_every": args.plan_every, "float8": args.float8, "warm_up_s": round(warm_s, 1),
+        "command": " && ".join(c["command"] for c in calls), **settings, "date": time.strftime("%Y-%m-%d"),
+        "batch_sizes": sorted({b for c in calls for b in c["batch_sizes"]}), "warm_up_s": round(warm_s, 1), "calls": calls,
         "queries_per_s_libero": best["queries_per_s"], "p99_latency_s": best["p99_latency_s"], "best_clients": best["clients"],
         "table": table,
         "full_libero_protocol_min_projected": round(max(serving_min, env_min), 1),

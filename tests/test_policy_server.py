@@ -196,6 +196,35 @@ def checkpoints(parts, tmp_path_factory, tiny_config, libero):
     return root
 
 
+def test_the_serving_bench_joins_calls_of_one_machine_and_refuses_others() -> None:
+    """bench/serving.py --merge: a run split over device calls joins its tables by N (the later call's row of an N
+    wins); a file of another machine or setting is refused, naming the field, before any minutes of compiling."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("serving_bench", Path(__file__).resolve().parents[1] / "bench" / "serving.py")
+    bench, path = importlib.util.module_from_spec(spec), list(sys.path)
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path[:] = path  # the bench puts bench/ first on the path for its own imports
+    settings = {"machine": "NVIDIA H200", "model": "2b", "compiled": True, "max_wait_ms": 2.0, "plan_every": 0, "float8": "rowwise"}
+    earlier = {**settings, "command": "python bench/serving.py --batch-sizes 1,4 --clients 1,4", "batch_sizes": [1, 4], "warm_up_s": 200.0,
+               "date": "2026-12-07", "table": [{"clients": 1, "queries_per_s": 11.0}, {"clients": 4, "queries_per_s": 14.0}]}
+    bench.check_mergeable(earlier, settings, "a.json")
+    calls = [{"command": "python bench/serving.py --batch-sizes 4,8 --clients 4,8", "batch_sizes": [4, 8]}]
+    table, joined = bench.merged_table(earlier, [{"clients": 8, "queries_per_s": 16.0, "batch_sizes": [4, 8]},
+                                                 {"clients": 4, "queries_per_s": 14.5, "batch_sizes": [4, 8]}], calls)
+    assert [(r["clients"], r["queries_per_s"], r["batch_sizes"]) for r in table] == [(1, 11.0, [1, 4]), (4, 14.5, [4, 8]), (8, 16.0, [4, 8])]
+    assert [c["command"] for c in joined] == [earlier["command"], calls[0]["command"]]
+    with pytest.raises(SystemExit, match=r"--merge a.json: its machine is 'NVIDIA H100 80GB HBM3', this run's is 'NVIDIA H200'"):
+        bench.check_mergeable({**earlier, "machine": "NVIDIA H100 80GB HBM3"}, settings, "a.json")
+    with pytest.raises(SystemExit, match=r"--merge a.json: its float8 is 'off'"):
+        bench.check_mergeable({**earlier, "float8": "off"}, settings, "a.json")
+    with pytest.raises(SystemExit, match=r"--merge a.json: expected a 'table' list of rows"):
+        bench.check_mergeable({**settings, "table": None}, settings, "a.json")
+
+
 def test_eight_ray_callers_get_their_own_replies_in_fewer_passes(ray_local, parts, checkpoints):
     ray = ray_local
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
