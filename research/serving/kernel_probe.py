@@ -8,12 +8,14 @@ output is one JSON object: the kernel, its shape, milliseconds (median of 20 aft
 attention its largest difference from the flash kernel's output.
 
     python research/serving/kernel_probe.py [--batches 1,8]
+    python research/serving/kernel_probe.py --parts vae_convs --batches 8    # the VAE encode's convolutions, layer by layer
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -127,10 +129,86 @@ def vae(batches: list[int], device: torch.device) -> None:
                  ms_per_query=round(ms / b, 2))
 
 
+def vae_convs(batch: int, device: torch.device, config: str = "2b") -> None:
+    """Each 3-D convolution of one VAE encode of ``batch`` queries (eager, channels-last, cuDNN's choice), summed by
+    layer: which of them make the encode's 6.7 ms a query at batch 8 (the profile's 3.3 ms kernel on an sm80 tile, the
+    3-channel input's convolution without tensor cores). Then the input's convolution again with its 3 channels padded
+    to 8 and 16 (zero weights: the same output), and the busiest layer with its channels padded to the next multiple of
+    64 (more work: whether a Hopper kernel then runs it faster all the same)."""
+    from inference_speed import observation, parts
+
+    from cosmos_policy.policy import CosmosPolicy, PolicyConfig
+
+    model, stats, text = parts("libero", config, device)
+    policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=5, prefix_encode=True))
+    model.enable_prefix_encoder(max_clips=batch, compile=False, channels_last=True)
+    prepared = policy.batch([observation(model.layout, 256, seed=i) for i in range(batch)])
+    frames = model.layout.clean_prefix("policy")
+    cuda = device.type == "cuda"
+
+    def clock() -> object:
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed_ms(start: object, end: object) -> float:
+        return start.elapsed_time(end) if cuda else (end - start) * 1e3  # type: ignore[union-attr, operator]
+
+    convs = {m: name for name, m in model.tokenizer.vae.encoder.named_modules() if isinstance(m, torch.nn.Conv3d)}
+    records: list[tuple[torch.nn.Module, object, object, tuple[int, ...], tuple[int, ...]]] = []
+
+    def before(module, args):
+        module._probe_start = clock()
+
+    def after(module, args, out):
+        records.append((module, module._probe_start, clock(), tuple(args[0].shape), tuple(out.shape)))
+
+    handles = [h for m in convs for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    with torch.no_grad():
+        model.encode(prepared, frames)  # warm-up: cuDNN picks its kernels
+        records.clear()
+        model.encode(prepared, frames)
+    if cuda:
+        torch.cuda.synchronize()
+    for h in handles:
+        h.remove()
+    layers: dict[str, dict[str, object]] = {}
+    for module, start, end, shape_in, shape_out in records:
+        row = layers.setdefault(convs[module], {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                                                "kernel_size": list(module.kernel_size), "input": list(shape_in), "calls": 0, "ms": 0.0, "tflop": 0.0})
+        row["calls"] += 1
+        row["ms"] += elapsed_ms(start, end)
+        row["tflop"] += 2 * float(math.prod(shape_out)) * module.in_channels * float(math.prod(module.kernel_size)) / module.groups / 1e12
+    total = sum(r["ms"] for r in layers.values())
+    for name, row in sorted(layers.items(), key=lambda kv: -kv[1]["ms"]):
+        emit(kernel="vae_conv", batch=batch, layer=name, **{**row, "ms": round(row["ms"], 3), "tflop": round(row["tflop"], 4)},
+             tflops=round(row["tflop"] / max(row["ms"], 1e-9) * 1e3, 1), share=round(row["ms"] / max(total, 1e-9), 3))
+    emit(kernel="vae_convs_total", batch=batch, ms=round(total, 2), ms_per_query=round(total / batch, 2))
+
+    def conv_ms(cin: int, cout: int, shape: list[int], kernel: list[int]) -> float | None:
+        x = torch.randn([shape[0], cin, *shape[2:]], device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        w = torch.randn([cout, cin, *kernel], device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        run = lambda: F.conv3d(x, w)  # noqa: E731
+        return round(timed_ms(run, 3, 10), 3) if cuda else None  # timed on a GPU only
+
+    first = next((r for r in layers.values() if r["in_channels"] == 3), None)
+    if first is not None:
+        for cin in (3, 8, 16):
+            emit(kernel="vae_input_conv_padded", batch=batch, in_channels=cin, out_channels=first["out_channels"],
+                 input=first["input"], ms=conv_ms(cin, first["out_channels"], first["input"], first["kernel_size"]))
+    busiest = max(layers.values(), key=lambda r: r["ms"] / max(r["calls"], 1))
+    for cin, cout in ((busiest["in_channels"], busiest["out_channels"]),
+                      (-(-busiest["in_channels"] // 64) * 64, -(-busiest["out_channels"] // 64) * 64)):
+        emit(kernel="vae_busiest_conv_padded", batch=batch, in_channels=cin, out_channels=cout, input=busiest["input"],
+             ms=conv_ms(cin, cout, busiest["input"], busiest["kernel_size"]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--parts", default="attention,products,vae")
+    parser.add_argument("--parts", default="attention,products,vae", help="comma-separated: attention, products, vae, vae_convs")
     args = parser.parse_args()
     device = torch.device("cuda")
     emit(device=torch.cuda.get_device_name(device), torch=torch.__version__, cudnn=torch.backends.cudnn.version())
@@ -138,6 +216,9 @@ def main() -> int:
     for part in args.parts.split(","):
         if part == "vae":
             vae(batches, device)
+            continue
+        if part == "vae_convs":
+            vae_convs(max(batches), device)
             continue
         for b in batches:
             {"attention": attention, "products": products}[part](b, device)
