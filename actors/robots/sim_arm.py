@@ -40,7 +40,6 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
