@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from actors.config import ServerConfig  # noqa: E402
 from actors.policy_server import BatchingServer, accelerate  # noqa: E402
+from cosmos_policy.float8 import resolve_inference_float8  # noqa: E402
 from cosmos_policy.planner import Planner, PlannerConfig  # noqa: E402
 from cosmos_policy.policy import CosmosPolicy, PolicyConfig  # noqa: E402
 from inference_speed import observation, parts  # noqa: E402
@@ -186,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    recipe = resolve_inference_float8(args.float8, device, "--float8")
     settings = {"machine": machine, "model": args.config, "compiled": args.compile, "max_wait_ms": args.max_wait_ms,
-                "plan_every": args.plan_every, "float8": args.float8}
+                "plan_every": args.plan_every, "float8": args.float8,
+                "float8_blocks": "fused" if recipe == "rowwise" else "plain"}  # cosmos_policy.fused_float8, rowwise's default
     if args.merge and not Path(args.merge).is_file():
         parser.error(f"--merge: expected an earlier run's result file, {args.merge!r} does not exist")
     earlier = json.loads(Path(args.merge).read_text()) if args.merge else None

@@ -131,3 +131,55 @@ def test_float8_and_compile_settings_are_checked(tiny_config, libero):
     # The graphs' inductor options name settings this torch has (a name it lacks would fail every GPU server's start).
     with torch._inductor.config.patch({**GRAPHS_OPTIONS, "triton.cudagraphs": True}):
         assert torch._inductor.config.triton.multi_kernel == 1 and torch._inductor.config.fx_graph_cache is False
+
+
+def test_fused_blocks_compute_the_plain_float8_blocks_numbers(tiny_config, libero, stats_text):
+    """The fused blocks (``cosmos_policy.fused_float8``, rowwise's default) give the plain float8 layers' actions, keep the
+    state dict, take loaded versions into their joined q, k, v copy in place, and trace whole under torch.compile."""
+    from cosmos_policy.fused_float8 import FusedFloat8Block, add_norm_quantize, gelu_quantize_rows, norm_quantize
+
+    fused = policy_of(tiny_config, libero, stats_text, float8="rowwise")
+    plain_model = CosmosPolicyModel.build(tiny_config, libero, seed=0).eval()
+    before = {k: (v.shape, v.dtype) for k, v in plain_model.denoiser.net.state_dict().items()}
+    convert_inference_float8(plain_model.denoiser.net, "rowwise", fuse=False)
+    plain = CosmosPolicy(plain_model, *stats_text, PolicyConfig(action_steps=2))
+    net = fused.model.denoiser.net
+    assert sum(isinstance(b, FusedFloat8Block) for b in net.transformer_blocks) == tiny_config.network.num_layers
+    assert not any(isinstance(b, FusedFloat8Block) for b in plain_model.denoiser.net.transformer_blocks)
+    assert {k: (v.shape, v.dtype) for k, v in net.state_dict().items()} == before
+    for seed in range(2):
+        assert np.allclose(fused.infer(observation(seed), seed=seed).actions, plain.infer(observation(seed), seed=seed).actions, atol=1e-5)
+
+    joined = net.transformer_blocks[0].attn1.qkv_f8
+    pointer, state = joined.data_ptr(), another_version(tiny_config, libero, seed=5)
+    fused.load_weights(state, 2)
+    plain.load_weights(state, 2)
+    assert net.transformer_blocks[0].attn1.qkv_f8.data_ptr() == pointer  # in place: captured graphs stay valid
+    assert np.allclose(fused.infer(observation(0), seed=0).actions, plain.infer(observation(0), seed=0).actions, atol=1e-5)
+
+    # A block called with shapes the kernels are not written for (no whole frames) runs the block's own forward.
+    block, other = net.transformer_blocks[0], plain_model.denoiser.net.transformer_blocks[0]
+    tpf, d = block.norm1.tokens_per_frame, block.norm1.norm.normalized_shape[0]
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(2, 5, tiny_config.text.embed_dim, generator=g)
+    for tokens in (2 * tpf, tpf + 1):
+        x, e = torch.randn(2, tokens, d, generator=g), torch.randn(2, tokens, d, generator=g)
+        assert torch.allclose(block(x, text, e), other(x, text, e), atol=1e-5), tokens
+
+    # The kernels' fake shapes agree with what they compute, so whole-graph compiles trace them.
+    rows, frames = 2 * tpf, 2
+    x, y = torch.randn(rows, d), torch.randn(rows, d)
+    gate, shift, scale = (torch.randn(frames, d) for _ in range(3))
+    torch.library.opcheck(add_norm_quantize, (x, y, gate, shift, scale, tpf, 1e-6))
+    torch.library.opcheck(norm_quantize, (x, shift, scale, tpf, 1e-6))
+    torch.library.opcheck(gelu_quantize_rows, (torch.randn(rows, 4 * d),))
+    calls: list[str] = []
+
+    def backend(graph: torch.fx.GraphModule, _inputs: list) -> object:
+        calls.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+
+    traced = torch.compile(block, backend=backend, fullgraph=True)
+    x, e = torch.randn(2, 2 * tpf, d, generator=g), torch.randn(2, 2 * tpf, d, generator=g)
+    assert torch.allclose(traced(x, text, e), block(x, text, e))
+    assert sum("cosmos_policy" in c for c in calls) == 4, calls  # the fused path ran: norm, two add-norms, GELU
