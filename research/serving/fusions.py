@@ -17,7 +17,7 @@ that result. On an H100 (``results/2026-12-07_norms_h100.jsonl``) ``norms`` serv
 It is now the product's ``cosmos_policy.fused_float8`` (rowwise float8's default); this script measures it against
 the plain float8 layers (``convert_inference_float8(..., fuse=False)``).
 
-For each variant (``none`` or ``norms``) it builds the 2b policy at LIBERO shapes in float8 rowwise, measures the fused
+For each variant (``none``, ``norms``, ``norms+qk``) it builds the 2b policy at LIBERO shapes in float8 rowwise, measures the fused
 outputs against the unfused ones on 8 fixed observations and seeds (eagerly, next to the seed-to-seed spread), compiles
 it into CUDA graphs as the policy server does and serves N = ``--batch`` closed-loop clients for ``--seconds``
 (bench/serving.py's loop). ``kernel_times`` times the fused kernels alone at batch 8 against inductor's compile of their
@@ -27,7 +27,14 @@ starts one for each): CUDA graph trees keep their state in the thread that first
 compiled graphs, run on its own new passes thread, fail (pytorch/pytorch#123177, fixed in later torch). The product
 makes one server per process.
 
-    python research/serving/fusions.py --variants none,norms --seconds 20   # kernels, check, 2 served: ~7 min
+``qk`` (on top of ``norms``, research only, not yet run on a GPU): the attention's q and k RMS norms and rotary
+embedding in one Triton kernel a tensor (``rms_norm_rope``), read straight from the q, k, v product's rows. On a CPU its
+torch twin gives the plain network's actions exactly (``--cpu-check --variants norms+qk``); Triton 3.6's interpreter
+(``TRITON_INTERPRET=1``, triton on the path) runs the kernel on 392 rows of 2b's 16 heads of 128 with every value
+equal to the twin's but for the interpreter's float32 -> bfloat16 rounding toward zero: with that rounding emulated at
+the kernel's three roundings, all but 3 of 802,816 values are equal (those 3 one bf16 step apart).
+
+    python research/serving/fusions.py --variants none,norms,norms+qk --seconds 20   # kernels, checks, 3 served: ~10 min
     python research/serving/fusions.py --serve-only --variants norms,none --seconds 30
 """
 
@@ -42,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -57,7 +65,132 @@ from cosmos_policy.fused_float8 import (  # noqa: E402
     norm_quantize,
 )
 
-FUSIONS = {"norms": fuse_float8_blocks}  # the product's fused block (the q, k, v product and the GELU kernel with it)
+from cosmos_policy.fused_float8 import FusedFloat8Block, _layer_product, _product  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU machine without triton: the torch twin below
+    triton = None
+
+
+# ---- the attention's q and k norms and rotary embedding, fused (``qk``, after ``norms``) ------------------------------
+# The fused block's profile left these as the largest elementwise kernels: the q and k RMS norms over each head's 128
+# channels and the rotary embedding ran as three kernels a block pass (152, 34 and 31 us at batch 8 on the H100; 4.7 %,
+# 1.1 % and 1.0 % of a served batch's GPU time, ``results/2026-12-07_profile_b8_multi_kernel_h100.txt``), and the
+# cross-attention's query norm as one more. Here one kernel a tensor, one token row per program (all heads at once): it
+# reads the row straight out of the q, k, v product (v is left a view) and writes the normed, rotated row, with the
+# roundings diffusers' RMSNorm and ``apply_rotary_emb`` make (to bf16 after the norm, after the weight, after the
+# rotation). Bytes: 58 MB read and written a tensor at batch 8, about 40 us at 3 TB/s.
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, tokens, eps, HEADS: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, HAS_ROPE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, HEADS)[:, None]
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        x = tl.load(x_ptr + row * x_stride + h * HEAD_DIM + d).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]  # one scale per head
+        w = tl.load(w_ptr + d).to(tl.float32)
+        n = ((x * r).to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16).to(tl.float32)
+        if HAS_ROPE:  # diffusers' use_real_unbind_dim=-2: channel c pairs with c +- HEAD_DIM / 2
+            half: tl.constexpr = HEAD_DIM // 2
+            dp = (d + half) % HEAD_DIM
+            xp = tl.load(x_ptr + row * x_stride + h * HEAD_DIM + dp).to(tl.float32)
+            wp = tl.load(w_ptr + dp).to(tl.float32)
+            npair = ((xp * r).to(tl.bfloat16).to(tl.float32) * wp).to(tl.bfloat16).to(tl.float32)
+            token = row % tokens
+            cos = tl.load(cos_ptr + token * HEAD_DIM + d)
+            sin = tl.load(sin_ptr + token * HEAD_DIM + d)
+            n = n * cos + tl.where(d < half, -npair, npair) * sin
+        tl.store(out_ptr + row * (HEADS * HEAD_DIM) + h * HEAD_DIM + d, n.to(tl.bfloat16))
+
+
+def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                            heads: int, eps: float) -> torch.Tensor:
+    """diffusers' RMSNorm of each head, then ``apply_rotary_emb`` (real, unbind -2), on (rows, heads x head_dim) rows."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    rows, width = x.shape
+    v = x.reshape(rows, heads, width // heads)
+    variance = v.float().pow(2).mean(-1, keepdim=True)
+    n = v * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        n = n.to(weight.dtype)
+    n = n * weight
+    if cos is not None:
+        tokens = cos.shape[0]
+        n = n.reshape(rows // tokens, tokens, heads, -1).transpose(1, 2)  # (B, H, N, Dh) as the processor has it
+        n = apply_rotary_emb(n, (cos, sin), use_real=True, use_real_unbind_dim=-2).transpose(1, 2)
+    return n.reshape(rows, width).to(x.dtype)
+
+
+@torch.library.custom_op("cosmos_research::rms_norm_rope", mutates_args=())
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int,
+                  eps: float) -> torch.Tensor:
+    """(rows, heads x head_dim) rows (a view with any row stride) -> their per-head RMS norm (and rotary embedding: cos,
+    sin (tokens, head_dim), row r at token r % tokens), (rows, heads x head_dim) contiguous."""
+    rows, width = x.shape
+    use_kernel = (triton is not None and x.device.type == "cuda" and x.dtype == torch.bfloat16 and x.stride(1) == 1
+                  and weight.dtype == torch.bfloat16 and heads & (heads - 1) == 0 and (width // heads) & (width // heads - 1) == 0)
+    if not use_kernel:
+        return rms_norm_rope_reference(x, weight, cos, sin, heads, eps)
+    out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
+    rope = cos is not None
+    _rms_norm_rope_kernel[(rows,)](x, x.stride(0), weight, cos.contiguous() if rope else weight, sin.contiguous() if rope else weight,
+                                   out, cos.shape[0] if rope else 1, eps, HEADS=heads, HEAD_DIM=width // heads, HAS_ROPE=rope,
+                                   num_warps=4)
+    return out
+
+
+@rms_norm_rope.register_fake
+def _(x, weight, cos, sin, heads, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+class FusedQKBlock(FusedFloat8Block):
+    """The product's fused block with the attention's q and k norms and rotary embedding in ``rms_norm_rope``."""
+
+    def _self_attention(self, q8, s8, shape, dtype, image_rotary_emb):
+        attn = self.attn1
+        b, n, d = shape
+        qkv = _product(q8, s8, attn.qkv_f8, attn.qkv_scale, dtype)  # (B x N, 3 D)
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        query = rms_norm_rope(qkv[:, :d], attn.norm_q.weight, cos, sin, attn.heads, attn.norm_q.eps)
+        key = rms_norm_rope(qkv[:, d:2 * d], attn.norm_k.weight, cos, sin, attn.heads, attn.norm_k.eps)
+        query, key, value = (t.reshape(b, n, attn.heads, -1).transpose(1, 2) for t in (query, key, qkv[:, 2 * d:]))
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _cross_attention(self, q8, s8, shape, dtype, encoder_hidden_states, attention_mask):
+        attn = self.attn2
+        b, n, d = shape
+        query = rms_norm_rope(_layer_product(q8, s8, attn.to_q, dtype), attn.norm_q.weight, None, None, attn.heads, attn.norm_q.eps)
+        query = query.reshape(b, n, attn.heads, -1).transpose(1, 2)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        key, value = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (key, value))
+        key = attn.norm_k(key)
+        if key.shape[1] != query.shape[1]:
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def fuse_qk(net: torch.nn.Module) -> int:
+    """The product's fused blocks (``norms`` first) made ``FusedQKBlock``: returns how many."""
+    count = 0
+    for block in net.transformer_blocks:
+        if type(block) is FusedFloat8Block and block.attn1.norm_q.weight is not None and block.attn2.norm_q.weight is not None:
+            block.__class__ = FusedQKBlock
+            count += 1
+    return count
+
+
+FUSIONS = {"norms": fuse_float8_blocks, "qk": fuse_qk}  # norms: the product's fused block; qk: on top of it
 
 
 # ---- the measurements ------------------------------------------------------------------------------------------------
@@ -177,6 +310,17 @@ def kernel_times(device: torch.device, rows: int = 8 * 1764, tokens_per_frame: i
     flop = 2 * rows * d * 3 * d
     out["qkv_products"] = {"three_us": three, "one_us": one, "three_tflops": round(flop / three / 1e6, 1), "one_tflops": round(flop / one / 1e6, 1),
                            "max_difference": round(float((torch.cat([product(*w) for w in singles], dim=1).float() - product(*joined).float()).abs().max()), 5)}
+    # the q or k rows of the fused product's output (a view, row stride 3 D): norm and rotary, against inductor's twin
+    heads, head_dim = 16, 128
+    qkv = torch.randn(rows, 3 * d, device=device, dtype=torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(head_dim, device=device)).to(torch.bfloat16)
+    angles = torch.rand(tokens_per_frame * 9, head_dim, device=device) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    twin = compiled(lambda x: rms_norm_rope_reference(x, weight, cos, sin, heads, 1e-6))
+    a, b = twin(qkv[:, :d]), rms_norm_rope(qkv[:, :d], weight, cos, sin, heads, 1e-6)
+    out["rms_norm_rope"] = {"inductor_us": _us(lambda: twin(qkv[:, :d])), "triton_us": _us(lambda: rms_norm_rope(qkv[:, :d], weight, cos, sin, heads, 1e-6)),
+                            "max_difference": round(float((a.float() - b.float()).abs().max()), 5),
+                            "bytes_time_us_at_3TBps": round(rows * d * 4 / 3e12 * 1e6, 1)}
     return out
 
 
