@@ -629,12 +629,14 @@ def test_the_actors_go_on_while_the_learner_restarts(tmp_path: Path) -> None:
     rates = _records(run_dir, "rates")
     both = [r for r in rates if r["env_steps"] > 0 and r["learner_samples"] > 0]
     assert both, rates  # collection and refinement at once
-    # From the learner's loss to its return (its first samples after the warning), every whole interval saw env steps.
+    # From the learner's loss to its return (its first samples after the warning), episodes kept ending. A rates record
+    # counts the steps of the episodes that ended in its 3 s, and an episode here (34 steps, 2 runners on 2 busy cores)
+    # can take longer than that, so one interval may see none; two in a row would be collection stopped.
     (lost_at,) = [t for t, line in lines if "learner lost a rank" in line]
     after = [r for r in rates if r["time"] - r["interval_s"] >= lost_at]
     back = next(i for i, r in enumerate(after) if r["learner_samples"] > 0)
     down = after[:back]
-    assert len(down) >= 2 and all(r["env_steps"] > 0 for r in down), (down, after[back])
+    assert len(down) >= 2 and all(a["env_steps"] + b["env_steps"] > 0 for a, b in zip(down, down[1:])), (down, after[back])
     assert [e["weight_version"] for e in _records(run_dir, "eval")] == [0, 2, 4]
     online = [r for r in _records(run_dir, "learner") if r["phase"] == "planning_online"]
     assert max(r["learner/step"] for r in online) == 40
