@@ -191,6 +191,18 @@ def _modulation(norm: PerFrameAdaLayerNormZero, embedded_timestep: torch.Tensor,
     return [t.reshape(b * frames, -1) for t in e.chunk(3, dim=-1)]
 
 
+def attend(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The rest of diffusers' ``CosmosAttnProcessor2_0`` from normed (and rotated) (B, H, N, Dh) queries and keys:
+    grouped keys and values repeated, attention, the output projection."""
+    if key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 class FusedFloat8Block(CosmosTransformerBlock):
     """diffusers' Cosmos transformer block whose norms feed its float8 products already quantized.
 
@@ -238,9 +250,7 @@ class FusedFloat8Block(CosmosTransformerBlock):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, use_real=True, use_real_unbind_dim=-2)
             key = apply_rotary_emb(key, image_rotary_emb, use_real=True, use_real_unbind_dim=-2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attend(attn, query, key, value, None)
 
     def _cross_attention(self, q8: torch.Tensor, s8: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
                          encoder_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -249,13 +259,7 @@ class FusedFloat8Block(CosmosTransformerBlock):
         query = _layer_product(q8, s8, attn.to_q, dtype).reshape(*shape[:-1], -1)
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key, value = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if key.shape[1] != query.shape[1]:  # grouped keys and values, repeated as diffusers' processor does
-            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attend(attn, attn.norm_q(query), attn.norm_k(key), value, attention_mask)
 
 
 def _fusable(block: torch.nn.Module) -> bool:
@@ -298,5 +302,5 @@ def fuse_float8_blocks(net: torch.nn.Module) -> int:
     return count
 
 
-__all__ = ["FusedFloat8Block", "add_norm_quantize", "add_norm_quantize_reference", "fuse_float8_blocks",
+__all__ = ["FusedFloat8Block", "add_norm_quantize", "attend", "add_norm_quantize_reference", "fuse_float8_blocks",
            "gelu_quantize_rows", "gelu_quantize_rows_reference", "norm_quantize"]

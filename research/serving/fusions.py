@@ -49,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -65,7 +64,7 @@ from cosmos_policy.fused_float8 import (  # noqa: E402
     norm_quantize,
 )
 
-from cosmos_policy.fused_float8 import FusedFloat8Block, _layer_product, _product  # noqa: E402
+from cosmos_policy.fused_float8 import FusedFloat8Block, _layer_product, _product, attend  # noqa: E402
 
 try:
     import triton
@@ -160,9 +159,7 @@ class FusedQKBlock(FusedFloat8Block):
         query = rms_norm_rope(qkv[:, :d], attn.norm_q.weight, cos, sin, attn.heads, attn.norm_q.eps)
         key = rms_norm_rope(qkv[:, d:2 * d], attn.norm_k.weight, cos, sin, attn.heads, attn.norm_k.eps)
         query, key, value = (t.reshape(b, n, attn.heads, -1).transpose(1, 2) for t in (query, key, qkv[:, 2 * d:]))
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attend(attn, query, key, value, None)
 
     def _cross_attention(self, q8, s8, shape, dtype, encoder_hidden_states, attention_mask):
         attn = self.attn2
@@ -171,13 +168,7 @@ class FusedQKBlock(FusedFloat8Block):
         query = query.reshape(b, n, attn.heads, -1).transpose(1, 2)
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         key, value = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (key, value))
-        key = attn.norm_k(key)
-        if key.shape[1] != query.shape[1]:
-            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attend(attn, query, attn.norm_k(key), value, attention_mask)
 
 
 def fuse_qk(net: torch.nn.Module) -> int:
