@@ -141,6 +141,18 @@ def init_on_loopback(backend: str, cuda: bool) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=PG_TIMEOUT, **kwargs)
 
 
+def skip_shared_memory_all_reduce() -> None:
+    """Tell DeepSpeed's CPU backend not to build its shared-memory all-reduce. Its C++ extension is compiled on the
+    first ``init_distributed`` of every machine and environment (about a minute on 2 cores) but serves only
+    ``inference_all_reduce``, which training never calls: gloo does the learner's all-reduces either way. DeepSpeed
+    reads ``deepspeed.ops.__compatible_ops__`` to decide, and keeps edits to it (one dict per process)."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 class Learner:
     """One rank of the learner."""
 
@@ -149,6 +161,9 @@ class Learner:
         if not torch.cuda.is_available():  # say so, or DeepSpeed warns on every rank that it found no GPU to use
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
+
+        if not torch.cuda.is_available():
+            skip_shared_memory_all_reduce()
 
         self.config = config
         self.cuda = torch.cuda.is_available()
