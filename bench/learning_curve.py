@@ -57,7 +57,7 @@ from launch.online import run  # noqa: E402
 from launch.run_state import RunState  # noqa: E402
 
 
-def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str, initial_states: int, seeds: list[int], plan: bool) -> dict:
+def evaluate_with(cfg, policy_ckpt: str, planning_ckpt: str | None, initial_states: int, seeds: list[int], plan: bool) -> dict:
     """Success over ``initial_states`` x ``seeds`` episodes from the task's fixed initial states."""
     spec = PolicySpec(checkpoint=policy_ckpt, planning_checkpoint=planning_ckpt, policy=cfg.policy, planner=cfg.planner,
                       text_encoder=cfg.model.text_encoder)

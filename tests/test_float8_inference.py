@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +185,22 @@ def test_fused_blocks_compute_the_plain_float8_blocks_numbers(tiny_config, liber
     x, e = torch.randn(2, 2 * tpf, d, generator=g), torch.randn(2, 2 * tpf, d, generator=g)
     assert torch.allclose(traced(x, text, e), block(x, text, e))
     assert sum("cosmos_policy" in c for c in calls) == 4, calls  # the fused path ran: norm, two add-norms, GELU
+
+
+def test_the_float8_success_bench_pairs_the_same_episodes() -> None:
+    """bench/float8_success.py compares recipes episode by episode: the discordant counts, the paired difference and
+    McNemar's exact p-value; evaluations of different episodes are refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from float8_success import mcnemar_exact_p, paired
+
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(5, 0) == pytest.approx(2 / 32)  # five discordant episodes all one way: 2 x (1/2)^5
+    assert mcnemar_exact_p(3, 3) == 1.0
+    first = [{"seed": s, "task": "lift", "trial": t, "success": t < 6} for s in (0, 1) for t in range(10)]
+    second = [{**e, "success": e["trial"] < 5 or e["trial"] == 9} for e in reversed(first)]  # order does not matter
+    figures = paired(first, second)
+    # per seed: trial 5 succeeds under the first only, trial 9 under the second only
+    assert (figures["episodes"], figures["only_first"], figures["only_second"], figures["difference_points"]) == (20, 2, 2, 0.0)
+    assert figures["mcnemar_exact_p"] == 1.0
+    with pytest.raises(SystemExit, match="same episodes"):
+        paired(first, second[:-1])
