@@ -134,11 +134,21 @@ def float8_error(model, stats, text, recipe: str, device) -> None:
     emit("float8_output_error", report)
 
 
+def float8_blocks(model) -> str:
+    """Whether the float8 blocks run fused (``cosmos_policy.fused_float8``, rowwise's default) or as plain layers."""
+    from cosmos_policy.fused_float8 import FusedFloat8Block
+
+    blocks = list(getattr(model.denoiser.net, "transformer_blocks", []))
+    fused = sum(isinstance(b, FusedFloat8Block) for b in blocks)
+    return "fused" if blocks and fused == len(blocks) else "plain" if not fused else f"{fused} of {len(blocks)} fused"
+
+
 def bench_policy(args, device) -> tuple:
     model, stats, text = parts("libero", args.config, device)
     if args.float8 != "off":
         float8_error(model, stats, text, args.float8, device)
     emit("float8", args.float8)
+    emit("float8_blocks", float8_blocks(model))
     if args.compile:
         model.accelerate("off", "graphs")
     if args.prefix_encode:  # the constant leading frames' VAE state once; 8 of 13 pixel frames encoded per query
@@ -176,6 +186,8 @@ def bench_planning(args, device) -> None:
     # row counts), which compiles in seconds where a dynamic whole-network graph did not finish.
     model.accelerate(args.float8, "blocks" if args.compile and args.compile_planning else "off", field="bench")
     emit("planning_compiled", bool(args.compile and args.compile_planning))
+    emit("planning_float8", args.float8)
+    emit("planning_float8_blocks", float8_blocks(model))
     policy = CosmosPolicy(model, stats, text, PolicyConfig(action_steps=10, jpeg_round_trip=False))
     cfg = PlannerConfig(num_candidates=8, future_steps=[1, 3, 5], value_steps=[1, 2, 3, 4, 5], max_batch=args.max_batch)
     planner = Planner(policy, model, cfg)
